@@ -1,0 +1,49 @@
+"""The one factory through which the bridge gets an engine: ``ENGINE_ADAPTER`` -> adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, ManagedWebSocketEngine, find_binary
+from adapters.subprocess_cli import CLI_BINARY, SubprocessEngine
+from adapters.websocket import ConnectionPool, WebSocketEngine
+from bridge.catalog import ModelSpec
+from bridge.config import BridgeSettings
+from bridge.ports import ModelEngine
+
+ADAPTERS = ("managed-websocket", "websocket", "subprocess")
+
+
+def create_engine(name: str, spec: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:
+    s = settings
+    if name == "managed-websocket":
+        pool = ConnectionPool("ws://127.0.0.1:0", s.engine_connections, s.engine_request_timeout)
+        supervisor = EngineSupervisor(
+            spec,
+            model_dir,
+            binary=find_binary(SERVER_BINARY, s.engine_binary_dir),
+            provider=s.sherpa_provider,
+            num_threads=s.sherpa_num_threads,
+            num_work_threads=s.sherpa_num_work_threads,
+            max_batch_size=s.sherpa_max_batch_size,
+            max_utterance_seconds=spec.max_piece_seconds + 5,
+            ready_timeout=s.engine_ready_timeout,
+            max_restarts=s.engine_max_restarts,
+            restart_window=s.engine_restart_window,
+            pool=pool,
+        )
+        return ManagedWebSocketEngine(spec, supervisor)
+    if name == "websocket":
+        return WebSocketEngine(spec, s.engine_url, s.engine_connections, s.engine_request_timeout,
+                               provider=s.sherpa_provider)
+    if name == "subprocess":
+        return SubprocessEngine(
+            spec,
+            model_dir,
+            binary=find_binary(CLI_BINARY, s.engine_binary_dir),
+            provider=s.sherpa_provider,
+            num_threads=s.sherpa_num_threads,
+            concurrency=s.engine_connections,
+            timeout=s.engine_request_timeout,
+        )
+    raise ValueError(f"unknown ENGINE_ADAPTER {name!r}; choose one of {', '.join(ADAPTERS)}")

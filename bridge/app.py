@@ -1,0 +1,177 @@
+"""The bridge's FastAPI app: state built in the lifespan, routes in ``bridge.routes``."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from adapters.registry import create_engine
+from bridge.catalog import Catalog
+from bridge.config import BridgeSettings
+from bridge.engine_manager import EngineFactory, EngineManager
+from bridge.errors import APIError, error_response
+from bridge.model_store import ModelStore
+from bridge.ports import EngineUnavailable
+from bridge.routes import health, models, transcriptions
+from bridge.scheduler import FairScheduler
+from bridge.state import BridgeState
+
+log = logging.getLogger("bridge")
+access_log = logging.getLogger("bridge.access")
+
+MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the file
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over the cap, before they are read into anything: by Content-Length when
+    given, else by counting what arrives (chunked uploads)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        too_large = error_response(
+            413, f"request body larger than {self.max_bytes // (1024 * 1024)} MiB",
+            code="file_too_large", param="file", should_retry=False)
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = -1
+                if declared < 0 or declared > self.max_bytes:
+                    await too_large(scope, receive, send)
+                    return
+        received = 0
+        started = False
+
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge()
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counted_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await too_large(scope, receive, send)
+
+
+class RequestIdMiddleware:
+    """Keeps the proxy's X-Request-ID (or makes one), returns it, and logs one line per request."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                request_id = value.decode("latin-1")[:128]
+        request_id = request_id or uuid.uuid4().hex
+        started = time.monotonic()
+        status = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            if scope["path"] != "/health":
+                access_log.info("%s %s %s %s %.0f ms", request_id, scope["method"], scope["path"], status,
+                                (time.monotonic() - started) * 1000)
+
+
+def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        catalog = Catalog.load(settings.catalog_file)
+        if settings.default_model not in catalog:
+            raise RuntimeError(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "
+                               f"({', '.join(s.id for s in catalog.all())})")
+        store = ModelStore(settings.models_dir)
+        engines = EngineManager(settings, catalog, store, factory)
+        scheduler = FairScheduler(settings.engine_connections)
+        state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
+                            scheduler=scheduler)
+        app.state.bridge = state
+        try:
+            load_seconds = await engines.load_initial(settings.default_model)
+            state.ready_after = time.monotonic() - state.started_at
+            log.info("bridge ready: model %s loaded in %.2f s", settings.default_model, load_seconds)
+            yield
+        finally:
+            await scheduler.close()
+            await engines.close()
+            log.info("bridge stopped")
+
+    app = FastAPI(title="mvp-bridge", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible speech-to-text over sherpa-onnx")
+    app.include_router(health.router)
+    app.include_router(models.router)
+    app.include_router(transcriptions.router)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return exc.to_response()
+
+    @app.exception_handler(EngineUnavailable)
+    async def _engine_unavailable(request: Request, exc: EngineUnavailable) -> Response:
+        return error_response(503, f"the engine is not available: {exc}", code="engine_unavailable",
+                              type="server_error", retry_after=exc.retry_after)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        return error_response(400, f"invalid request: {first.get('msg', exc)}", code="invalid_value")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None,
+                              headers=dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error; see the bridge log", code="internal_error")
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
+    app.add_middleware(RequestIdMiddleware)
+    return app

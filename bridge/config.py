@@ -1,0 +1,87 @@
+"""Bridge settings: read once from the environment through pydantic-settings.
+
+Every setting is an environment variable of the same name in upper case. A bad value stops the
+start with a message that names the variable (see ``load_settings``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+def split_comma_list(value: object) -> object:
+    """Lists in environment variables are comma-separated throughout the project."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class BridgeSettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    # Serving
+    bridge_host: str = "0.0.0.0"
+    bridge_port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    # Model and engine
+    default_model: str = "moonshine-base-en"
+    models_dir: Path = Path("./models")
+    catalog_file: Path | None = None  # JSON list of extra catalog entries (tests, custom exports)
+    engine_adapter: Literal["managed-websocket", "websocket", "subprocess"] = "managed-websocket"
+    engine_url: str = ""  # for ENGINE_ADAPTER=websocket, e.g. ws://engine:6006
+    engine_binary_dir: Path | None = None  # where sherpa-onnx binaries live; default: PATH
+    sherpa_provider: Literal["cpu", "cuda"] = "cpu"
+    sherpa_num_threads: int = Field(4, ge=1, le=256)
+    sherpa_max_utterance: float = Field(600.0, gt=0, le=24 * 3600)
+    sherpa_max_batch_size: int = Field(8, ge=1, le=1024)
+    sherpa_num_work_threads: int = Field(3, ge=1, le=256)
+    engine_connections: int = Field(4, ge=1, le=256)  # WebSocket connections = pieces in flight
+    engine_request_timeout: float = Field(300.0, gt=0)
+    engine_ready_timeout: float = Field(120.0, gt=0)  # model load time allowed (parakeet on GPU)
+    engine_max_restarts: int = Field(5, ge=0)  # crash-loop budget within engine_restart_window
+    engine_restart_window: float = Field(300.0, gt=0)
+
+    # Requests
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    ffmpeg_timeout: float = Field(120.0, gt=0)
+    max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
+    model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
+    switch_wait_timeout: float = Field(30.0, ge=0)
+
+    _split = field_validator("model_aliases", mode="before")(split_comma_list)
+
+    @field_validator("engine_url")
+    @classmethod
+    def _check_engine_url(cls, value: str) -> str:
+        if value and not value.startswith(("ws://", "wss://")):
+            raise ValueError("must start with ws:// or wss://")
+        return value
+
+
+class SettingsError(RuntimeError):
+    """A setting from the environment is invalid; the message names the variable."""
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        name = str(err["loc"][0]).upper() if err["loc"] else "?"
+        lines.append(f"invalid setting {name}={err.get('input')!r}: {err['msg']}")
+    return "\n".join(lines)
+
+
+def load_settings(**overrides: object) -> BridgeSettings:
+    try:
+        settings = BridgeSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from exc
+    if settings.engine_adapter == "websocket" and not settings.engine_url:
+        raise SettingsError("invalid setting ENGINE_URL: required when ENGINE_ADAPTER=websocket")
+    return settings

@@ -1,0 +1,91 @@
+"""The OpenAI error shape, used by every non-2xx answer of both services.
+
+``{"error": {"message", "type", "param", "code"}}``; ``x-should-retry: false`` where a retry
+cannot help (the OpenAI SDKs honour it), ``Retry-After`` where waiting can.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+_TYPES = {
+    400: "invalid_request_error",
+    401: "invalid_request_error",
+    403: "invalid_request_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    409: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+class APIError(Exception):
+    """An error answered to the client in the OpenAI shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        type: str | None = None,
+        retry_after: float | None = None,
+        should_retry: bool | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type or _TYPES.get(status, "server_error")
+        self.retry_after = retry_after
+        # 4xx other than 408/409/429 are never retried by the SDKs anyway; say it explicitly so
+        # that proxies and other clients know too.
+        if should_retry is None:
+            should_retry = status in (408, 409, 429) or status >= 500
+        self.should_retry = should_retry
+        self.headers = headers or {}
+
+    def to_response(self) -> JSONResponse:
+        return error_response(
+            self.status,
+            self.message,
+            code=self.code,
+            param=self.param,
+            type=self.type,
+            retry_after=self.retry_after,
+            should_retry=self.should_retry,
+            headers=self.headers,
+        )
+
+
+def error_body(message: str, *, type: str, code: str | None, param: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def error_response(
+    status: int,
+    message: str,
+    *,
+    code: str | None = None,
+    param: str | None = None,
+    type: str | None = None,
+    retry_after: float | None = None,
+    should_retry: bool | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if should_retry is None:
+        should_retry = status in (408, 409, 429) or status >= 500
+    out = dict(headers or {})
+    if retry_after is not None:
+        out["Retry-After"] = str(max(1, int(round(retry_after))))
+    out["x-should-retry"] = "true" if should_retry else "false"
+    body = error_body(message, type=type or _TYPES.get(status, "server_error"), code=code, param=param)
+    return JSONResponse(body, status_code=status, headers=out)

@@ -1,0 +1,76 @@
+"""The port between the bridge and a speech engine.
+
+The bridge knows only ``ModelEngine``; ``adapters/`` knows how sherpa-onnx is reached. A new way of
+running an engine is a new adapter module plus an entry in ``adapters.registry``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from bridge.catalog import ModelSpec
+
+SAMPLE_RATE = 16_000
+
+
+@dataclass
+class EngineResult:
+    """What the engine says about one piece of audio (times relative to the piece's start)."""
+
+    text: str
+    tokens: list[str] = field(default_factory=list)
+    timestamps: list[float] = field(default_factory=list)  # token start times, seconds
+    durations: list[float] = field(default_factory=list)  # token durations (TDT), seconds
+    language: str = ""
+
+
+@dataclass
+class EngineHealth:
+    ready: bool
+    provider: str  # provider really in use ("cpu" when a CUDA request fell back)
+    pid: int | None = None
+    restarts: int = 0
+    detail: str = ""
+
+
+class EngineUnavailable(RuntimeError):
+    """The engine cannot take work now (starting, restarting, crashed, given up).
+
+    The bridge answers 503 with Retry-After.
+    """
+
+    def __init__(self, message: str, retry_after: float = 2.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineRejected(RuntimeError):
+    """The engine refused this piece of audio (a retry with the same audio cannot help)."""
+
+
+class ModelEngine(ABC):
+    """One loaded model behind one engine.
+
+    Lifecycle: ``start()`` loads the model and returns once a real round trip succeeded;
+    ``transcribe()`` may be called concurrently; ``close()`` frees everything (child processes
+    included) and is safe to call twice.
+    """
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    async def transcribe(self, samples: np.ndarray) -> EngineResult:
+        """Transcribe mono float32 samples at 16 kHz."""
+
+    @abstractmethod
+    def health(self) -> EngineHealth: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...

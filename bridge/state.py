@@ -1,0 +1,31 @@
+"""Everything a request handler needs, built once in the app's lifespan and passed in."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from starlette.requests import Request
+
+from bridge.catalog import Catalog
+from bridge.config import BridgeSettings
+from bridge.engine_manager import EngineManager
+from bridge.model_store import ModelStore
+from bridge.scheduler import FairScheduler
+
+
+@dataclass
+class BridgeState:
+    settings: BridgeSettings
+    catalog: Catalog
+    store: ModelStore
+    engines: EngineManager
+    scheduler: FairScheduler
+    started_at: float = field(default_factory=time.monotonic)
+    ready_after: float | None = None  # seconds from process start to first ready
+    in_flight: int = 0
+
+
+def get_state(request: Request) -> BridgeState:
+    state: BridgeState = request.app.state.bridge
+    return state

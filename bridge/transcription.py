@@ -1,0 +1,44 @@
+"""The path of one transcription: decoded audio -> pieces -> engine (fairly scheduled) -> transcript.
+
+``iter_pieces`` yields each piece's result in time order as soon as it and every piece before it
+are done (what streaming sends); ``transcribe`` collects them into a ``Transcript``. Leaving
+either early (error, client gone) cancels the pieces that have not run yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import numpy as np
+
+from bridge.cutting import is_silent, plan_pieces
+from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
+from bridge.scheduler import FairScheduler
+from bridge.transcript import Transcript, build_transcript
+
+PieceResult = tuple[float, float, EngineResult | None]
+
+
+async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, samples: np.ndarray) -> AsyncIterator[PieceResult]:
+    plan = plan_pieces(samples, engine.spec.max_piece_seconds)
+    key = scheduler.new_request()
+    futures: list[asyncio.Future[EngineResult] | None] = [
+        None if is_silent(samples[a:b]) else scheduler.submit(key, engine, samples[a:b]) for a, b in plan
+    ]
+    try:
+        for (a, b), future in zip(plan, futures):
+            result = await future if future is not None else None
+            yield a / SAMPLE_RATE, b / SAMPLE_RATE, result
+    finally:
+        scheduler.cancel(key)
+        for future in futures:
+            if future is not None and not future.done():
+                future.cancel()
+            elif future is not None and not future.cancelled():
+                future.exception()  # mark retrieved: no "exception never retrieved" noise
+
+
+async def transcribe(scheduler: FairScheduler, engine: ModelEngine, samples: np.ndarray) -> Transcript:
+    pieces = [piece async for piece in iter_pieces(scheduler, engine, samples)]
+    return build_transcript(pieces, len(samples) / SAMPLE_RATE, engine.spec.token_timestamps)
