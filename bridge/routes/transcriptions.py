@@ -134,8 +134,12 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             "x-audio-seconds": f"{audio.seconds:.3f}",
             "x-processing-ms": str(int(elapsed * 1000)),
         }
+        want_words = "word" in params.timestamp_granularities
+        if want_words and not engine.spec.token_timestamps:
+            headers["x-warning"] = (f"model {model_id} gives no token times: word timestamps are not available "
+                                    "(segments only)")
         return render(transcript, params.response_format, language=language or transcript.language,
-                      want_words="word" in params.timestamp_granularities, headers=headers)
+                      want_words=want_words, headers=headers)
     finally:
         state.in_flight -= 1
 

@@ -1,0 +1,147 @@
+"""Shared fixtures: one real bridge (real sherpa-onnx server, real Moonshine model, real ffmpeg)
+per test session, reached over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bridge.catalog import BUILTIN_MODELS
+from bridge.model_store import ModelStore
+
+ROOT = Path(__file__).resolve().parent.parent
+MOONSHINE = next(m for m in BUILTIN_MODELS if m.id == "moonshine-base-en")
+COPY_ID = "moonshine-base-en-copy"  # a second catalog id on the same files, for switch tests
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run long load, soak and fuzz tests")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("session")
+
+
+@pytest.fixture(scope="session")
+def catalog_file(session_dir: Path) -> Path:
+    copy = MOONSHINE.model_copy(update={"id": COPY_ID, "description": "test copy of moonshine-base-en"})
+    path = session_dir / "test-catalog.json"
+    path.write_text(json.dumps([copy.model_dump()]))
+    return path
+
+
+@pytest.fixture(scope="session")
+def models_dir(session_dir: Path) -> Path:
+    path = session_dir / "models"
+    store = ModelStore(path)
+    store.prepare(MOONSHINE)
+    store.prepare(MOONSHINE.model_copy(update={"id": COPY_ID}))
+    return path
+
+
+class BridgeProcess:
+    """``python -m bridge`` as a user starts it, on a free loopback port."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.tmpdir: Path | None = None
+        full_env = {**os.environ, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(self.port), **env}
+        self._log = log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, env=full_env,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"bridge exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+            try:
+                r = httpx.get(self.url + "/health", timeout=2)
+                if r.status_code == 200:
+                    return r.json()
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"bridge not ready in {timeout} s:\n{self.log()[-3000:]}")
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/health", timeout=5).json()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def bridge_env(models_dir: Path, catalog_file: Path, **extra: str) -> dict[str, str]:
+    env = {
+        "MODELS_DIR": str(models_dir),
+        "CATALOG_FILE": str(catalog_file),
+        "DEFAULT_MODEL": MOONSHINE.id,
+        "SHERPA_PROVIDER": "cpu",
+        "SHERPA_NUM_THREADS": "2",
+        "ENGINE_CONNECTIONS": "4",
+        "LOG_LEVEL": "info",
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[BridgeProcess]:
+    tmp = session_dir / "bridge-tmp"  # the bridge's TMPDIR: tests check that nothing is left there
+    tmp.mkdir(exist_ok=True)
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, TMPDIR=str(tmp)), session_dir / "bridge.log")
+    proc.tmpdir = tmp
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def beckett() -> Path:
+    import moonshine_cpp
+
+    return Path(moonshine_cpp.__file__).parent / "test-data" / "beckett.wav"
+
+
+BECKETT_TEXT = "Ever tried ever failed, no matter try again fail again fail better."
