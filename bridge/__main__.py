@@ -22,24 +22,10 @@ def setup_logging(level: str) -> None:
 
 
 def serve(settings: BridgeSettings) -> int:
-    import uvicorn
-
     from bridge.app import create_app
+    from bridge.serving import run_server
 
-    app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host=settings.bridge_host,
-        port=settings.bridge_port,
-        log_config=None,  # keep our logging setup
-        access_log=False,  # the bridge logs one line per request with its request id
-        timeout_graceful_shutdown=30,
-        lifespan="on",
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    # uvicorn returns normally when the lifespan start failed; say so through the exit code.
-    return 0 if server.started else 1
+    return run_server(create_app(settings), settings.bridge_host, settings.bridge_port)
 
 
 def models_command(settings: BridgeSettings, args: argparse.Namespace) -> int:
@@ -95,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(os.environ.get("LOG_LEVEL", settings.log_level))
     if args.command == "models":
         return models_command(settings, args)
+    catalog = Catalog.load(settings.catalog_file)
+    if settings.default_model not in catalog:
+        print(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "
+              f"({', '.join(s.id for s in catalog.all())})", file=sys.stderr)
+        return 2
     return serve(settings)
 
 

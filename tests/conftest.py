@@ -22,6 +22,7 @@ from bridge.model_store import ModelStore
 ROOT = Path(__file__).resolve().parent.parent
 MOONSHINE = next(m for m in BUILTIN_MODELS if m.id == "moonshine-base-en")
 COPY_ID = "moonshine-base-en-copy"  # a second catalog id on the same files, for switch tests
+BROKEN_ID = "moonshine-broken"  # complete on disk by its marker, but the engine cannot load it
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -52,7 +53,8 @@ def session_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def catalog_file(session_dir: Path) -> Path:
     copy = MOONSHINE.model_copy(update={"id": COPY_ID, "description": "test copy of moonshine-base-en"})
     path = session_dir / "test-catalog.json"
-    path.write_text(json.dumps([copy.model_dump()]))
+    broken = MOONSHINE.model_copy(update={"id": BROKEN_ID, "description": "test: corrupt encoder"})
+    path.write_text(json.dumps([copy.model_dump(), broken.model_dump()]))
     return path
 
 
@@ -62,6 +64,10 @@ def models_dir(session_dir: Path) -> Path:
     store = ModelStore(path)
     store.prepare(MOONSHINE)
     store.prepare(MOONSHINE.model_copy(update={"id": COPY_ID}))
+    broken = MOONSHINE.model_copy(update={"id": BROKEN_ID})
+    folder = store.prepare(broken)
+    (folder / "encoder_model.ort").write_bytes(b"not an onnx model")
+    store._verify_and_mark(broken, folder)  # sizes recorded as they are now: looks complete
     return path
 
 

@@ -1,0 +1,129 @@
+"""Model download and preparation: the real huggingface_hub code against a local mirror."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bridge.catalog import Catalog, ModelFile, ModelSpec
+from bridge.model_store import ModelStore, ModelStoreError, tokenizer_bin_to_tokens_txt
+from tests.conftest import MOONSHINE, ROOT
+from tests.hf_mirror import MirrorServer
+
+
+def fake_spec(files: dict[str, bytes], *, checksums: bool = True) -> ModelSpec:
+    return ModelSpec(
+        id="tiny-test-model", description="test", languages=["en"], source="huggingface",
+        repo_id="someone/tiny-model", revision="0123456789abcdef0123456789abcdef01234567",
+        files=[ModelFile(name=n, size=len(b) if checksums else None,
+                         sha256=hashlib.sha256(b).hexdigest() if checksums else None) for n, b in files.items()],
+        file_flags={"--tokens": "tokens.txt"},
+    )
+
+
+@pytest.fixture
+def mirror(tmp_path):
+    files = {"encoder.onnx": os.urandom(300_000), "tokens.txt": b"a 0\nb 1\n", "decoder.onnx": os.urandom(5000)}
+    repo = tmp_path / "mirror" / "someone" / "tiny-model"
+    repo.mkdir(parents=True)
+    for name, data in files.items():
+        (repo / name).write_bytes(data)
+    server = MirrorServer(tmp_path / "mirror").start()
+    yield server, files
+    server.shutdown()
+
+
+def test_download_verifies_and_marks_complete(mirror, tmp_path):
+    server, files = mirror
+    spec = fake_spec(files)
+    store = ModelStore(tmp_path / "models")
+    assert not store.is_ready(spec)
+    folder = store.download(spec, endpoint=server.url)
+    assert store.is_ready(spec)
+    for name, data in files.items():
+        assert (folder / name).read_bytes() == data
+    # Only the catalog's files were asked for, at the pinned revision.
+    assert all(spec.revision in path for _, path in server.requests)
+
+
+def test_partial_download_fetches_only_what_is_missing(mirror, tmp_path):
+    server, files = mirror
+    spec = fake_spec(files)
+    store = ModelStore(tmp_path / "models")
+    folder = store.path_for(spec.id)
+    folder.mkdir(parents=True)
+    (folder / "encoder.onnx").write_bytes(files["encoder.onnx"])
+    (folder / "tokens.txt").write_bytes(b"swapped file")  # present but wrong: fetched again
+    store.download(spec, endpoint=server.url)
+    fetched = {path.rsplit("/", 1)[1] for method, path in server.requests if method == "GET"}
+    assert fetched == {"tokens.txt", "decoder.onnx"}
+    assert store.is_ready(spec)
+
+
+def test_checksum_mismatch_is_caught(mirror, tmp_path):
+    server, files = mirror
+    spec = fake_spec({**files, "encoder.onnx": b"what the catalog expects"})
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(ModelStoreError, match="does not match"):
+        store.download(spec, endpoint=server.url)
+    assert not store.is_ready(spec)
+
+
+def test_no_network_gives_a_clear_error(tmp_path):
+    spec = fake_spec({"tokens.txt": b"x"})
+    store = ModelStore(tmp_path / "models")
+    with pytest.raises(ModelStoreError, match="could not download tokens.txt"):
+        store.download(spec, endpoint="http://127.0.0.1:9")
+
+
+def test_model_ids_cannot_leave_models_dir(tmp_path):
+    store = ModelStore(tmp_path)
+    for bad in ("../etc", "a/b", "..", "/abs", ""):
+        with pytest.raises(ModelStoreError):
+            store.path_for(bad)
+    with pytest.raises(ValueError):
+        ModelSpec(id="../x", description="", languages=[], source="pypi", files=[], file_flags={})
+    with pytest.raises(ValueError):
+        ModelFile(name="../../etc/passwd")
+
+
+def test_moonshine_tokens_conversion():
+    import moonshine_cpp
+
+    lines = tokenizer_bin_to_tokens_txt(
+        Path(moonshine_cpp.__file__).parent / "models" / "base-en" / "tokenizer.bin").splitlines()
+    assert len(lines) == 32000
+    assert lines[0] == "PHVuaz4= 0"  # base64("<unk>")
+    assert all(line.rsplit(" ", 1)[1] == str(i) for i, line in enumerate(lines))
+
+
+def test_cli_download_and_list(mirror, tmp_path):
+    server, files = mirror
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text("[" + fake_spec(files).model_dump_json() + "]")
+    env = {**os.environ, "MODELS_DIR": str(tmp_path / "models"), "CATALOG_FILE": str(catalog),
+           "HF_ENDPOINT": server.url, "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    run = subprocess.run([sys.executable, "-m", "bridge", "models", "download", "tiny-test-model"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "downloading tiny-test-model" in run.stderr and "is ready" in run.stderr
+    listing = subprocess.run([sys.executable, "-m", "bridge", "models", "list"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)
+    assert "tiny-test-model" in listing.stdout and "ready" in listing.stdout
+    bad = subprocess.run([sys.executable, "-m", "bridge", "models", "download", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown model" in bad.stderr
+
+
+def test_catalog_has_the_seed_models():
+    catalog = Catalog.load()
+    v2, v3 = catalog.get("parakeet-tdt-0.6b-v2-int8"), catalog.get("parakeet-tdt-0.6b-v3-int8")
+    assert v2.languages == ["en"] and "de" in v3.languages and v3.token_timestamps
+    assert len(v3.revision) == 40 and all(f.sha256 for f in v3.files)
+    assert "--model-type=nemo_transducer" in v3.engine_flags(Path("/m"))
+    assert catalog.get(MOONSHINE.id).max_piece_seconds <= 30
