@@ -1,0 +1,349 @@
+"""mvp-auth: the only service clients talk to.
+
+Request path: CORS -> request id -> key -> limits (in flight, body size, requests per minute,
+audio seconds per day) -> streamed forward to the bridge -> usage record (committed before the
+response ends) -> streamed answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+from limits import RateLimitItemPerMinute
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+
+from auth_proxy.config import ProxySettings
+from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
+from auth_proxy.keys import ApiKey, KeyStore
+from auth_proxy.usage_store import UsageRecord, UsageStore
+from bridge.errors import APIError, error_response
+
+log = logging.getLogger("auth_proxy")
+
+FORWARDED_PREFIXES = ("/v1/audio/", "/v1/models")
+
+
+@dataclass
+class ProxyState:
+    settings: ProxySettings
+    keys: KeyStore
+    usage: UsageStore
+    client: httpx.AsyncClient
+    limiter: MovingWindowRateLimiter
+    in_flight: int = 0
+    export_task: asyncio.Task[None] | None = None
+    dirty: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def bearer_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    return None
+
+
+def authenticate(state: ProxyState, request: Request) -> ApiKey:
+    token = bearer_token(request)
+    key = state.keys.authenticate(token) if token else None
+    if key is None:
+        raise APIError(401, "Incorrect API key provided. Create one with: python -m auth_proxy keys add NAME"
+                       if token else "Missing API key: send Authorization: Bearer <key>",
+                       code="invalid_api_key", should_retry=False)
+    return key
+
+
+def start_of_utc_day(now: float) -> float:
+    day = datetime.fromtimestamp(now, tz=timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
+    return day.timestamp()
+
+
+def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict[str, str]:
+    """Raises 429 when the key is over a limit; returns the x-ratelimit-* headers."""
+    headers: dict[str, str] = {}
+    rpm = key.rpm if key.rpm is not None else state.settings.default_rpm
+    if rpm:
+        item = RateLimitItemPerMinute(rpm)
+        allowed = state.limiter.hit(item, key.id)
+        stats = state.limiter.get_window_stats(item, key.id)
+        reset = max(0.0, stats.reset_time - time.time())
+        headers = {
+            "x-ratelimit-limit-requests": str(rpm),
+            "x-ratelimit-remaining-requests": str(stats.remaining),
+            "x-ratelimit-reset-requests": f"{reset:.3f}s",
+        }
+        if not allowed:
+            raise APIError(429, f"Rate limit reached: {rpm} requests per minute for key {key.name!r}",
+                           code="rate_limit_exceeded", retry_after=max(1.0, reset), headers=headers)
+    quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
+        else state.settings.default_audio_seconds_per_day
+    if quota and is_transcription:
+        now = time.time()
+        used = state.usage.audio_seconds_since(key.id, start_of_utc_day(now))
+        headers["x-ratelimit-limit-audio-seconds"] = f"{quota:g}"
+        headers["x-ratelimit-remaining-audio-seconds"] = f"{max(0.0, quota - used):.3f}"
+        if used >= quota:
+            until_midnight = start_of_utc_day(now) + 86400 - now
+            raise APIError(429, f"Daily audio quota of {quota:g} s used up for key {key.name!r}; "
+                           "it resets at 00:00 UTC", code="insufficient_quota", retry_after=until_midnight,
+                           should_retry=False, headers=headers)
+    return headers
+
+
+def create_app(settings: ProxySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        keys = KeyStore(settings.api_keys_file)
+        if len(keys) == 0:
+            log.warning("no API keys in %s: every request will get 401. Create one with: "
+                        "python -m auth_proxy keys add NAME", settings.api_keys_file)
+        usage = UsageStore(settings.usage_db)
+        client = httpx.AsyncClient(
+            base_url=settings.bridge_url,
+            timeout=httpx.Timeout(connect=5.0, read=settings.bridge_timeout, write=60.0, pool=10.0),
+            limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
+                                max_keepalive_connections=settings.max_in_flight),
+        )
+        state = ProxyState(settings, keys, usage, client, MovingWindowRateLimiter(MemoryStorage()))
+        app.state.proxy = state
+        if settings.usage_json is not None:
+            state.export_task = asyncio.create_task(export_loop(state))
+        log.info("proxy ready: forwarding to %s, %d key(s), usage in %s", settings.bridge_url, len(keys),
+                 "PostgreSQL" if usage.postgres else settings.usage_db)
+        try:
+            yield
+        finally:
+            if state.export_task is not None:
+                state.export_task.cancel()
+            await client.aclose()
+            if settings.usage_json is not None:
+                usage.export_json(settings.usage_json)
+            usage.close()
+            log.info("proxy stopped")
+
+    app = FastAPI(title="mvp-auth", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> Response:
+        return exc.to_response()
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        state: ProxyState = request.app.state.proxy
+        try:
+            r = await state.client.get("/health", timeout=5.0)
+            bridge = r.json()
+            ready = r.status_code == 200
+        except (httpx.HTTPError, ValueError) as exc:
+            bridge, ready = {"error": f"bridge unreachable: {exc.__class__.__name__}"}, False
+        body = {"status": "ready" if ready else "not_ready", "bridge": bridge}
+        return JSONResponse(body, status_code=200 if ready else 503,
+                            headers={} if ready else {"Retry-After": "5"})
+
+    @app.get("/v1/usage")
+    async def usage(request: Request, since: float | None = None, until: float | None = None,
+                    key: str | None = None, limit: int = 100) -> Response:
+        state: ProxyState = request.app.state.proxy
+        caller = authenticate(state, request)
+        key_id: str | None = caller.id
+        if caller.admin:
+            key_id = None
+            if key is not None:
+                matches = [k for k in state.keys._keys if k.name == key or k.id == key]
+                key_id = matches[0].id if matches else key
+        elif key is not None and key not in (caller.name, caller.id):
+            raise APIError(403, "only admin keys can read other keys' usage", code="forbidden", should_retry=False)
+        limit = max(1, min(limit, 1000))
+        totals, records = await asyncio.gather(
+            asyncio.to_thread(state.usage.totals, key_id, since, until),
+            asyncio.to_thread(state.usage.records, key_id, since, until, limit),
+        )
+        return JSONResponse({"object": "usage", "since": since, "until": until, "totals": totals,
+                             "records": records})
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    async def forward(request: Request, path: str) -> Response:
+        return await forward_request(request)
+
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_origins,
+        allow_credentials=False,  # keys travel in Authorization, never in cookies
+        allow_methods=["GET", "POST", "OPTIONS"],
+        # The OpenAI JS SDK sends Authorization, Content-Type and a changing set of x-stainless-*
+        # headers; with credentials off, allowing the requested headers is safe.
+        allow_headers=["*"],
+        expose_headers=["x-request-id", "retry-after", "x-ratelimit-limit-requests",
+                        "x-ratelimit-remaining-requests", "x-ratelimit-reset-requests", "x-model-id",
+                        "x-audio-seconds"],
+        max_age=600,
+    )
+    return app
+
+
+async def export_loop(state: ProxyState) -> None:
+    assert state.settings.usage_json is not None
+    while True:
+        await state.dirty.wait()
+        state.dirty.clear()
+        try:
+            await asyncio.to_thread(state.usage.export_json, state.settings.usage_json)
+        except Exception:  # noqa: BLE001 - the export is a convenience; the database is the record
+            log.exception("writing %s failed", state.settings.usage_json)
+        await asyncio.sleep(5)
+
+
+async def spool_body(request: Request, cap: int) -> tuple[Any, int, str | None]:
+    """Returns (body to forward, its length, temp path to delete).
+
+    With Content-Length the body streams straight through (checked against the cap first). A
+    chunked body is spooled to a temporary file while counting, so an oversized one is refused
+    before anything reaches the bridge."""
+    declared = request.headers.get("content-length")
+    too_large = APIError(413, f"request body larger than {cap // (1024 * 1024)} MiB", code="file_too_large",
+                         param="file", should_retry=False)
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length", code="invalid_request") from None
+        if length > cap:
+            raise too_large
+
+        async def counted() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > cap:
+                    raise too_large
+                yield chunk
+
+        return counted(), length, None
+    if request.method in ("GET", "DELETE"):
+        return b"", 0, None
+    tmp = tempfile.NamedTemporaryFile(prefix="auth-upload-", delete=False)
+    size = 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            await asyncio.to_thread(tmp.write, chunk)
+        tmp.close()
+    except BaseException:
+        tmp.close()
+        import os
+
+        os.unlink(tmp.name)
+        raise
+    return file_chunks(tmp.name), size, tmp.name
+
+
+async def forward_request(request: Request) -> Response:
+    state: ProxyState = request.app.state.proxy
+    settings = state.settings
+    request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+    started = time.monotonic()
+    path = request.url.path
+    key = authenticate(state, request)
+    if not path.startswith(FORWARDED_PREFIXES):
+        raise APIError(404, f"no route {path}", code="not_found", should_retry=False)
+    is_transcription = path.startswith("/v1/audio/")
+    if state.in_flight >= settings.max_in_flight:
+        raise APIError(503, "too many requests in flight; retry shortly", code="overloaded", type="server_error",
+                       retry_after=2)
+    limit_headers = check_limits(state, key, is_transcription)
+    state.in_flight += 1
+    released = False
+    spooled: str | None = None
+
+    def finish(status: int, audio_seconds: float, model: str) -> None:
+        nonlocal released
+        if released:
+            return
+        released = True
+        state.in_flight -= 1
+        if spooled is not None:
+            import os
+
+            try:
+                os.unlink(spooled)
+            except FileNotFoundError:
+                pass
+        latency = (time.monotonic() - started) * 1000
+        state.usage.record(UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model=model,
+                                       route=path, status=status, audio_seconds=audio_seconds,
+                                       latency_ms=latency, created=time.time()))
+        state.dirty.set()
+        log.info("%s key=%s %s %s %s audio=%.2fs %.0f ms", request_id, key.name, request.method, path, status,
+                 audio_seconds, latency)
+
+    try:
+        body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024)
+        upstream_request = state.client.build_request(
+            request.method, path, params=request.query_params,
+            headers=upstream_headers(request.headers.items(), request_id, length if request.method != "GET" else None),
+            content=body if request.method != "GET" else None,
+        )
+        upstream = await state.client.send(upstream_request, stream=True)
+    except APIError as exc:
+        finish(exc.status, 0.0, "")
+        raise
+    except httpx.HTTPError as exc:
+        finish(503, 0.0, "")
+        log.warning("%s bridge unreachable: %r", request_id, exc)
+        return error_response(503, "the transcription service is not reachable; retry shortly",
+                              code="bridge_unavailable", type="server_error", retry_after=5,
+                              headers={"x-request-id": request_id})
+    except BaseException:
+        finish(499, 0.0, "")
+        raise
+
+    headers = downstream_headers(upstream.headers)
+    headers.update(limit_headers)
+    headers["x-request-id"] = request_id
+    is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
+    scanner = SSEUsageScanner() if is_sse else None
+
+    async def relay() -> AsyncIterator[bytes]:
+        status = upstream.status_code
+        try:
+            async for chunk in upstream.aiter_raw():
+                if scanner is not None:
+                    scanner.feed(chunk)
+                yield chunk
+        except httpx.HTTPError as exc:
+            log.warning("%s bridge stream broke: %r", request_id, exc)
+            status = 502
+        except BaseException:
+            status = 499  # the client went away
+            raise
+        finally:
+            seconds = scanner.audio_seconds if scanner is not None else None
+            if seconds is None:
+                try:
+                    seconds = float(upstream.headers.get("x-audio-seconds", "0"))
+                except ValueError:
+                    seconds = 0.0
+            # Committed before the response ends, synchronously: a cancelled task cannot await.
+            finish(status, seconds or 0.0, upstream.headers.get("x-model-id", ""))
+            await asyncio.shield(upstream.aclose())
+
+    return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
+                             media_type=upstream.headers.get("content-type"))

@@ -1,0 +1,55 @@
+"""Proxy settings, read once from the environment (pydantic-settings); a bad value names its variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from bridge.config import SettingsError, format_validation_error, split_comma_list
+
+
+class ProxySettings(BaseSettings):
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
+
+    auth_host: str = "0.0.0.0"
+    auth_port: int = Field(20300, ge=1, le=65535)
+    bridge_url: str = "http://127.0.0.1:8000"
+    api_keys_file: Path = Path("./api-keys.json")
+    usage_db: str = "./data/usage.db"  # SQLite path, or a postgresql:// URL shared by replicas
+    usage_json: Path | None = Path("./data/usage.json")  # human-readable summary export
+    cors_origins: Annotated[list[str], NoDecode] = []
+    max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
+    max_in_flight: int = Field(64, ge=1)  # requests forwarded at once; beyond: 503 + Retry-After
+    bridge_timeout: float = Field(900.0, gt=0)  # a 600 s file on a slow CPU takes a while
+    default_rpm: int = Field(0, ge=0)  # per key, when the key sets none; 0 = unlimited
+    default_audio_seconds_per_day: float = Field(0, ge=0)
+    log_level: str = "info"
+
+    _split = field_validator("cors_origins", mode="before")(split_comma_list)
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _explicit_origins(cls, value: list[str]) -> list[str]:
+        for origin in value:
+            if origin == "*":
+                raise ValueError("list origins explicitly; '*' is not allowed")
+            if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
+                raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return value
+
+    @field_validator("bridge_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+def load_proxy_settings(**overrides: object) -> ProxySettings:
+    try:
+        return ProxySettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from exc

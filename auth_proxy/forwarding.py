@@ -1,0 +1,62 @@
+"""Streamed forwarding to the bridge with httpx: bodies flow through in chunks both ways, SSE
+included; hop-by-hop headers and the client's credentials never reach the bridge."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import httpx
+
+# RFC 9110 7.6.1 hop-by-hop headers, plus what the proxy sets itself.
+HOP_BY_HOP = {
+    "connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "trailers",
+    "transfer-encoding", "upgrade", "host", "content-length",
+}
+NOT_FORWARDED_UP = HOP_BY_HOP | {"authorization", "cookie", "x-api-key"}
+NOT_FORWARDED_DOWN = HOP_BY_HOP | {"content-encoding", "server", "date"}
+
+
+def upstream_headers(headers: list[tuple[str, str]], request_id: str, content_length: int | None) -> dict[str, str]:
+    connection_listed = {h.strip().lower() for k, v in headers if k.lower() == "connection" for h in v.split(",")}
+    out = {k: v for k, v in headers if k.lower() not in NOT_FORWARDED_UP and k.lower() not in connection_listed}
+    out["x-request-id"] = request_id
+    if content_length is not None:
+        out["content-length"] = str(content_length)
+    return out
+
+
+def downstream_headers(headers: httpx.Headers) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in NOT_FORWARDED_DOWN}
+
+
+class SSEUsageScanner:
+    """Finds ``usage.seconds`` in the ``transcript.text.done`` event of a passing SSE stream
+    without holding the stream back."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.audio_seconds: float | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        import json
+
+        self._buffer += chunk
+        while b"\n\n" in self._buffer:
+            event, self._buffer = self._buffer.split(b"\n\n", 1)
+            for line in event.splitlines():
+                if line.startswith(b"data:") and b"transcript.text.done" in line:
+                    try:
+                        data = json.loads(line[5:].strip())
+                        self.audio_seconds = float(data["usage"]["seconds"])
+                    except (ValueError, KeyError, TypeError):
+                        pass
+        if len(self._buffer) > 1 << 20:  # a line this long is not an event we care about
+            self._buffer = b""
+
+
+async def file_chunks(path: str, size: int = 1 << 16) -> AsyncIterator[bytes]:
+    import anyio
+
+    async with await anyio.open_file(path, "rb") as fh:
+        while chunk := await fh.read(size):
+            yield chunk

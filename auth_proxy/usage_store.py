@@ -1,0 +1,134 @@
+"""Durable usage metering: one record per request, in SQLite (WAL) or PostgreSQL.
+
+``USAGE_DB`` is a file path for SQLite (one proxy) or a ``postgresql://`` URL (several proxy
+replicas sharing one database). Each record is committed before the proxy finishes the response,
+so a proxy stopped with SIGTERM loses nothing it answered. ``usage.json`` is a human-readable
+summary written atomically from the database.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS usage (
+    id {pk},
+    request_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    key_name TEXT NOT NULL,
+    model TEXT NOT NULL,
+    route TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    audio_seconds DOUBLE PRECISION NOT NULL,
+    latency_ms DOUBLE PRECISION NOT NULL,
+    created DOUBLE PRECISION NOT NULL
+)
+"""
+INDEX = "CREATE INDEX IF NOT EXISTS usage_key_created ON usage (key_id, created)"
+COLUMNS = "request_id, key_id, key_name, model, route, status, audio_seconds, latency_ms, created"
+
+
+@dataclass
+class UsageRecord:
+    request_id: str
+    key_id: str
+    key_name: str
+    model: str
+    route: str
+    status: int
+    audio_seconds: float
+    latency_ms: float
+    created: float
+
+
+class UsageStore:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        self._lock = threading.Lock()
+        if self.postgres:
+            import psycopg
+
+            self._conn: Any = psycopg.connect(url, autocommit=True)
+            self._param = "%s"
+            pk = "BIGSERIAL PRIMARY KEY"
+        else:
+            Path(url).parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(url, check_same_thread=False, isolation_level=None, timeout=30)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._param = "?"
+            pk = "INTEGER PRIMARY KEY AUTOINCREMENT"
+        with self._lock:
+            self._conn.execute(SCHEMA.format(pk=pk))
+            self._conn.execute(INDEX)
+
+    def _sql(self, sql: str) -> str:
+        return sql.replace("?", self._param)
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        with self._lock:
+            cur = self._conn.execute(self._sql(sql), params)
+            return list(cur.fetchall())
+
+    def record(self, rec: UsageRecord) -> None:
+        values = tuple(asdict(rec).values())
+        with self._lock:
+            self._conn.execute(self._sql(f"INSERT INTO usage ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                               values)
+
+    @staticmethod
+    def _where(key_id: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:
+        clauses, params = [], []
+        if key_id is not None:
+            clauses.append("key_id = ?")
+            params.append(key_id)
+        if since is not None:
+            clauses.append("created >= ?")
+            params.append(since)
+        if until is not None:
+            clauses.append("created < ?")
+            params.append(until)
+        return (" WHERE " + " AND ".join(clauses)) if clauses else "", tuple(params)
+
+    def totals(self, key_id: str | None = None, since: float | None = None,
+               until: float | None = None) -> list[dict[str, Any]]:
+        where, params = self._where(key_id, since, until)
+        rows = self._query(
+            "SELECT key_id, key_name, COUNT(*), COALESCE(SUM(audio_seconds), 0), "
+            f"SUM(CASE WHEN status < 400 THEN 1 ELSE 0 END) FROM usage{where} GROUP BY key_id, key_name "
+            "ORDER BY key_name", params)
+        return [{"key_id": r[0], "key_name": r[1], "requests": int(r[2]), "audio_seconds": round(float(r[3]), 3),
+                 "succeeded": int(r[4])} for r in rows]
+
+    def records(self, key_id: str | None = None, since: float | None = None, until: float | None = None,
+                limit: int = 100) -> list[dict[str, Any]]:
+        where, params = self._where(key_id, since, until)
+        rows = self._query(f"SELECT {COLUMNS} FROM usage{where} ORDER BY created DESC LIMIT ?", (*params, limit))
+        names = [c.strip() for c in COLUMNS.split(",")]
+        return [dict(zip(names, r)) for r in rows]
+
+    def audio_seconds_since(self, key_id: str, since: float) -> float:
+        rows = self._query("SELECT COALESCE(SUM(audio_seconds), 0) FROM usage WHERE key_id = ? AND created >= ?",
+                           (key_id, since))
+        return float(rows[0][0])
+
+    def export_json(self, path: Path) -> None:
+        """Write the human-readable summary atomically."""
+        summary = {"generated": time.time(), "keys": self.totals()}
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, path)
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

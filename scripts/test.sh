@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (Debian packages when root, a venv with the project) and runs
+# them. Extra arguments go to pytest, e.g. `scripts/test.sh -k switch` or `scripts/test.sh --run-slow`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=0
+for tool in ffmpeg sox text2wave shellcheck pg_ctlcluster; do
+    command -v "$tool" >/dev/null 2>&1 || need_apt=1
+done
+[ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need_apt=1
+if [ "$need_apt" = 1 ]; then
+    if [ "$(id -u)" = 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+            ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql >/dev/null
+    else
+        echo "missing system packages; run as root or: sudo apt-get install ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql" >&2
+        exit 1
+    fi
+fi
+
+if [ ! -x .venv/bin/python ]; then
+    python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q -e ".[local,test,postgres]"
+exec .venv/bin/python -m pytest "$@"
