@@ -268,7 +268,14 @@ async def forward_request(request: Request) -> Response:
     if state.in_flight >= settings.max_in_flight:
         raise APIError(503, "too many requests in flight; retry shortly", code="overloaded", type="server_error",
                        retry_after=2)
-    limit_headers = check_limits(state, key, is_transcription)
+    try:
+        limit_headers = check_limits(state, key, is_transcription)
+    except APIError as exc:  # refused requests are metered too (status 429, no audio)
+        state.usage.record(UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
+                                       route=path, status=exc.status, audio_seconds=0.0,
+                                       latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
+        log.info("%s key=%s %s %s %s (limit)", request_id, key.name, request.method, path, exc.status)
+        raise
     state.in_flight += 1
     released = False
     spooled: str | None = None

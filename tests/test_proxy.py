@@ -1,0 +1,315 @@
+"""The proxy in front of the real bridge: the real openai client, keys, CORS, limits, usage."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import BECKETT_TEXT, ROOT, free_port
+from tests.helpers import assert_openai_error, wer
+
+ALLOWED = "http://toolbar.example"
+
+
+def add_key(keys_file: Path, name: str, *args: str) -> str:
+    run = subprocess.run([sys.executable, "-m", "auth_proxy", "keys", "add", name, *args], cwd=ROOT,
+                         env={**os.environ, "API_KEYS_FILE": str(keys_file)}, capture_output=True, text=True,
+                         check=True)
+    return run.stdout.strip()
+
+
+class ProxyProcess:
+    def __init__(self, bridge_url: str, work: Path, **env: str) -> None:
+        work.mkdir(parents=True, exist_ok=True)
+        self.work = work
+        self.keys_file = work / "api-keys.json"
+        self.db = work / "usage.db"
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = work / "proxy.log"
+        full = {**os.environ, "AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(self.port), "BRIDGE_URL": bridge_url,
+                "API_KEYS_FILE": str(self.keys_file), "USAGE_DB": str(self.db),
+                "USAGE_JSON": str(work / "usage.json"), "CORS_ORIGINS": ALLOWED, "TMPDIR": str(work), **env}
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "auth_proxy"], cwd=ROOT, env=full,
+                                     stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(self.url + "/health", timeout=2)
+                return
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        raise TimeoutError(self.log_path.read_text())
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(60)
+        self._log.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def proxy(bridge, tmp_path_factory):
+    work = tmp_path_factory.mktemp("proxy")
+    keys_file = work / "api-keys.json"
+    keys = {name: add_key(keys_file, name, *args) for name, args in {
+        "alice": (), "bob": (), "root": ("--admin",), "slow": ("--rpm", "2"),
+        "thrifty": ("--audio-seconds-per-day", "5"),
+    }.items()}
+    p = ProxyProcess(bridge.url, work)
+    p.keys = keys
+    yield p
+    p.stop()
+
+
+def client(proxy, key: str | None = None, **kw) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=key or proxy.keys["alice"], **kw)
+
+
+def test_openai_client_every_response_format(proxy, beckett):
+    c = client(proxy)
+    with beckett.open("rb") as fh:
+        t = c.audio.transcriptions.create(model="whisper-1", file=fh)
+    assert wer(BECKETT_TEXT, t.text) <= 0.1
+    for fmt in ("text", "srt", "vtt"):
+        with beckett.open("rb") as fh:
+            out = c.audio.transcriptions.create(model="whisper-1", file=fh, response_format=fmt)
+        assert isinstance(out, str) and "fail better" in out.lower()
+    with beckett.open("rb") as fh:
+        v = c.audio.transcriptions.create(model="whisper-1", file=fh, response_format="verbose_json")
+    assert v.duration == pytest.approx(9.96, abs=0.05) and v.segments and v.segments[0].end > 0
+
+
+def test_openai_client_streams_through_the_proxy(proxy, beckett):
+    c = client(proxy)
+    with beckett.open("rb") as fh:
+        events = list(c.audio.transcriptions.create(model="whisper-1", file=fh, stream=True))
+    deltas = [e.delta for e in events if e.type == "transcript.text.delta"]
+    done = [e for e in events if e.type == "transcript.text.done"]
+    assert len(done) == 1 and "".join(deltas) == done[0].text
+    assert wer(BECKETT_TEXT, done[0].text) <= 0.1
+
+
+def test_models_and_switch_through_the_client(proxy):
+    c = client(proxy)
+    ids = [m.id for m in c.models.list()]
+    assert "moonshine-base-en" in ids
+    r = c.post("/models/switch", body={"model_id": "moonshine-base-en"}, cast_to=httpx.Response)
+    assert r.status_code == 200 and r.json()["model"] == "moonshine-base-en"
+
+
+def test_wrong_or_missing_key(proxy, beckett):
+    with pytest.raises(openai.AuthenticationError) as exc:
+        client(proxy, "sk-mvp-wrong").models.list()
+    assert exc.value.code == "invalid_api_key"
+    assert_openai_error(httpx.get(proxy.url + "/v1/models"), 401, "invalid_api_key")
+    # /health needs no key
+    assert httpx.get(proxy.url + "/health").status_code == 200
+
+
+def test_rate_limit_429_with_retry_after(proxy):
+    c = client(proxy, proxy.keys["slow"], max_retries=0)
+    c.models.list()
+    c.models.list()
+    with pytest.raises(openai.RateLimitError) as exc:
+        c.models.list()
+    headers = exc.value.response.headers
+    assert int(headers["retry-after"]) >= 1
+    assert headers["x-ratelimit-limit-requests"] == "2" and headers["x-ratelimit-remaining-requests"] == "0"
+
+
+def test_daily_audio_quota_stops_the_sdk_from_retrying(proxy, beckett):
+    c = client(proxy, proxy.keys["thrifty"])  # default: 2 retries
+    with beckett.open("rb") as fh:
+        c.audio.transcriptions.create(model="whisper-1", file=fh)  # 10 s > the 5 s quota: now used up
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as exc, beckett.open("rb") as fh:
+        c.audio.transcriptions.create(model="whisper-1", file=fh)
+    assert exc.value.code == "insufficient_quota"
+    assert exc.value.response.headers["x-should-retry"] == "false"
+    assert time.monotonic() - started < 5  # no retries
+    root = httpx.get(proxy.url + "/v1/usage", params={"key": "thrifty"},
+                     headers={"Authorization": f"Bearer {proxy.keys['root']}"}).json()
+    assert [t["requests"] for t in root["totals"]] == [2]
+
+
+def test_cors_preflights(proxy):
+    stainless = "authorization,content-type,x-stainless-os,x-stainless-lang,x-stainless-package-version," \
+                "x-stainless-runtime,x-stainless-arch,x-stainless-retry-count,x-stainless-timeout"
+    ok = httpx.options(proxy.url + "/v1/audio/transcriptions", headers={
+        "Origin": ALLOWED, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": stainless})
+    assert ok.status_code == 200
+    assert ok.headers["access-control-allow-origin"] == ALLOWED
+    allowed_headers = ok.headers["access-control-allow-headers"].lower()
+    for h in stainless.split(","):
+        assert h in allowed_headers
+    assert "access-control-allow-credentials" not in ok.headers
+    bad = httpx.options(proxy.url + "/v1/audio/transcriptions", headers={
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": stainless})
+    assert "access-control-allow-origin" not in bad.headers
+    simple = httpx.get(proxy.url + "/health", headers={"Origin": "http://evil.example"})
+    assert "access-control-allow-origin" not in simple.headers
+
+
+def test_usage_totals_match_requests_and_audio(proxy, beckett, tmp_path):
+    key = proxy.keys["bob"]
+    short = tmp_path / "short.wav"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(beckett), "-t", "3", str(short)],
+                   check=True)
+    seconds = 0.0
+    for path in (beckett, short, beckett):
+        with path.open("rb") as fh:
+            r = httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": fh},
+                           headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert r.status_code == 200
+        seconds += r.json()["usage"]["seconds"]
+    body = httpx.get(proxy.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [(t["key_name"], t["requests"]) for t in body["totals"]] == [("bob", 3)]
+    assert body["totals"][0]["audio_seconds"] == pytest.approx(seconds, abs=0.01)
+    assert {r["model"] for r in body["records"]} == {"moonshine-base-en"}
+    # Filter by time: nothing before the epoch's first second.
+    empty = httpx.get(proxy.url + "/v1/usage", params={"until": 1},
+                      headers={"Authorization": f"Bearer {key}"}).json()
+    assert empty["totals"] == []
+    # Non-admins see only themselves; admins see everyone.
+    denied = httpx.get(proxy.url + "/v1/usage", params={"key": "alice"}, headers={"Authorization": f"Bearer {key}"})
+    assert_openai_error(denied, 403)
+    everyone = httpx.get(proxy.url + "/v1/usage", headers={"Authorization": f"Bearer {proxy.keys['root']}"}).json()
+    assert {"bob", "alice"} <= {t["key_name"] for t in everyone["totals"]}
+    # usage.json, the human-readable export, catches up within a few seconds.
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        export = json.loads((proxy.work / "usage.json").read_text()) if (proxy.work / "usage.json").exists() else {}
+        if any(k["key_name"] == "bob" and k["requests"] == 3 for k in export.get("keys", [])):
+            break
+        time.sleep(0.5)
+    else:
+        raise AssertionError("usage.json did not catch up")
+
+
+def test_key_file_hot_reload_malformed_and_revoke(proxy):
+    new_key = add_key(proxy.keys_file, "carol")
+    c = client(proxy, new_key, max_retries=0)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            c.models.list()
+            break
+        except openai.AuthenticationError:
+            assert time.monotonic() < deadline
+            time.sleep(0.3)
+    good = proxy.keys_file.read_text()
+    proxy.keys_file.write_text("{ this is not json")
+    time.sleep(1.5)
+    c.models.list()  # last good version kept
+    assert "malformed" in proxy.log_path.read_text()
+    proxy.keys_file.write_text(good)
+    subprocess.run([sys.executable, "-m", "auth_proxy", "keys", "revoke", "carol"], cwd=ROOT, check=True,
+                   env={**os.environ, "API_KEYS_FILE": str(proxy.keys_file)}, capture_output=True)
+    time.sleep(1.5)
+    with pytest.raises(openai.AuthenticationError):
+        c.models.list()
+    assert new_key not in proxy.keys_file.read_text() and new_key not in proxy.log_path.read_text()
+
+
+def test_plaintext_key_written_by_hand_is_hashed(proxy):
+    data = json.loads(proxy.keys_file.read_text())
+    data["keys"].append({"name": "handwritten", "key": "sk-handwritten-0123456789"})
+    proxy.keys_file.write_text(json.dumps(data))
+    deadline = time.monotonic() + 10
+    while True:
+        status = httpx.get(proxy.url + "/v1/models",
+                           headers={"Authorization": "Bearer sk-handwritten-0123456789"}).status_code
+        if status == 200 and "sk-handwritten-0123456789" not in proxy.keys_file.read_text():
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.3)
+    assert "plaintext keys" in proxy.log_path.read_text()
+
+
+def test_uploads_stream_through_without_buffering(proxy, tmp_path):
+    rss_before = psutil.Process(proxy.proc.pid).memory_info().rss
+    body = os.urandom(25 * 1024 * 1024)
+    r = httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": ("noise.bin", body)},
+                   headers={"Authorization": f"Bearer {proxy.keys['alice']}"}, timeout=120)
+    assert_openai_error(r, 400, "invalid_audio")  # reached the bridge, which refused it
+    growth = psutil.Process(proxy.proc.pid).memory_info().rss - rss_before
+    assert growth < 10 * 1024 * 1024, growth
+
+
+def test_oversized_bodies_are_refused_before_forwarding(proxy):
+    auth = {"Authorization": f"Bearer {proxy.keys['alice']}"}
+    r = httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": ("big", b"\0" * (26 * 1024 * 1024))},
+                   headers=auth, timeout=60)
+    assert_openai_error(r, 413, "file_too_large")
+
+    def chunks():
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\n'
+        for _ in range(27):
+            yield b"\0" * (1024 * 1024)
+        yield b"\r\n--b--\r\n"
+
+    r = httpx.post(proxy.url + "/v1/audio/transcriptions", content=chunks(), timeout=60,
+                   headers={**auth, "content-type": "multipart/form-data; boundary=b"})
+    assert_openai_error(r, 413, "file_too_large")
+    assert not list(proxy.work.glob("auth-upload-*"))  # spooled chunked upload removed
+
+
+def test_bridge_down_gives_503_and_the_sdk_retries(tmp_path):
+    p = ProxyProcess(f"http://127.0.0.1:{free_port()}", tmp_path / "p")
+    try:
+        key = add_key(p.keys_file, "dave")
+        time.sleep(1.2)
+        h = httpx.get(p.url + "/health")
+        assert h.status_code == 503 and h.headers["retry-after"]
+        c = openai.OpenAI(base_url=p.url + "/v1", api_key=key, max_retries=1)
+        started = time.monotonic()
+        with pytest.raises(openai.InternalServerError) as exc:
+            c.models.list()
+        assert exc.value.status_code == 503 and exc.value.response.headers["retry-after"]
+        assert time.monotonic() - started >= 4  # the SDK honoured Retry-After: 5 once
+        rows = sqlite3.connect(p.db).execute("SELECT COUNT(*), MIN(status) FROM usage").fetchone()
+        assert rows == (2, 503)
+    finally:
+        p.stop()
+
+
+def test_sigterm_under_load_loses_no_usage_record(bridge, beckett, tmp_path):
+    p = ProxyProcess(bridge.url, tmp_path / "p")
+    key = add_key(p.keys_file, "erin")
+    time.sleep(1.2)
+
+    def one(_: int) -> int:
+        try:
+            with beckett.open("rb") as fh:
+                return httpx.post(p.url + "/v1/audio/transcriptions", files={"file": fh},
+                                  headers={"Authorization": f"Bearer {key}"}, timeout=120).status_code
+        except httpx.HTTPError:
+            return 0
+
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(one, i) for i in range(6)]
+        time.sleep(1.0)
+        p.proc.send_signal(signal.SIGTERM)
+        statuses = [f.result() for f in futures]
+    assert p.proc.wait(60) == 0
+    p.stop()
+    answered = statuses.count(200)
+    assert answered >= 1, statuses
+    rows = sqlite3.connect(p.db).execute("SELECT COUNT(*) FROM usage WHERE status = 200").fetchone()[0]
+    assert rows == answered, (statuses, rows)
