@@ -18,6 +18,7 @@ import logging
 import shutil
 import signal
 import socket
+import sys
 import time
 from collections import deque
 from pathlib import Path
@@ -44,7 +45,9 @@ def find_binary(name: str, binary_dir: Path | None) -> str:
         if candidate.is_file():
             return str(candidate)
         raise EngineStartError(f"{name} not found in ENGINE_BINARY_DIR={binary_dir}")
-    found = shutil.which(name)
+    # PATH first; then beside the running Python, where pip puts sherpa-onnx-bin's binaries in a
+    # virtual environment that was not activated (.venv/bin/python -m bridge).
+    found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if found is None:
         raise EngineStartError(
             f"{name} not found on PATH: install sherpa-onnx-bin==1.13.4 (pip) or set ENGINE_BINARY_DIR"

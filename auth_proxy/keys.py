@@ -87,7 +87,14 @@ def write_keys(path: Path, keys: list[ApiKey]) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"keys": [asdict(k) for k in keys]}, indent=2) + "\n")
     os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        # A file bind-mounted on its own (compose: ./api-keys.json:/config/api-keys.json) cannot be
+        # replaced by rename; rewrite it in place. A reader that catches it half-written keeps the
+        # last good version and reloads on the next change.
+        path.write_text(tmp.read_text())
+        tmp.unlink()
 
 
 def read_keys(path: Path) -> list[ApiKey]:

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# mvp-bridge container entry point: make sure the models are in MODELS_DIR, then exec the bridge
+# (so that signals reach it). With arguments, exec those instead (e.g. a shell for debugging).
+#   DEFAULT_MODEL   the model to serve (downloaded when missing)
+#   PRELOAD_MODELS  more catalog ids to download up front (comma-separated)
+set -euo pipefail
+
+PYTHON="${PYTHON:-python}"
+MODELS_DIR="${MODELS_DIR:-/models}"
+export MODELS_DIR
+
+wanted=("${DEFAULT_MODEL:-parakeet-tdt-0.6b-v2-int8}")
+if [ -n "${PRELOAD_MODELS:-}" ]; then
+    IFS=',' read -r -a extra <<< "${PRELOAD_MODELS}"
+    wanted+=("${extra[@]}")
+fi
+
+for id in "${wanted[@]}"; do
+    id="${id// /}"
+    [ -n "$id" ] || continue
+    if "$PYTHON" -m bridge models check "$id" > /dev/null; then
+        echo "entrypoint: model $id is present in $MODELS_DIR"
+        continue
+    fi
+    echo "entrypoint: model $id is missing or incomplete in $MODELS_DIR; fetching it (progress below)"
+    if ! "$PYTHON" -m bridge models prepare "$id"; then
+        cat >&2 <<MSG
+entrypoint: ERROR: could not fetch model $id into $MODELS_DIR.
+  - Check that this container can reach Hugging Face (or set HF_ENDPOINT to a mirror, HTTPS_PROXY to a proxy).
+  - Or copy the model's files into the mvp-models volume by hand, e.g.:
+      docker compose cp ./$id mvp-bridge:$MODELS_DIR/
+    then restart: the download resumes and only fetches what is missing.
+MSG
+        exit 1
+    fi
+done
+
+if [ "$#" -gt 0 ]; then
+    exec "$@"
+fi
+exec "$PYTHON" -m bridge
