@@ -51,6 +51,7 @@ class BridgeSettings(BaseSettings):
     # Requests
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     ffmpeg_timeout: float = Field(120.0, gt=0)
+    ffmpeg_binary: str = ""  # default: ffmpeg on PATH, else the imageio-ffmpeg wheel's
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
     model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
     switch_wait_timeout: float = Field(30.0, ge=0)

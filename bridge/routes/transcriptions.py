@@ -65,7 +65,8 @@ async def decode_upload(upload: UploadFile, state: BridgeState) -> DecodedAudio:
             raise APIError(400, "the uploaded file is empty", param="file", code="empty_file")
         try:
             return await decode_to_pcm16k(path, max_seconds=state.settings.sherpa_max_utterance,
-                                          timeout=state.settings.ffmpeg_timeout)
+                                          timeout=state.settings.ffmpeg_timeout,
+                                          binary=state.settings.ffmpeg_binary)
         except AudioTooLong as exc:
             raise APIError(400, f"{exc}; cut it into shorter files (SHERPA_MAX_UTTERANCE)", param="file",
                            code="audio_too_long") from None
