@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -352,5 +353,13 @@ async def forward_request(request: Request) -> Response:
             finish(status, seconds or 0.0, upstream.headers.get("x-model-id", ""))
             await asyncio.shield(upstream.aclose())
 
+    async def never_started() -> None:
+        # Runs after the response in every case; matters only when the client left before the
+        # body was iterated (then relay's finally never ran): record it and free the slot.
+        if not released:
+            finish(499, 0.0, upstream.headers.get("x-model-id", ""))
+            await upstream.aclose()
+
     return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,
-                             media_type=upstream.headers.get("content-type"))
+                             media_type=upstream.headers.get("content-type"),
+                             background=BackgroundTask(never_started))

@@ -113,7 +113,7 @@ class UsageStore:
         where, params = self._where(key_id, since, until)
         rows = self._query(f"SELECT {COLUMNS} FROM usage{where} ORDER BY created DESC LIMIT ?", (*params, limit))
         names = [c.strip() for c in COLUMNS.split(",")]
-        return [dict(zip(names, r)) for r in rows]
+        return [dict(zip(names, r, strict=True)) for r in rows]
 
     def audio_seconds_since(self, key_id: str, since: float) -> float:
         rows = self._query("SELECT COALESCE(SUM(audio_seconds), 0) FROM usage WHERE key_id = ? AND created >= ?",

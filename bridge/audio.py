@@ -68,7 +68,9 @@ def ffmpeg_binary(configured: str = "") -> str:
 
         return str(imageio_ffmpeg.get_ffmpeg_exe())
     except (ImportError, RuntimeError) as exc:
-        raise RuntimeError("ffmpeg not found: install it (apt-get install ffmpeg) or pip install imageio-ffmpeg") from exc
+        raise RuntimeError(
+            "ffmpeg not found: install it (apt-get install ffmpeg) or pip install imageio-ffmpeg"
+        ) from exc
 
 
 def ffmpeg_command(path: Path, max_seconds: float, binary: str = "") -> list[str]:

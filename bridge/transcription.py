@@ -27,7 +27,7 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, samples: np
         None if is_silent(samples[a:b]) else scheduler.submit(key, engine, samples[a:b]) for a, b in plan
     ]
     try:
-        for (a, b), future in zip(plan, futures):
+        for (a, b), future in zip(plan, futures, strict=True):
             result = await future if future is not None else None
             yield a / SAMPLE_RATE, b / SAMPLE_RATE, result
     finally:

@@ -25,4 +25,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[local,test,postgres]"
+.venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

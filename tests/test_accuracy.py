@@ -22,4 +22,4 @@ def test_wer_on_harvard_sentences_and_beckett(bridge, beckett):
     hyps.append(transcribe(bridge.url, beckett).json()["text"])
     score = wer(refs, hyps)
     print(f"WER over {len(refs)} utterances: {score:.3f}")
-    assert score <= 0.10, list(zip(refs, hyps))
+    assert score <= 0.10, list(zip(refs, hyps, strict=True))

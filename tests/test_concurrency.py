@@ -18,5 +18,5 @@ def test_eight_concurrent_requests_are_all_correct(bridge):
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda f: transcribe(bridge.url, f), files))
     assert [r.status_code for r in responses] == [200] * 8
-    for sentence, r in zip(sentences, responses):
+    for sentence, r in zip(sentences, responses, strict=True):
         assert wer(sentence, r.json()["text"]) <= 0.2, (sentence, r.json()["text"])
