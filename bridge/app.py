@@ -25,6 +25,7 @@ from bridge.ports import EngineUnavailable
 from bridge.routes import health, models, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
+from bridge.vad import SpeechDetector, find_vad_model
 
 log = logging.getLogger("bridge")
 access_log = logging.getLogger("bridge.access")
@@ -129,8 +130,13 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         store = ModelStore(settings.models_dir)
         engines = EngineManager(settings, catalog, store, factory)
         scheduler = FairScheduler(settings.engine_connections)
+        vad_model = find_vad_model(settings.vad_model)
+        detector = SpeechDetector(vad_model) if vad_model is not None else None
+        if detector is None:
+            log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
+                        "cut by energy only")
         state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
-                            scheduler=scheduler)
+                            scheduler=scheduler, detector=detector)
         app.state.bridge = state
         try:
             load_seconds = await engines.load_initial(settings.default_model)

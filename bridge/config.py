@@ -48,6 +48,10 @@ class BridgeSettings(BaseSettings):
     engine_max_restarts: int = Field(5, ge=0)  # crash-loop budget within engine_restart_window
     engine_restart_window: float = Field(300.0, gt=0)
 
+    # Cutting long audio
+    vad_model: Path | None = None  # Silero VAD ONNX; default: from the silero-vad package's data
+    piece_target_seconds: float | None = Field(None, gt=1)  # merge speech up to this; default: model's safe length
+
     # Requests
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     ffmpeg_timeout: float = Field(120.0, gt=0)

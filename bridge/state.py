@@ -12,6 +12,7 @@ from bridge.config import BridgeSettings
 from bridge.engine_manager import EngineManager
 from bridge.model_store import ModelStore
 from bridge.scheduler import FairScheduler
+from bridge.vad import SpeechDetector
 
 
 @dataclass
@@ -21,6 +22,7 @@ class BridgeState:
     store: ModelStore
     engines: EngineManager
     scheduler: FairScheduler
+    detector: SpeechDetector | None = None
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0

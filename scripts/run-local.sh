@@ -9,6 +9,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[local]"
+# Only the Silero VAD model file is needed from this wheel, not its torch dependency.
+.venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.3"
 PY=.venv/bin/python
 
 mkdir -p data

@@ -25,5 +25,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e ".[local,test,postgres]"
+# Only the Silero VAD model file is needed from this wheel, not its torch dependency.
+.venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.3"
 .venv/bin/ruff check .
 exec .venv/bin/python -m pytest "$@"

@@ -26,7 +26,7 @@ from bridge.errors import APIError
 from bridge.formats import render, usage
 from bridge.ports import EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
-from bridge.transcription import iter_pieces, transcribe
+from bridge.transcription import iter_pieces, plan_cuts, transcribe
 
 router = APIRouter()
 log = logging.getLogger("bridge.api")
@@ -114,16 +114,22 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             raise
         finally:
             await form.close()
+        try:
+            plan = await plan_cuts(audio.samples, engine.spec.max_piece_seconds, state.detector,
+                                   state.settings.piece_target_seconds)
+        except BaseException:
+            await stack.aclose()
+            raise
         if params.stream:
             return StreamingResponse(
-                stream_events(state, engine, audio, stack),
+                stream_events(state, engine, audio, plan, stack),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
                 background=BackgroundTask(stack.aclose),
             )
         async with stack:
             try:
-                transcript = await transcribe(state.scheduler, engine, audio.samples)
+                transcript = await transcribe(state.scheduler, engine, audio.samples, plan)
             except (EngineUnavailable, EngineRejected) as exc:
                 raise engine_error(exc) from None
         model_id = engine.spec.id
@@ -150,7 +156,7 @@ def _sse(event: dict[str, object]) -> bytes:
 
 
 async def stream_events(state: BridgeState, engine: ModelEngine, audio: DecodedAudio,
-                        lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+                        plan: list[tuple[int, int]], lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
     """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``.
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
@@ -158,7 +164,7 @@ async def stream_events(state: BridgeState, engine: ModelEngine, audio: DecodedA
     texts: list[str] = []
     async with lease:
         try:
-            async for _start, _end, result in iter_pieces(state.scheduler, engine, audio.samples):
+            async for _start, _end, result in iter_pieces(state.scheduler, engine, audio.samples, plan):
                 if result is None or not result.text:
                     continue
                 delta = result.text if not texts else " " + result.text

@@ -1,0 +1,71 @@
+"""Voice activity detection (Silero VAD through sherpa-onnx's Python package) for cutting long audio.
+
+The Silero ONNX file comes from ``VAD_MODEL`` or from the ``silero-vad`` package's data folder
+(installed with ``--no-deps``: only the 2 MB model file is needed, not the package's torch).
+Without either, the bridge logs it once and cuts by energy alone (``bridge.cutting``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from bridge.ports import SAMPLE_RATE
+
+log = logging.getLogger("bridge.vad")
+
+
+def find_vad_model(configured: Path | None) -> Path | None:
+    if configured is not None:
+        return configured if configured.is_file() else None
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
+    return path if path.is_file() else None
+
+
+class SpeechDetector:
+    """Finds speech in 16 kHz audio. One detector object per call: the sherpa-onnx VAD is stateful."""
+
+    def __init__(self, model: Path, *, threshold: float = 0.5, min_silence: float = 0.25,
+                 min_speech: float = 0.25) -> None:
+        import sherpa_onnx
+
+        self._sherpa = sherpa_onnx
+        self.model = model
+        self.threshold = threshold
+        self.min_silence = min_silence
+        self.min_speech = min_speech
+
+    def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0) -> list[tuple[int, int]]:
+        """(start, end) sample ranges of speech, in order."""
+        cfg = self._sherpa.VadModelConfig()
+        cfg.silero_vad.model = str(self.model)
+        cfg.silero_vad.threshold = self.threshold
+        cfg.silero_vad.min_silence_duration = self.min_silence
+        cfg.silero_vad.min_speech_duration = self.min_speech
+        cfg.silero_vad.max_speech_duration = max_speech
+        cfg.sample_rate = SAMPLE_RATE
+        cfg.num_threads = 1
+        cfg.provider = "cpu"
+        vad = self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=len(samples) / SAMPLE_RATE + 10)
+        window = cfg.silero_vad.window_size  # the detector must be fed exactly one window at a time
+        segments: list[tuple[int, int]] = []
+
+        def drain() -> None:
+            while not vad.empty():
+                seg = vad.front
+                segments.append((int(seg.start), int(seg.start) + len(seg.samples)))
+                vad.pop()
+
+        for pos in range(0, len(samples), window):
+            vad.accept_waveform(samples[pos:pos + window])
+            if pos % (window * 256) == 0:
+                drain()  # keep the detector's buffer small
+        vad.flush()
+        drain()
+        return segments
