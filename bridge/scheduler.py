@@ -3,6 +3,8 @@
 Each request's pieces wait in their own queue; ``workers`` (one per engine connection) take the
 next piece round-robin across requests, so a short request is not queued behind every piece of a
 long one, and the pieces of one long request still run in parallel when nothing else waits.
+One request never holds every connection: with more than one worker, one is always left for
+whoever comes next, so a short request starts at once instead of waiting for a long piece to end.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class FairScheduler:
         self._wakeup = asyncio.Event()
         self._workers = [asyncio.create_task(self._work(), name=f"piece-worker-{i}") for i in range(workers)]
         self._keys = itertools.count()
+        self._running: dict[int, int] = {}
+        self._per_request = max(1, workers - 1)
         self.busy = 0
 
     def new_request(self) -> int:
@@ -50,23 +54,31 @@ class FairScheduler:
         for job in self._queues.pop(key, ()):
             job.future.cancel()
 
-    def _next(self) -> _Job | None:
-        while self._queues:
-            key, queue = self._queues.popitem(last=False)
-            job = queue.popleft()
+    def _next(self) -> tuple[int, _Job] | None:
+        for key in list(self._queues):
+            if self._running.get(key, 0) >= self._per_request:
+                continue
+            queue = self._queues.pop(key)
+            job = None
+            while queue and job is None:
+                candidate = queue.popleft()
+                if not candidate.future.done():
+                    job = candidate
             if queue:
                 self._queues[key] = queue  # back of the line: round-robin
-            if not job.future.done():
-                return job
+            if job is not None:
+                return key, job
         return None
 
     async def _work(self) -> None:
         while True:
-            job = self._next()
-            if job is None:
+            picked = self._next()
+            if picked is None:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            key, job = picked
+            self._running[key] = self._running.get(key, 0) + 1
             self.busy += 1
             run = asyncio.ensure_future(job.engine.transcribe(job.samples))
             try:
@@ -82,6 +94,10 @@ class FairScheduler:
                     job.future.set_exception(exc)
             finally:
                 self.busy -= 1
+                self._running[key] -= 1
+                if not self._running[key]:
+                    del self._running[key]
+                self._wakeup.set()  # a capped request may take this connection now
 
     async def close(self) -> None:
         for task in self._workers:

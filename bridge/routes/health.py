@@ -29,6 +29,7 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "uptime_s": round(time.monotonic() - state.started_at, 3),
         "requests_in_flight": state.in_flight,
         "pieces_waiting": state.scheduler.waiting,
+        "pieces_running": state.scheduler.busy,
     }
     headers = {} if h.ready else {"Retry-After": "5"}
     return JSONResponse(body, status_code=200 if h.ready else 503, headers=headers)

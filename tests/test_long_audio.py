@@ -1,0 +1,187 @@
+"""Long audio: cut at pauses, transcribed in order with true times, fair to short requests, and
+streamed piece by piece (issue: long audio, fair concurrency, streaming and timestamps)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from bridge.cutting import plan_pieces, plan_speech_pieces, split_long
+from tests.conftest import BECKETT_TEXT, BridgeProcess, bridge_env
+from tests.helpers import transcribe, wer
+from tests.speech import HARVARD, festival_wav, have_festival, read_wav16, write_wav16
+
+pytestmark = pytest.mark.skipif(not have_festival(), reason="festival/sox not installed")
+
+PAUSES = [0.3, 0.6, 1.0, 1.5, 2.5, 0.4, 0.8]
+
+
+def trim(a: np.ndarray, level: float = 2e-3) -> np.ndarray:
+    loud = np.flatnonzero(np.abs(a) > level)
+    return a[loud[0]:loud[-1] + 1] if len(loud) else a
+
+
+def build(seconds: float, pause_of, out: Path) -> tuple[Path, list[tuple[str, float, float]]]:
+    """Sentences (cycled) separated by pauses until ``seconds``; returns the file and the truth."""
+    clips = {s: trim(read_wav16(festival_wav(s))) for s in HARVARD}
+    parts, truth, pos, i = [], [], 0, 0
+    while True:
+        sentence = HARVARD[i % len(HARVARD)]
+        clip = clips[sentence]
+        gap = np.zeros(int(pause_of(i) * 16000), dtype=np.float32)
+        if (pos + len(clip) + len(gap)) / 16000 > seconds:
+            break
+        truth.append((sentence, pos / 16000, (pos + len(clip)) / 16000))
+        parts += [clip, gap]
+        pos += len(clip) + len(gap)
+        i += 1
+    audio = np.concatenate(parts + [np.zeros(int(seconds * 16000) - pos, dtype=np.float32)])
+    return write_wav16(out, audio), truth
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("long")
+
+
+@pytest.fixture(scope="module")
+def five_minutes(work):
+    return build(300, lambda i: PAUSES[i % len(PAUSES)], work / "five-minutes.wav")
+
+
+def test_five_minutes_cut_at_pauses(bridge, five_minutes):
+    path, truth = five_minutes
+    one_by_one = {}
+    for sentence in HARVARD:
+        r = transcribe(bridge.url, festival_wav(sentence))
+        one_by_one[sentence] = r.json()["text"]
+    reference = " ".join(s for s, _, _ in truth)
+    baseline = wer(reference, " ".join(one_by_one[s] for s, _, _ in truth))
+
+    r = transcribe(bridge.url, path, timeout=600, response_format="verbose_json")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    cut = wer(reference, body["text"])
+    print(f"5 min: WER cut {cut:.3f}, one by one {baseline:.3f}, {len(body['segments'])} segments")
+    assert cut <= baseline + 0.01
+    assert body["duration"] == pytest.approx(300, abs=0.1)
+    segments = body["segments"]
+    assert all(a["end"] <= b["start"] + 1e-6 for a, b in zip(segments, segments[1:], strict=False))
+    for sentence, start, end in truth:
+        assert any(seg["start"] - 0.5 <= start and end <= seg["end"] + 0.5 for seg in segments), \
+            (sentence, start, end)
+
+
+def test_ten_minutes_transcribe(bridge, work):
+    path, truth = build(599, lambda i: 16.0, work / "ten-minutes.wav")
+    r = transcribe(bridge.url, path, timeout=600, response_format="verbose_json")
+    assert r.status_code == 200, r.text
+    assert r.json()["duration"] == pytest.approx(599, abs=0.1)
+    assert wer(" ".join(s for s, _, _ in truth), r.json()["text"]) <= 0.15
+    assert r.json()["segments"][-1]["end"] > 560
+
+
+def test_speech_without_pauses_is_hard_split(bridge, work):
+    sentences = HARVARD + HARVARD
+    clips = [trim(read_wav16(festival_wav(s))) for s in sentences]
+    audio = np.concatenate(clips)
+    assert len(audio) / 16000 > 40  # longer than Moonshine's 30 s pieces, with no pause to cut at
+    path = write_wav16(work / "no-pause.wav", audio)
+    r = transcribe(bridge.url, path, timeout=300, response_format="verbose_json")
+    assert r.status_code == 200
+    body = r.json()
+    assert len(body["segments"]) >= 2
+    assert all(seg["end"] - seg["start"] <= 30.01 for seg in body["segments"])
+    assert wer(" ".join(sentences), body["text"]) <= 0.2
+
+
+def test_piece_planning_rules():
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.1, 16000 * 95).astype(np.float32)  # never pauses
+    pieces = plan_pieces(noise, 30)
+    assert pieces[0][0] == 0 and pieces[-1][1] == len(noise)
+    assert all(b - a <= 30 * 16000 for a, b in pieces)
+    assert all(p[1] == q[0] for p, q in zip(pieces, pieces[1:], strict=False))
+    # Speech segments: padded, merged while they fit, long ones split.
+    speech = [(16000 * 1, 16000 * 3), (16000 * 4, 16000 * 6), (16000 * 40, 16000 * 80)]
+    planned = split_long(noise, plan_speech_pieces(len(noise), speech, 30, 10), 30)
+    assert planned[0] == (16000 * 1 - 3200, 16000 * 6 + 3200)
+    assert all(b - a <= 30 * 16000 for a, b in planned)
+    assert planned[-1][1] == 16000 * 80 + 3200
+    assert sum(b - a for a, b in planned) < len(noise) * 0.6  # silence is not sent
+
+
+@pytest.fixture
+def two_connection_bridge(models_dir, catalog_file, tmp_path):
+    """On this 2-core machine: two engine connections of one thread each (connections x threads =
+    cores), so one long request keeps one busy and a newcomer gets the other (on a GPU the same
+    rule leaves 1 of N connections free)."""
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_CONNECTIONS="2", SHERPA_NUM_THREADS="1"),
+                         tmp_path / "b.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(two_connection_bridge, work, beckett):
+    bridge = two_connection_bridge
+    path, truth = build(590, lambda i: 0.5, work / "long-speech.wav")  # continuous speech, ~20 pieces
+    idle = []
+    for _ in range(3):
+        t = time.monotonic()
+        assert transcribe(bridge.url, beckett).status_code == 200
+        idle.append(time.monotonic() - t)
+    idle_latency = sorted(idle)[1]  # median of three
+
+    deltas: list[str] = []
+    first_delta = threading.Event()
+    stop = threading.Event()
+
+    def stream_long() -> None:
+        with path.open("rb") as fh, httpx.stream("POST", bridge.url + "/v1/audio/transcriptions",
+                                                 files={"file": fh}, data={"stream": "true"}, timeout=600) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    event = json.loads(line[6:])
+                    if event["type"] == "transcript.text.delta":
+                        deltas.append(event["delta"])
+                        first_delta.set()
+                if stop.is_set():
+                    return  # closes the connection mid-stream
+
+    thread = threading.Thread(target=stream_long)
+    started = time.monotonic()
+    thread.start()
+    assert first_delta.wait(120), "no delta before the whole file was done"
+    assert time.monotonic() - started < 120
+    assert bridge.health()["pieces_waiting"] > 0  # deltas arrive while pieces are still queued
+
+    # Fairness: a short request sent while the long one runs is not queued behind its pieces.
+    t = time.monotonic()
+    r = transcribe(bridge.url, beckett)
+    busy_latency = time.monotonic() - t
+    assert r.status_code == 200 and wer(BECKETT_TEXT, r.json()["text"]) <= 0.1
+    print(f"short request: idle {idle_latency:.2f} s, beside a 590 s request {busy_latency:.2f} s")
+    assert busy_latency <= 3 * idle_latency
+
+    stop.set()
+    thread.join(60)
+    deadline = time.monotonic() + 30
+    while True:
+        h = bridge.health()
+        if h["pieces_waiting"] == 0 and h["pieces_running"] == 0:
+            break
+        assert time.monotonic() < deadline, h
+        time.sleep(0.2)
+    # What arrived before the disconnect is the start of the file, in order.
+    heard = " ".join(deltas).split()
+    reference = " ".join(s for s, _, _ in truth).split()[: len(heard)]
+    assert heard and wer(" ".join(reference), " ".join(heard)) <= 0.2
