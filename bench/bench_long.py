@@ -1,0 +1,142 @@
+"""Benchmark: 600 s of speech through the stack against the raw engine fed the same pieces one
+after another over one connection, in one run. Also the real-time factor and the bridge's peak
+RSS growth (engine child excluded) during the upload.
+
+    .venv/bin/python bench/bench_long.py [--seconds 600]
+
+Needs Festival (the speech is rendered like the tests'). Set DEFAULT_MODEL, MODELS_DIR and
+SHERPA_PROVIDER=cuda to measure parakeet on a GPU, where the parallel pieces are batched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+import websockets
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
+from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
+from adapters.websocket import ConnectionPool  # noqa: E402
+from bench.bench_stack import wait_http  # noqa: E402
+from bridge.catalog import Catalog  # noqa: E402
+from bridge.model_store import ModelStore  # noqa: E402
+from bridge.transcription import plan_cuts  # noqa: E402
+from bridge.vad import SpeechDetector, find_vad_model  # noqa: E402
+from tests.speech import HARVARD, festival_wav, read_wav16, write_wav16  # noqa: E402
+
+
+def speech(seconds: float) -> np.ndarray:
+    pauses = [0.3, 0.6, 1.0, 1.5, 2.5, 0.4, 0.8]
+    parts, total, i = [], 0, 0
+    while total < seconds * 16000:
+        clip = read_wav16(festival_wav(HARVARD[i % len(HARVARD)]))
+        gap = np.zeros(int(pauses[i % len(pauses)] * 16000), dtype=np.float32)
+        parts += [clip, gap]
+        total += len(clip) + len(gap)
+        i += 1
+    return np.concatenate(parts)[: int(seconds * 16000)]
+
+
+async def raw_sequential(url: str, samples: np.ndarray, plan: list[tuple[int, int]]) -> float:
+    async with websockets.connect(url, max_size=None, compression=None) as ws:
+        t = time.perf_counter()
+        for a, b in plan:
+            for frame in utterance_frames(samples[a:b]):
+                await ws.send(frame)
+            parse_reply(await ws.recv())
+        return time.perf_counter() - t
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=600)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    ap.add_argument("--connections", type=int, default=4)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-long-"))
+    models_dir = Path(os.environ.get("MODELS_DIR", work / "models"))
+    model_id = os.environ.get("DEFAULT_MODEL", "moonshine-base-en")
+    provider = os.environ.get("SHERPA_PROVIDER", "cpu")
+    spec = Catalog.load().get(model_id)
+    store = ModelStore(models_dir)
+    store.ensure(spec)
+    samples = speech(args.seconds)
+    wav = write_wav16(work / "speech.wav", samples)
+    vad_model = find_vad_model(None)
+    detector = SpeechDetector(vad_model) if vad_model else None
+    plan = asyncio.run(plan_cuts(samples, spec.max_piece_seconds, detector))
+
+    sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None), provider=provider,
+                           num_threads=args.threads, num_work_threads=3, max_batch_size=args.connections,
+                           max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
+                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
+    raw_port = free_port()
+    raw = subprocess.Popen(sup.command(raw_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    bport = free_port()
+    bridge = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MODELS_DIR": str(models_dir), "DEFAULT_MODEL": model_id,
+                                   "SHERPA_PROVIDER": provider, "SHERPA_NUM_THREADS": str(args.threads),
+                                   "ENGINE_CONNECTIONS": str(args.connections), "BRIDGE_HOST": "127.0.0.1",
+                                   "BRIDGE_PORT": str(bport), "LOG_LEVEL": "warning"})
+    url = f"http://127.0.0.1:{bport}"
+    try:
+        wait_http(url + "/health", bridge)
+        time.sleep(1.0)
+        # Warm both engines.
+        asyncio.run(raw_sequential(f"ws://127.0.0.1:{raw_port}", samples, plan[:1]))
+        httpx.post(url + "/v1/audio/transcriptions", files={"file": ("w.wav", wav.read_bytes()[:16000 * 2 * 5])},
+                   timeout=120)
+        proc = psutil.Process(bridge.pid)
+        base_rss = proc.memory_info().rss
+        peak = [base_rss]
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], proc.memory_info().rss)
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        t = time.perf_counter()
+        with wav.open("rb") as fh:
+            r = httpx.post(url + "/v1/audio/transcriptions", files={"file": fh}, timeout=3600)
+        stack_s = time.perf_counter() - t
+        done.set()
+        watcher.join()
+        r.raise_for_status()
+        raw_s = asyncio.run(raw_sequential(f"ws://127.0.0.1:{raw_port}", samples, plan))
+    finally:
+        for p in (bridge, raw):
+            p.terminate()
+            p.wait(30)
+    speech_s = sum(b - a for a, b in plan) / 16000
+    print(json.dumps({
+        "model": model_id, "provider": provider, "precision": spec.precision, "audio_seconds": args.seconds,
+        "pieces": len(plan), "seconds_sent_to_engine": round(speech_s, 1), "vad": detector is not None,
+        "stack_seconds": round(stack_s, 2), "raw_sequential_seconds": round(raw_s, 2),
+        "raw_over_stack": round(raw_s / stack_s, 3), "stack_rtf": round(stack_s / args.seconds, 4),
+        "bridge_peak_rss_growth_mb": round((peak[0] - base_rss) / 2**20, 1),
+        "connections": args.connections, "threads": args.threads,
+    }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
