@@ -313,3 +313,29 @@ def test_sigterm_under_load_loses_no_usage_record(bridge, beckett, tmp_path):
     assert answered >= 1, statuses
     rows = sqlite3.connect(p.db).execute("SELECT COUNT(*) FROM usage WHERE status = 200").fetchone()[0]
     assert rows == answered, (statuses, rows)
+
+
+def test_openai_stream_of_a_long_file_through_the_proxy(proxy, tmp_path):
+    from tests.speech import HARVARD, festival_wav, have_festival, read_wav16, write_wav16
+
+    if not have_festival():
+        pytest.skip("festival/sox not installed")
+    import numpy as np
+
+    gap = np.zeros(8000, dtype=np.float32)
+    sentences = (HARVARD * 3)[:30]
+    audio = np.concatenate([x for s in sentences for x in (read_wav16(festival_wav(s)), gap)])
+    assert len(audio) / 16000 > 65  # several 30 s pieces
+    path = write_wav16(tmp_path / "long.wav", audio)
+    c = client(proxy)
+    arrivals: list[tuple[float, object]] = []
+    started = time.monotonic()
+    with path.open("rb") as fh:
+        for event in c.audio.transcriptions.create(model="whisper-1", file=fh, stream=True):
+            arrivals.append((time.monotonic() - started, event))
+    deltas = [(t, e) for t, e in arrivals if e.type == "transcript.text.delta"]
+    done = [(t, e) for t, e in arrivals if e.type == "transcript.text.done"]
+    assert len(deltas) >= 3 and len(done) == 1
+    assert "".join(e.delta for _, e in deltas) == done[0][1].text
+    assert deltas[0][0] < done[0][0] - 1.0  # the first piece arrived well before the last was done
+    assert wer(" ".join(sentences), done[0][1].text) <= 0.15
