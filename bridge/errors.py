@@ -44,13 +44,9 @@ class APIError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type or _TYPES.get(status, "server_error")
+        self.type = type or default_type(status)
         self.retry_after = retry_after
-        # 4xx other than 408/409/429 are never retried by the SDKs anyway; say it explicitly so
-        # that proxies and other clients know too.
-        if should_retry is None:
-            should_retry = status in (408, 409, 429) or status >= 500
-        self.should_retry = should_retry
+        self.should_retry = default_should_retry(status) if should_retry is None else should_retry
         self.headers = headers or {}
 
     def to_response(self) -> JSONResponse:
@@ -64,6 +60,16 @@ class APIError(Exception):
             should_retry=self.should_retry,
             headers=self.headers,
         )
+
+
+def default_type(status: int) -> str:
+    return _TYPES.get(status, "server_error")
+
+
+def default_should_retry(status: int) -> bool:
+    # What the SDKs retry. Other 4xx are never retried by them anyway; the header says it
+    # explicitly so that proxies and other clients know too.
+    return status in (408, 409, 429) or status >= 500
 
 
 def error_body(message: str, *, type: str, code: str | None, param: str | None) -> dict[str, Any]:
@@ -82,10 +88,10 @@ def error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if should_retry is None:
-        should_retry = status in (408, 409, 429) or status >= 500
+        should_retry = default_should_retry(status)
     out = dict(headers or {})
     if retry_after is not None:
         out["Retry-After"] = str(max(1, int(round(retry_after))))
     out["x-should-retry"] = "true" if should_retry else "false"
-    body = error_body(message, type=type or _TYPES.get(status, "server_error"), code=code, param=param)
+    body = error_body(message, type=type or default_type(status), code=code, param=param)
     return JSONResponse(body, status_code=status, headers=out)
