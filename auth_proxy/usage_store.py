@@ -86,7 +86,8 @@ class UsageStore:
 
     @staticmethod
     def _where(key_id: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:
-        clauses, params = [], []
+        clauses: list[str] = []
+        params: list[Any] = []
         if key_id is not None:
             clauses.append("key_id = ?")
             params.append(key_id)

@@ -188,7 +188,7 @@ def tokenizer_bin_to_tokens_txt(tokenizer_bin: Path) -> str:
     token: base64 of the bytes, a space, the id.
     """
     data = tokenizer_bin.read_bytes()
-    lines = []
+    lines: list[str] = []
     pos = 0
     while pos < len(data):
         length = data[pos]
