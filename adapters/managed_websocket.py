@@ -122,7 +122,7 @@ class EngineSupervisor:
             f"--num-threads={self.num_threads}",
             f"--num-work-threads={self.num_work_threads}",
             "--num-io-threads=1",
-            f"--max-batch-size={self.max_batch_size}",
+            f"--max-batch-size={self.max_batch_size if self.spec.engine_batches else 1}",
             f"--max-utterance-length={int(self.max_utterance_seconds) + 1}",
             # The default ./log.txt grows forever; everything useful is on stderr anyway.
             "--log-file=/dev/null",

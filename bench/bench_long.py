@@ -2,7 +2,11 @@
 after another over one connection, in one run. Also the real-time factor and the bridge's peak
 RSS growth (engine child excluded) during the upload.
 
-    .venv/bin/python bench/bench_long.py [--seconds 600]
+Two raw baselines run beside the stack: the engine exactly as the bridge starts it (same threads
+per model run), and the same engine with every usable core on each model run, which is the best a
+single connection can do.
+
+    .venv/bin/python bench/bench_long.py [--seconds 600] [--threads N --connections N]  # 0 = auto
 
 Needs Festival (the speech is rendered like the tests'). Set DEFAULT_MODEL, MODELS_DIR and
 SHERPA_PROVIDER=cuda to measure parakeet on a GPU, where the parallel pieces are batched.
@@ -34,6 +38,7 @@ from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
 from bench.bench_stack import wait_http  # noqa: E402
 from bridge.catalog import Catalog  # noqa: E402
+from bridge.config import load_settings, usable_cores  # noqa: E402
 from bridge.model_store import ModelStore  # noqa: E402
 from bridge.transcription import plan_cuts  # noqa: E402
 from bridge.vad import SpeechDetector, find_vad_model  # noqa: E402
@@ -65,8 +70,8 @@ async def raw_sequential(url: str, samples: np.ndarray, plan: list[tuple[int, in
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=600)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--connections", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=0, help="threads per model run; 0: the bridge's default")
+    ap.add_argument("--connections", type=int, default=0, help="engine connections; 0: the bridge's default")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-long-"))
     models_dir = Path(os.environ.get("MODELS_DIR", work / "models"))
@@ -81,12 +86,23 @@ def main() -> int:
     detector = SpeechDetector(vad_model) if vad_model else None
     plan = asyncio.run(plan_cuts(samples, spec.max_piece_seconds, detector))
 
-    sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None), provider=provider,
-                           num_threads=args.threads, num_work_threads=3, max_batch_size=args.connections,
-                           max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
-                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
-    raw_port = free_port()
-    raw = subprocess.Popen(sup.command(raw_port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    tuning = load_settings(sherpa_provider=provider, sherpa_num_threads=args.threads,
+                           engine_connections=args.connections)
+
+    def raw_engine(threads: int) -> tuple[subprocess.Popen[bytes], str]:
+        sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None),
+                               provider=provider, num_threads=threads,
+                               num_work_threads=tuning.sherpa_num_work_threads,
+                               max_batch_size=tuning.sherpa_max_batch_size,
+                               max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
+                               restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
+        port = free_port()
+        proc = subprocess.Popen(sup.command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return proc, f"ws://127.0.0.1:{port}"
+
+    raw_same, raw_same_url = raw_engine(tuning.sherpa_num_threads)
+    all_threads = max(tuning.sherpa_num_threads, usable_cores())
+    raw_all, raw_all_url = raw_engine(all_threads)
     bport = free_port()
     bridge = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL,
@@ -98,8 +114,9 @@ def main() -> int:
     try:
         wait_http(url + "/health", bridge)
         time.sleep(1.0)
-        # Warm both engines.
-        asyncio.run(raw_sequential(f"ws://127.0.0.1:{raw_port}", samples, plan[:1]))
+        # Warm every engine.
+        for raw_url in (raw_same_url, raw_all_url):
+            asyncio.run(raw_sequential(raw_url, samples, plan[:1]))
         httpx.post(url + "/v1/audio/transcriptions", files={"file": ("w.wav", wav.read_bytes()[:16000 * 2 * 5])},
                    timeout=120)
         proc = psutil.Process(bridge.pid)
@@ -121,9 +138,10 @@ def main() -> int:
         done.set()
         watcher.join()
         r.raise_for_status()
-        raw_s = asyncio.run(raw_sequential(f"ws://127.0.0.1:{raw_port}", samples, plan))
+        raw_s = asyncio.run(raw_sequential(raw_same_url, samples, plan))
+        raw_all_s = asyncio.run(raw_sequential(raw_all_url, samples, plan))
     finally:
-        for p in (bridge, raw):
+        for p in (bridge, raw_same, raw_all):
             p.terminate()
             p.wait(30)
     speech_s = sum(b - a for a, b in plan) / 16000
@@ -131,9 +149,12 @@ def main() -> int:
         "model": model_id, "provider": provider, "precision": spec.precision, "audio_seconds": args.seconds,
         "pieces": len(plan), "seconds_sent_to_engine": round(speech_s, 1), "vad": detector is not None,
         "stack_seconds": round(stack_s, 2), "raw_sequential_seconds": round(raw_s, 2),
-        "raw_over_stack": round(raw_s / stack_s, 3), "stack_rtf": round(stack_s / args.seconds, 4),
+        "raw_over_stack": round(raw_s / stack_s, 3),
+        f"raw_{all_threads}_threads_sequential_seconds": round(raw_all_s, 2),
+        f"raw_{all_threads}_threads_over_stack": round(raw_all_s / stack_s, 3),
+        "stack_rtf": round(stack_s / args.seconds, 4),
         "bridge_peak_rss_growth_mb": round((peak[0] - base_rss) / 2**20, 1),
-        "connections": args.connections, "threads": args.threads,
+        "connections": tuning.engine_connections, "threads": tuning.sherpa_num_threads,
     }, indent=2))
     return 0
 

@@ -130,6 +130,9 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         store = ModelStore(settings.models_dir)
         engines = EngineManager(settings, catalog, store, factory)
         scheduler = FairScheduler(settings.engine_connections)
+        log.info("engine tuning: %d connections (pieces in flight), %d threads per model run, %d engine work "
+                 "threads, provider %s", settings.engine_connections, settings.sherpa_num_threads,
+                 settings.sherpa_num_work_threads, settings.sherpa_provider)
         vad_model = find_vad_model(settings.vad_model)
         detector = SpeechDetector(vad_model) if vad_model is not None else None
         if detector is None:

@@ -46,6 +46,10 @@ class ModelSpec(BaseModel):
     max_piece_seconds: float = 30.0
     # Whether the engine returns token timestamps (words and refined segments are built from them).
     token_timestamps: bool = False
+    # Whether the engine decodes several waiting pieces in one batched model run. sherpa-onnx
+    # batches transducers (parakeet); for Moonshine it runs a "batch" one piece after another on
+    # one thread, so the bridge sets --max-batch-size=1 and the pieces run side by side instead.
+    engine_batches: bool = False
     precision: str = "int8"
     size_mb: int = 0
     created: int = 1735689600  # for the OpenAI list shape: when this catalog entry was added
@@ -82,6 +86,7 @@ def _parakeet(version: str, languages: list[str], revision: str, files: list[Mod
         # The exported encoder fails on single passes of roughly 400 s; stay well under that.
         max_piece_seconds=120.0,
         token_timestamps=True,
+        engine_batches=True,
         size_mb=680,
     )
 

@@ -17,7 +17,6 @@ mkdir -p data
 export MODELS_DIR="${MODELS_DIR:-$PWD/models}"
 export DEFAULT_MODEL="${DEFAULT_MODEL:-moonshine-base-en}"
 export SHERPA_PROVIDER="${SHERPA_PROVIDER:-cpu}"
-export SHERPA_NUM_THREADS="${SHERPA_NUM_THREADS:-$(nproc)}"
 export BRIDGE_HOST="${BRIDGE_HOST:-127.0.0.1}" BRIDGE_PORT="${BRIDGE_PORT:-8000}"
 export AUTH_HOST="${AUTH_HOST:-127.0.0.1}" AUTH_PORT="${AUTH_PORT:-20300}"
 export BRIDGE_URL="http://127.0.0.1:${BRIDGE_PORT}"

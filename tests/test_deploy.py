@@ -126,7 +126,7 @@ def test_compose_properties():
     env = bridge["environment"]
     assert env["DEFAULT_MODEL"] == "${DEFAULT_MODEL:-parakeet-tdt-0.6b-v2-int8}"
     assert env["SHERPA_PROVIDER"] == "${SHERPA_PROVIDER:-cuda}"
-    assert env["SHERPA_NUM_THREADS"] == "${SHERPA_NUM_THREADS:-4}"
+    assert env["SHERPA_NUM_THREADS"] == "${SHERPA_NUM_THREADS:-0}"  # auto, resolved by the bridge
     assert env["SHERPA_MAX_UTTERANCE"] == "${SHERPA_MAX_UTTERANCE:-600}"
     cpu = load_compose("docker-compose.yml", "docker-compose.cpu.yml")["services"]["mvp-bridge"]
     assert "deploy" not in cpu and cpu["environment"]["SHERPA_PROVIDER"] == "cpu"

@@ -118,11 +118,10 @@ def test_piece_planning_rules():
 
 
 @pytest.fixture
-def two_connection_bridge(models_dir, catalog_file, tmp_path):
-    """On this 2-core machine: two engine connections of one thread each (connections x threads =
-    cores), so one long request keeps one busy and a newcomer gets the other (on a GPU the same
-    rule leaves 1 of N connections free)."""
-    proc = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_CONNECTIONS="2", SHERPA_NUM_THREADS="1"),
+def default_tuning_bridge(models_dir, catalog_file, tmp_path):
+    """The engine tuning a CPU user gets by default: one thread per model run, a connection per
+    core plus one that a long request leaves for newcomers."""
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_CONNECTIONS="0", SHERPA_NUM_THREADS="0"),
                          tmp_path / "b.log")
     try:
         proc.wait_ready()
@@ -131,8 +130,10 @@ def two_connection_bridge(models_dir, catalog_file, tmp_path):
         proc.stop()
 
 
-def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(two_connection_bridge, work, beckett):
-    bridge = two_connection_bridge
+def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(default_tuning_bridge, work, beckett):
+    bridge = default_tuning_bridge
+    connections = bridge.health()["engine_connections"]
+    assert bridge.health()["engine_threads"] == 1 and connections >= 2
     path, truth = build(590, lambda i: 0.5, work / "long-speech.wav")  # continuous speech, ~20 pieces
     idle = []
     for _ in range(3):
@@ -162,7 +163,10 @@ def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(two_connection_
     thread.start()
     assert first_delta.wait(120), "no delta before the whole file was done"
     assert time.monotonic() - started < 120
-    assert bridge.health()["pieces_waiting"] > 0  # deltas arrive while pieces are still queued
+    h = bridge.health()
+    assert h["pieces_waiting"] > 0  # deltas arrive while pieces are still queued
+    # One request runs its pieces side by side on all connections but the one kept for newcomers.
+    assert h["pieces_running"] == connections - 1, h
 
     # Fairness: a short request sent while the long one runs is not queued behind its pieces.
     t = time.monotonic()

@@ -38,3 +38,36 @@ def test_unknown_default_model_stops_the_start(tmp_path):
                          env={**os.environ, "DEFAULT_MODEL": "nope", "MODELS_DIR": str(tmp_path),
                               "BRIDGE_PORT": "8999"}, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2 and "DEFAULT_MODEL" in run.stderr
+
+
+def test_engine_tuning_is_resolved_from_provider_and_cores():
+    from bridge.config import load_settings, usable_cores
+
+    cpu = load_settings(sherpa_provider="cpu")
+    # One thread per model run, a connection per core plus one kept for newcomers, and a work
+    # thread in the engine for every connection (or pieces queue inside the engine).
+    assert (cpu.sherpa_num_threads, cpu.engine_connections, cpu.sherpa_num_work_threads) == \
+        (1, usable_cores() + 1, usable_cores() + 1)
+    cuda = load_settings(sherpa_provider="cuda")
+    assert (cuda.sherpa_num_threads, cuda.engine_connections, cuda.sherpa_num_work_threads) == (4, 8, 3)
+    chosen = load_settings(sherpa_provider="cpu", sherpa_num_threads=3, engine_connections=2)
+    assert (chosen.sherpa_num_threads, chosen.engine_connections, chosen.sherpa_num_work_threads) == (3, 2, 2)
+
+
+def test_batch_size_reaches_only_models_the_engine_batches(tmp_path):
+    from adapters.managed_websocket import EngineSupervisor
+    from adapters.websocket import ConnectionPool
+    from bridge.catalog import Catalog
+
+    catalog = Catalog.load()
+
+    def batch_flag(model_id: str) -> str:
+        sup = EngineSupervisor(catalog.get(model_id), tmp_path, binary="engine", provider="cpu", num_threads=1,
+                               num_work_threads=3, max_batch_size=8, max_utterance_seconds=30, ready_timeout=1,
+                               max_restarts=0, restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 1))
+        return next(f for f in sup.command(6006) if f.startswith("--max-batch-size="))
+
+    # sherpa-onnx decodes a Moonshine "batch" one piece after another on one thread: with a batch
+    # size above 1 a newcomer's piece could wait inside the engine behind a long request's piece.
+    assert batch_flag("moonshine-base-en") == "--max-batch-size=1"
+    assert batch_flag("parakeet-tdt-0.6b-v3-int8") == "--max-batch-size=8"

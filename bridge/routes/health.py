@@ -24,6 +24,8 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "provider": h.provider,
         "engine_pid": h.pid,
         "engine_restarts": h.restarts,
+        "engine_connections": state.settings.engine_connections,
+        "engine_threads": state.settings.sherpa_num_threads,
         "detail": h.detail,
         "switching_to": state.engines.switching_to,
         "uptime_s": round(time.monotonic() - state.started_at, 3),
