@@ -1,9 +1,12 @@
 """From engine results of pieces to one transcript on the file's time line.
 
-Segments come from the pieces the audio was cut into; where the engine gives token timestamps
-(parakeet) segment bounds are refined by them and words are built from the tokens: a token that
-starts with the SentencePiece space mark (U+2581) or a plain space begins a new word.
-Models without token timestamps get segments only; no word time is ever invented.
+Segments come from the pieces the audio was cut into. Where the engine gives token timestamps
+(parakeet) words are built from the tokens (a token that starts with the SentencePiece space mark
+U+2581, or the plain space sherpa-onnx puts in its place, begins a new word) and each piece is split
+into segments at sentence ends, at pauses between words and before a segment grows past
+``MAX_SEGMENT_SECONDS``, so that subtitles get readable cues rather than one per piece (parakeet's
+pieces run up to two minutes). Models without token timestamps get one segment per piece; no time
+is ever invented.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ from bridge.ports import EngineResult
 
 WORD_START_MARKS = ("\u2581", " ")
 TOKEN_FRAME_SECONDS = 0.08  # parakeet's encoder frame: fallback token length when no duration
+SENTENCE_ENDS = (".", "?", "!", "\u2026", "\u3002", "\uff1f", "\uff01")
+PAUSE_SECONDS = 1.0  # a silence this long between two words ends a segment
+MAX_SEGMENT_SECONDS = 15.0
 
 
 @dataclass
@@ -76,6 +82,25 @@ def words_from_tokens(result: EngineResult, offset: float) -> list[Word]:
     return words
 
 
+def split_words(words: list[Word]) -> list[list[Word]]:
+    """Group a piece's words into segments: a sentence end or a pause closes one, and a word that
+    would take a segment past ``MAX_SEGMENT_SECONDS`` starts the next."""
+    groups: list[list[Word]] = []
+    current: list[Word] = []
+    for word in words:
+        if current and (word.start - current[-1].end >= PAUSE_SECONDS
+                        or word.end - current[0].start > MAX_SEGMENT_SECONDS):
+            groups.append(current)
+            current = []
+        current.append(word)
+        if word.word.endswith(SENTENCE_ENDS):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
 def build_transcript(
     pieces: list[tuple[float, float, EngineResult | None]], duration: float, token_timestamps: bool
 ) -> Transcript:
@@ -87,11 +112,14 @@ def build_transcript(
             continue
         language = language or result.language
         words = words_from_tokens(result, start) if token_timestamps else []
-        seg_start, seg_end = start, end
-        if words:
-            seg_start = max(start, min(words[0].start, end))
-            seg_end = min(end, max(words[-1].end, seg_start))
-        segments.append(Segment(round(seg_start, 3), round(seg_end, 3), result.text, words))
+        if not words:
+            segments.append(Segment(round(start, 3), round(end, 3), result.text))
+            continue
+        for group in split_words(words):
+            seg_start = max(start, min(group[0].start, end))
+            seg_end = min(end, max(group[-1].end, seg_start))
+            text = " ".join(w.word for w in group)
+            segments.append(Segment(round(seg_start, 3), round(seg_end, 3), text, group))
     text = " ".join(seg.text for seg in segments)
     return Transcript(text=text, duration=duration, segments=segments,
                       has_word_times=token_timestamps, language=language)
