@@ -176,7 +176,7 @@ def main() -> int:
             lat["proxy"].append(http_one(client, proxy_url, data, auth))
         med = {k: statistics.median(v) for k, v in lat.items()}
 
-        thr = {"raw": [], "bridge": [], "proxy": []}
+        thr: dict[str, list[float]] = {"raw": [], "bridge": [], "proxy": []}
         for _ in range(2):
             thr["raw"].append(asyncio.run(raw_throughput(raw_url, samples, args.concurrency, args.requests)))
             thr["bridge"].append(http_throughput(bridge_url, data, seconds, args.concurrency, args.requests, {}))

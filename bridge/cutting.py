@@ -52,26 +52,58 @@ def is_silent(piece: np.ndarray) -> bool:
 PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 
 
+class PieceBuilder:
+    """Builds pieces from speech segments as the VAD finds them, so that the first pieces go to the
+    engine while the rest of the file is still being scanned.
+
+    Segments are padded by ``PAD`` (pauses shorter than the padding join two segments) and merged
+    while the piece stays within the target length (default: the model's safe length); the silence
+    between merged segments rides along. ``add`` returns the pieces it closed, ``finish`` the rest.
+    Ranges are in order and never overlap."""
+
+    def __init__(self, total: int, max_piece_seconds: float, target_seconds: float | None = None) -> None:
+        self.total = total
+        limit = int(max_piece_seconds * SAMPLE_RATE)
+        self.target = min(limit, int((target_seconds or max_piece_seconds) * SAMPLE_RATE))
+        self._segment: tuple[int, int] | None = None  # padded, may still grow into the next one
+        self._piece: tuple[int, int] | None = None  # may still take the next segment in
+
+    def add(self, start: int, end: int) -> list[tuple[int, int]]:
+        start, end = max(0, start - PAD), min(self.total, end + PAD)
+        if end <= start:
+            return []
+        if self._segment is not None and start <= self._segment[1]:
+            self._segment = (self._segment[0], max(end, self._segment[1]))
+            return []
+        closed = self._take(self._segment)
+        self._segment = (start, end)
+        return closed
+
+    def finish(self) -> list[tuple[int, int]]:
+        closed = self._take(self._segment)
+        self._segment = None
+        if self._piece is not None:
+            closed.append(self._piece)
+            self._piece = None
+        return closed
+
+    def _take(self, segment: tuple[int, int] | None) -> list[tuple[int, int]]:
+        if segment is None:
+            return []
+        if self._piece is not None and segment[1] - self._piece[0] <= self.target:
+            self._piece = (self._piece[0], segment[1])
+            return []
+        closed = [self._piece] if self._piece is not None else []
+        self._piece = segment
+        return closed
+
+
 def plan_speech_pieces(total: int, speech: list[tuple[int, int]], max_piece_seconds: float,
                        target_seconds: float | None = None) -> list[tuple[int, int]]:
-    """Pieces from speech segments: padded, long ones split, neighbours merged up to the target
-    length (default: the model's safe length). Ranges are in order and do not overlap."""
-    limit = int(max_piece_seconds * SAMPLE_RATE)
-    target = min(limit, int((target_seconds or max_piece_seconds) * SAMPLE_RATE))
-    padded: list[tuple[int, int]] = []
-    for start, end in speech:
-        start, end = max(0, start - PAD), min(total, end + PAD)
-        if padded and start <= padded[-1][1]:  # pauses shorter than the padding: one segment
-            padded[-1] = (padded[-1][0], max(end, padded[-1][1]))
-        elif end > start:
-            padded.append((start, end))
-    pieces: list[tuple[int, int]] = []
-    for start, end in padded:
-        if pieces and end - pieces[-1][0] <= target:
-            pieces[-1] = (pieces[-1][0], end)  # merge: the silence in between rides along
-        else:
-            pieces.append((start, end))
-    return pieces
+    """All pieces for a list of speech segments (``PieceBuilder`` at once)."""
+    builder = PieceBuilder(total, max_piece_seconds, target_seconds)
+    pieces = [piece for start, end in speech for piece in builder.add(start, end)]
+    return pieces + builder.finish()
 
 
 def split_long(samples: np.ndarray, pieces: list[tuple[int, int]], max_piece_seconds: float) -> list[tuple[int, int]]:

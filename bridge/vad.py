@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,12 @@ class SpeechDetector:
 
     def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0) -> list[tuple[int, int]]:
         """(start, end) sample ranges of speech, in order."""
+        return list(self.iter_segments(samples, max_speech=max_speech))
+
+    def iter_segments(self, samples: np.ndarray, *, max_speech: float = 3600.0,
+                      stop: threading.Event | None = None) -> Iterator[tuple[int, int]]:
+        """Speech segments as soon as the detector closes them, in order; stops early once ``stop``
+        is set (the request went away)."""
         cfg = self._sherpa.VadModelConfig()
         cfg.silero_vad.model = str(self.model)
         cfg.silero_vad.threshold = self.threshold
@@ -54,18 +62,18 @@ class SpeechDetector:
         cfg.provider = "cpu"
         vad = self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=len(samples) / SAMPLE_RATE + 10)
         window = cfg.silero_vad.window_size  # the detector must be fed exactly one window at a time
-        segments: list[tuple[int, int]] = []
 
-        def drain() -> None:
+        def drain() -> Iterator[tuple[int, int]]:
             while not vad.empty():
                 seg = vad.front
-                segments.append((int(seg.start), int(seg.start) + len(seg.samples)))
+                yield int(seg.start), int(seg.start) + len(seg.samples)
                 vad.pop()
 
         for pos in range(0, len(samples), window):
             vad.accept_waveform(samples[pos:pos + window])
-            if pos % (window * 256) == 0:
-                drain()  # keep the detector's buffer small
+            if pos % (window * 32) == 0:  # every ~1 s of audio: hand over what is closed
+                if stop is not None and stop.is_set():
+                    return
+                yield from drain()
         vad.flush()
-        drain()
-        return segments
+        yield from drain()

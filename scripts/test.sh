@@ -28,5 +28,5 @@ fi
 # Only the Silero VAD model file is needed from this wheel, not its torch dependency.
 .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.3"
 .venv/bin/ruff check .
-.venv/bin/mypy bridge adapters auth_proxy
+.venv/bin/mypy bridge adapters auth_proxy bench
 exec .venv/bin/python -m pytest "$@"

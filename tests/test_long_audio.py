@@ -3,6 +3,7 @@ streamed piece by piece (issue: long audio, fair concurrency, streaming and time
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 
 from bridge.cutting import plan_pieces, plan_speech_pieces, split_long
+from bridge.transcription import cut_pieces
+from bridge.vad import SpeechDetector, find_vad_model
 from tests.conftest import BECKETT_TEXT, BridgeProcess, bridge_env
 from tests.helpers import transcribe, wer
 from tests.speech import HARVARD, festival_wav, have_festival, read_wav16, write_wav16
@@ -99,6 +102,59 @@ def test_speech_without_pauses_is_hard_split(bridge, work):
     assert len(body["segments"]) >= 2
     assert all(seg["end"] - seg["start"] <= 30.01 for seg in body["segments"])
     assert wer(" ".join(sentences), body["text"]) <= 0.2
+
+
+class CountingDetector(SpeechDetector):
+    """The real Silero detector, noting how far into the audio its scan has got."""
+
+    def __init__(self, model):
+        super().__init__(model)
+        self.last_end = 0
+        self.finished = threading.Event()
+
+    def iter_segments(self, samples, **kw):
+        try:
+            for seg in super().iter_segments(samples, **kw):
+                self.last_end = seg[1]
+                yield seg
+        finally:
+            self.finished.set()
+
+
+def test_pieces_go_out_while_the_vad_is_still_scanning(five_minutes):
+    """The engine gets the first piece long before the VAD has scanned the whole file, the pieces
+    are those the whole-file plan gives, and a request that goes away stops the scan."""
+    model = find_vad_model(None)
+    if model is None:
+        pytest.skip("no Silero VAD model")
+    samples = read_wav16(five_minutes[0])
+    whole = split_long(samples, plan_speech_pieces(len(samples), SpeechDetector(model).speech_segments(samples),
+                                                   30), 30)
+
+    async def run() -> tuple[list, float, float]:
+        t = time.perf_counter()
+        first_at = 0.0
+        got = []
+        async for piece in cut_pieces(samples, 30, SpeechDetector(model)):
+            first_at = first_at or time.perf_counter() - t
+            got.append(piece)
+        return got, first_at, time.perf_counter() - t
+
+    got, first_at, all_at = asyncio.run(run())
+    assert got == whole
+    print(f"first piece after {first_at:.3f} s, all {len(got)} after {all_at:.3f} s")
+    assert first_at < all_at / 4
+
+    detector = CountingDetector(model)
+
+    async def leave_after_the_first_piece() -> None:
+        pieces = cut_pieces(samples, 30, detector)
+        await anext(pieces)
+        await pieces.aclose()
+
+    asyncio.run(leave_after_the_first_piece())
+    assert detector.finished.wait(5)
+    assert detector.last_end < len(samples) / 2  # the scan stopped early
 
 
 def test_piece_planning_rules():

@@ -26,7 +26,7 @@ from bridge.errors import APIError
 from bridge.formats import render, usage
 from bridge.ports import EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
-from bridge.transcription import iter_pieces, plan_cuts, transcribe
+from bridge.transcription import Plan, cut_pieces, iter_pieces, transcribe
 
 router = APIRouter()
 log = logging.getLogger("bridge.api")
@@ -114,12 +114,9 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             raise
         finally:
             await form.close()
-        try:
-            plan = await plan_cuts(audio.samples, engine.spec.max_piece_seconds, state.detector,
-                                   state.settings.piece_target_seconds)
-        except BaseException:
-            await stack.aclose()
-            raise
+        # Pieces are found while the engine already works on the first ones (``cut_pieces``).
+        plan = cut_pieces(audio.samples, engine.spec.max_piece_seconds, state.detector,
+                          state.settings.piece_target_seconds)
         if params.stream:
             return StreamingResponse(
                 stream_events(state, engine, audio, plan, stack),
@@ -156,7 +153,7 @@ def _sse(event: dict[str, object]) -> bytes:
 
 
 async def stream_events(state: BridgeState, engine: ModelEngine, audio: DecodedAudio,
-                        plan: list[tuple[int, int]], lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+                        plan: Plan, lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
     """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``.
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
