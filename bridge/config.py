@@ -70,7 +70,7 @@ class BridgeSettings(BaseSettings):
 
         CPU: one thread per model run and one connection per usable core, plus one that the
         scheduler keeps for newcomers. Measured on 2 cores with Moonshine (bench/README.md): two
-        one-thread pieces side by side finish 1.5-1.9x sooner than the same pieces one after
+        one-thread pieces side by side finish 1.4-1.9x sooner than the same pieces one after
         another with two threads each, because a model run scales poorly over threads.
         Every connection needs a work thread of its own in the engine, or pieces queue there.
         CUDA: the settings the compose file always shipped (not yet measured on a GPU).
