@@ -24,12 +24,17 @@ class MirrorHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # quiet
         pass
 
-    def _resolve(self) -> Path | None:
+    def _resolve(self, method: str) -> Path | None:
+        """The file a request names, after noting the request; None (a 404 sent) when there is none."""
+        self.server.requests.append((method, self.path))
         parts = unquote(self.path.split("?")[0]).strip("/").split("/")
-        if len(parts) < 5 or parts[2] != "resolve" or ".." in parts:
+        path = None
+        if len(parts) >= 5 and parts[2] == "resolve" and ".." not in parts:
+            path = self.server.root / parts[0] / parts[1] / "/".join(parts[4:])
+        if path is None or not path.is_file():
+            self.send_error(404)
             return None
-        path = self.server.root / parts[0] / parts[1] / "/".join(parts[4:])
-        return path if path.is_file() else None
+        return path
 
     def _headers(self, path: Path, status: int, start: int = 0) -> None:
         size = path.stat().st_size
@@ -43,18 +48,14 @@ class MirrorHandler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def do_HEAD(self) -> None:
-        path = self._resolve()
-        self.server.requests.append(("HEAD", self.path))
+        path = self._resolve("HEAD")
         if path is None:
-            self.send_error(404)
             return
         self._headers(path, 200)
 
     def do_GET(self) -> None:
-        path = self._resolve()
-        self.server.requests.append(("GET", self.path))
+        path = self._resolve("GET")
         if path is None:
-            self.send_error(404)
             return
         start = 0
         rng = self.headers.get("Range", "")
