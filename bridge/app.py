@@ -22,6 +22,7 @@ from bridge.engine_manager import EngineFactory, EngineManager
 from bridge.errors import APIError, error_response
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
+from bridge.pyav_decoder import DecoderPool
 from bridge.routes import health, models, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
@@ -138,8 +139,16 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         if detector is None:
             log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
                         "cut by energy only")
+        decoders = None
+        if settings.audio_decoder == "pyav":
+            decoders = DecoderPool(settings.decoder_workers, settings.decoder_memory_mb)
+            await decoders.start()
+            log.info("audio decoder: %d PyAV worker processes (pids %s)", decoders.size,
+                     " ".join(map(str, decoders.pids)))
+        else:
+            log.info("audio decoder: one ffmpeg process per request")
         state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
-                            scheduler=scheduler, detector=detector)
+                            scheduler=scheduler, detector=detector, decoders=decoders)
         app.state.bridge = state
         try:
             load_seconds = await engines.load_initial(settings.default_model)
@@ -149,6 +158,8 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         finally:
             await scheduler.close()
             await engines.close()
+            if decoders is not None:
+                await decoders.close()
             log.info("bridge stopped")
 
     app = FastAPI(title="mvp-bridge", version="0.1.0", lifespan=lifespan,

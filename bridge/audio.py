@@ -1,10 +1,18 @@
-"""Audio decoding: every upload goes through ffmpeg to 16 kHz mono float32.
+"""Decoded audio as it arrives, and the ffmpeg command line (``AUDIO_DECODER=ffmpeg``).
 
-The ffmpeg command line lives here and only here. It is hardened against hostile uploads
-(see the shared HARDENING notes): only the ``file`` protocol and a whitelist of plain container
-demuxers (no playlists such as HLS or concat, which would open other files), the first audio
-stream only, decoded duration capped with ``-t``, a wall-clock timeout after which the child is
-killed and reaped, stdin closed, both pipes drained.
+Every upload becomes 16 kHz mono float32 in an ``AudioStream``: a buffer that grows while the
+decoder runs, so that the VAD and the engine start on the first seconds of a long file while the
+rest is still being decoded. Two decoders fill it, with the same protections:
+
+- ``pyav`` (default, ``bridge.pyav_decoder``): FFmpeg's libraries in decoder worker processes
+  started once, so a request costs no process start and a crash or hang stays in its worker;
+- ``ffmpeg``: one ffmpeg process per request, its output read as it comes (below).
+
+The protections against hostile uploads (see the shared HARDENING notes): only the ``file``
+protocol and a whitelist of plain container demuxers (no playlists such as HLS or concat, which
+would open other files), the first audio stream only, the decoded duration capped while decoding
+(a small file that decodes to hours stops at the limit), a wall-clock timeout after which the
+decoder is killed and reaped, a bounded output buffer.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import asyncio
 import contextlib
 import functools
 import shutil
-from dataclasses import dataclass
+import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +36,8 @@ DEMUXER_WHITELIST = (
     "wav,w64,flac,mp3,ogg,matroska,webm,mov,mp4,m4a,aac,avi,aiff,caf,amr,asf,flv,mpegts,wv,"
     "au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp"
 )
+# Decode a little past the limit so that "longer than the limit" can be told apart.
+OVERSHOOT_SECONDS = 0.5
 
 
 class AudioDecodeError(ValueError):
@@ -39,17 +51,166 @@ class AudioTooLong(ValueError):
 
 
 class AudioTimeout(RuntimeError):
-    pass
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"decoding took longer than {seconds:.0f} s")
+        self.seconds = seconds
 
 
-@dataclass
-class DecodedAudio:
-    samples: np.ndarray  # float32 mono, 16 kHz
+def cap_samples(max_seconds: float) -> int:
+    """Samples a decoder may produce for a file limited to ``max_seconds``."""
+    return int((max_seconds + OVERSHOOT_SECONDS) * SAMPLE_RATE)
+
+
+class AudioStream:
+    """16 kHz mono float32 samples that grow while a decoder appends them.
+
+    The decoder side runs on the event loop (``append``, ``finish``); readers are the VAD thread
+    (``wait_samples``) and the request (``wait_done``). Slices handed out stay valid when the buffer
+    grows (the old array lives on while a slice refers to it). Holds at most ``limit`` samples: more
+    finishes the stream with ``AudioTooLong``."""
+
+    def __init__(self, max_seconds: float, *, capacity_seconds: float = 30.0) -> None:
+        self.max_seconds = max_seconds
+        self.limit = cap_samples(max_seconds)
+        self._buf = np.empty(min(self.limit, int(capacity_seconds * SAMPLE_RATE)), dtype=np.float32)
+        self._n = 0
+        self._done = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._finished = asyncio.Event()
+        self._on_abort: Callable[[], None] | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self.first_sample_at: float | None = None  # loop time of the first samples (instrumentation)
+        self.finished_at: float | None = None
+
+    @classmethod
+    def from_samples(cls, samples: np.ndarray) -> AudioStream:
+        """A stream that is already complete (tests, benchmarks, whole-array callers)."""
+        stream = cls(len(samples) / SAMPLE_RATE, capacity_seconds=0)
+        stream._buf = np.ascontiguousarray(samples, dtype=np.float32)
+        stream._n = len(samples)
+        stream._done = True
+        stream._finished.set()
+        return stream
+
+    # -- decoder side -------------------------------------------------------------------------
+
+    def append(self, chunk: np.ndarray) -> bool:
+        """Add decoded samples; False once the stream is finished (too long, aborted)."""
+        if self._done:
+            return False
+        if not np.isfinite(chunk).all():
+            chunk = np.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+        with self._cond:
+            end = self._n + len(chunk)
+            if end > self.limit:
+                self._finish_locked(AudioTooLong(self.max_seconds))
+                return False
+            if end > len(self._buf):
+                grown = np.empty(min(self.limit, max(end, 2 * len(self._buf))), dtype=np.float32)
+                grown[: self._n] = self._buf[: self._n]
+                self._buf = grown
+            self._buf[self._n:end] = chunk
+            self._n = end
+            if self.first_sample_at is None and end:
+                self.first_sample_at = _now()
+            self._cond.notify_all()
+        self._wake()
+        return True
+
+    def finish(self, error: BaseException | None = None) -> None:
+        with self._cond:
+            self._finish_locked(error)
+
+    def _finish_locked(self, error: BaseException | None) -> None:
+        if self._done:
+            return
+        if error is None and self._n == 0:
+            error = AudioDecodeError("could not decode the audio: the file contains no audio samples")
+        elif error is None and self._n > (self.max_seconds + 0.05) * SAMPLE_RATE:
+            error = AudioTooLong(self.max_seconds)
+        self._done = True
+        self._error = error
+        self.finished_at = _now()
+        self._cond.notify_all()
+        self._finished.set()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def on_abort(self, callback: Callable[[], None]) -> None:
+        self._on_abort = callback
+
+    def abort(self) -> None:
+        """The request no longer wants this audio: stop the decoder."""
+        if not self._done:
+            self.finish(asyncio.CancelledError())
+            if self._on_abort is not None:
+                self._on_abort()
+
+    # -- reader side --------------------------------------------------------------------------
+
+    @property
+    def available(self) -> int:
+        return self._n
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def error(self) -> BaseException | None:
+        return self._error
+
+    @property
+    def samples(self) -> np.ndarray:
+        """Everything decoded so far (all of it once ``done``)."""
+        return self._buf[: self._n]
 
     @property
     def seconds(self) -> float:
-        return len(self.samples) / SAMPLE_RATE
+        return self._n / SAMPLE_RATE
 
+    def view(self, start: int, end: int) -> np.ndarray:
+        return self._buf[start:min(end, self._n)]
+
+    def wait_samples(self, count: int, stop: threading.Event | None = None) -> int:
+        """Block (a thread, never the loop) until ``count`` samples exist or the stream is finished;
+        returns how many exist. Raises the decoder's error, if any."""
+        with self._cond:
+            while self._n < count and not self._done:
+                if stop is not None and stop.is_set():
+                    break
+                self._cond.wait(0.25)
+            if self._error is not None:
+                raise self._error
+            return self._n
+
+    async def wait_available(self, count: int) -> int:
+        """On the loop: wait until ``count`` samples exist or the stream is finished; how many exist."""
+        while self._n < count and not self._done:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            await waiter
+        return self._n
+
+    async def wait_done(self) -> int:
+        """Wait for the end of decoding: the number of samples, or the decoder's error."""
+        await self._finished.wait()
+        if self._error is not None:
+            raise self._error
+        return self._n
+
+
+def _now() -> float:
+    return time.monotonic()
+
+
+# -- the ffmpeg command line ------------------------------------------------------------------
 
 @functools.cache
 def ffmpeg_binary(configured: str = "") -> str:
@@ -85,8 +246,7 @@ def ffmpeg_command(path: Path, max_seconds: float, binary: str = "") -> list[str
         "-i", f"file:{path}",
         "-map", "0:a:0",
         "-vn", "-sn", "-dn",
-        # Decode a little past the limit so that "longer than the limit" can be told apart.
-        "-t", f"{max_seconds + 0.5:.3f}",
+        "-t", f"{max_seconds + OVERSHOOT_SECONDS:.3f}",
         "-ac", "1",
         "-ar", str(SAMPLE_RATE),
         "-f", "f32le",
@@ -95,32 +255,65 @@ def ffmpeg_command(path: Path, max_seconds: float, binary: str = "") -> list[str
     ]
 
 
-async def decode_to_pcm16k(path: Path, *, max_seconds: float, timeout: float, binary: str = "") -> DecodedAudio:
+READ_BYTES = SAMPLE_RATE * 4  # hand over about a second of audio at a time
+
+
+async def ffmpeg_decode(path: Path, stream: AudioStream, *, timeout: float, binary: str = "") -> None:
+    """Run ffmpeg on ``path`` and append its output to ``stream`` as it comes; finishes the stream
+    with the result. Kills and reaps ffmpeg on timeout, error or cancellation."""
     proc = await asyncio.create_subprocess_exec(
-        *ffmpeg_command(path, max_seconds, binary),
+        *ffmpeg_command(path, stream.max_seconds, binary),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+    assert proc.stdout is not None and proc.stderr is not None
+    stderr_task = asyncio.ensure_future(proc.stderr.read(64 * 1024))
+
+    async def pump() -> None:
+        assert proc.stdout is not None
+        rest = b""
+        while True:
+            data = await proc.stdout.read(READ_BYTES)
+            if not data:
+                break
+            data = rest + data
+            usable = len(data) - len(data) % 4
+            rest = data[usable:]
+            if usable and not stream.append(np.frombuffer(data[:usable], dtype="<f4")):
+                return  # too long or aborted: stop reading, ffmpeg is killed below
         await proc.wait()
+
+    try:
+        await asyncio.wait_for(pump(), timeout)
+    except asyncio.TimeoutError:
+        stream.finish(AudioTimeout(timeout))
+    except BaseException as exc:
+        stream.finish(exc if isinstance(exc, Exception) else asyncio.CancelledError())
         raise
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await proc.wait()
+        err = b""
+        with contextlib.suppress(BaseException):
+            err = await asyncio.wait_for(stderr_task, 5)
+    if stream.done:
+        return
     if proc.returncode != 0:
         reason = err.decode("utf-8", errors="replace").strip().splitlines()
         detail = reason[-1] if reason else f"ffmpeg exited with {proc.returncode}"
         if "matches no streams" in " ".join(reason):
             detail = "the file has no audio track"
-        raise AudioDecodeError(f"could not decode the audio: {detail}")
-    usable = len(out) - len(out) % 4
-    samples = np.frombuffer(out[:usable], dtype="<f4").astype(np.float32, copy=False)
-    if len(samples) == 0:
-        raise AudioDecodeError("could not decode the audio: the file contains no audio samples")
-    if len(samples) > (max_seconds + 0.05) * SAMPLE_RATE:
-        raise AudioTooLong(max_seconds)
-    if not np.isfinite(samples).all():
-        samples = np.nan_to_num(samples, nan=0.0, posinf=0.0, neginf=0.0)
-    return DecodedAudio(samples=samples)
+        stream.finish(AudioDecodeError(f"could not decode the audio: {detail}"))
+        return
+    stream.finish()
+
+
+async def decode_file(path: Path, *, max_seconds: float, timeout: float, binary: str = "") -> AudioStream:
+    """Decode a whole file with the ffmpeg command (adapter tests, tools): the finished stream."""
+    stream = AudioStream(max_seconds)
+    await ffmpeg_decode(path, stream, timeout=timeout, binary=binary)
+    await stream.wait_done()
+    return stream

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 CommaList = Annotated[list[str], NoDecode]
@@ -56,8 +56,16 @@ class BridgeSettings(BaseSettings):
 
     # Requests
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
-    ffmpeg_timeout: float = Field(120.0, gt=0)
+    # Decoding: "pyav" = FFmpeg's libraries in decoder workers started once (bridge.pyav_decoder);
+    # "ffmpeg" = one ffmpeg process per request (bridge.audio). Same protections, same output.
+    audio_decoder: Literal["pyav", "ffmpeg"] = "pyav"
+    decoder_workers: int = Field(0, ge=0, le=64)  # 0 = auto: one per usable core
+    decoder_memory_mb: int = Field(1024, ge=0)  # address-space cap of each decoder worker; 0 = none
+    decode_timeout: float = Field(120.0, gt=0, validation_alias=AliasChoices("decode_timeout", "ffmpeg_timeout"))
     ffmpeg_binary: str = ""  # default: ffmpeg on PATH, else the imageio-ffmpeg wheel's
+    # With stream=true the first piece closes at the first pause after this many seconds, and each
+    # next one may be twice as long until the model's safe length: the first text comes early. 0 = off.
+    stream_first_piece_seconds: float = Field(4.0, ge=0)
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
     model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
     switch_wait_timeout: float = Field(30.0, ge=0)
@@ -82,6 +90,8 @@ class BridgeSettings(BaseSettings):
             self.engine_connections = 8 if cuda else usable_cores() + 1
         if not self.sherpa_num_work_threads:
             self.sherpa_num_work_threads = 3 if cuda else self.engine_connections
+        if not self.decoder_workers:
+            self.decoder_workers = usable_cores()
         return self
 
     @field_validator("engine_url")

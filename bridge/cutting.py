@@ -54,22 +54,32 @@ PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 
 class PieceBuilder:
     """Builds pieces from speech segments as the VAD finds them, so that the first pieces go to the
-    engine while the rest of the file is still being scanned.
+    engine while the rest of the file is still being scanned (or decoded).
 
     Segments are padded by ``PAD`` (pauses shorter than the padding join two segments) and merged
     while the piece stays within the target length (default: the model's safe length); the silence
-    between merged segments rides along. ``add`` returns the pieces it closed, ``finish`` the rest.
-    Ranges are in order and never overlap."""
+    between merged segments rides along. With ``first_seconds`` (streaming) the first pieces are
+    short: a piece closes at the first pause after ``first_seconds``, and that length doubles with
+    each piece until it reaches the target, so the first text comes early and later pieces keep the
+    context a model needs. ``add`` returns the pieces it closed, ``finish`` the rest. Ranges are in
+    order and never overlap. ``total`` may be unknown (``None``) while the audio is still decoded:
+    the caller then clamps the last end."""
 
-    def __init__(self, total: int, max_piece_seconds: float, target_seconds: float | None = None) -> None:
+    def __init__(self, total: int | None, max_piece_seconds: float, target_seconds: float | None = None,
+                 first_seconds: float | None = None) -> None:
         self.total = total
         limit = int(max_piece_seconds * SAMPLE_RATE)
         self.target = min(limit, int((target_seconds or max_piece_seconds) * SAMPLE_RATE))
+        self._early = int(first_seconds * SAMPLE_RATE) if first_seconds else None
+        if self._early is not None and self._early >= self.target:
+            self._early = None
         self._segment: tuple[int, int] | None = None  # padded, may still grow into the next one
         self._piece: tuple[int, int] | None = None  # may still take the next segment in
 
     def add(self, start: int, end: int) -> list[tuple[int, int]]:
-        start, end = max(0, start - PAD), min(self.total, end + PAD)
+        start, end = max(0, start - PAD), end + PAD
+        if self.total is not None:
+            end = min(self.total, end)
         if end <= start:
             return []
         if self._segment is not None and start <= self._segment[1]:
@@ -90,18 +100,32 @@ class PieceBuilder:
     def _take(self, segment: tuple[int, int] | None) -> list[tuple[int, int]]:
         if segment is None:
             return []
+        closed: list[tuple[int, int]] = []
         if self._piece is not None and segment[1] - self._piece[0] <= self.target:
             self._piece = (self._piece[0], segment[1])
-            return []
-        closed = [self._piece] if self._piece is not None else []
-        self._piece = segment
+        else:
+            if self._piece is not None:
+                closed.append(self._piece)
+                self._grow()
+            self._piece = segment
+        if self._early is not None and self._piece[1] - self._piece[0] >= self._early:
+            closed.append(self._piece)  # early piece: close at this pause, do not wait for the next one
+            self._piece = None
+            self._grow()
         return closed
+
+    def _grow(self) -> None:
+        if self._early is not None:
+            self._early *= 2
+            if self._early >= self.target:
+                self._early = None
 
 
 def plan_speech_pieces(total: int, speech: list[tuple[int, int]], max_piece_seconds: float,
-                       target_seconds: float | None = None) -> list[tuple[int, int]]:
+                       target_seconds: float | None = None, first_seconds: float | None = None
+                       ) -> list[tuple[int, int]]:
     """All pieces for a list of speech segments (``PieceBuilder`` at once)."""
-    builder = PieceBuilder(total, max_piece_seconds, target_seconds)
+    builder = PieceBuilder(total, max_piece_seconds, target_seconds, first_seconds)
     pieces = [piece for start, end in speech for piece in builder.add(start, end)]
     return pieces + builder.finish()
 

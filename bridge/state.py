@@ -11,6 +11,7 @@ from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
 from bridge.engine_manager import EngineManager
 from bridge.model_store import ModelStore
+from bridge.pyav_decoder import DecoderPool
 from bridge.scheduler import FairScheduler
 from bridge.vad import SpeechDetector
 
@@ -23,6 +24,7 @@ class BridgeState:
     engines: EngineManager
     scheduler: FairScheduler
     detector: SpeechDetector | None = None
+    decoders: DecoderPool | None = None  # None: AUDIO_DECODER=ffmpeg, a process per request
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0

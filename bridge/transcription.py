@@ -15,6 +15,7 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
 
+from bridge.audio import AudioStream
 from bridge.cutting import PieceBuilder, is_silent, plan_pieces, split_long
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
@@ -22,18 +23,37 @@ from bridge.transcript import Transcript, build_transcript
 from bridge.vad import SpeechDetector
 
 PieceResult = tuple[float, float, EngineResult | None]
+Audio = np.ndarray | AudioStream
 
 
-async def cut_pieces(samples: np.ndarray, max_piece_seconds: float, detector: SpeechDetector | None,
-                     target_seconds: float | None = None) -> AsyncGenerator[tuple[int, int], None]:
+def as_stream(audio: Audio) -> AudioStream:
+    return audio if isinstance(audio, AudioStream) else AudioStream.from_samples(audio)
+
+
+async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,
+                     target_seconds: float | None = None, first_seconds: float | None = None,
+                     ) -> AsyncGenerator[tuple[int, int], None]:
     """The pieces to send to the engine, in order, as soon as each is known.
 
-    Audio that fits in one piece goes whole. Longer audio is cut at pauses found by the VAD, which
-    runs in a thread beside the engine: a piece is handed over as soon as the VAD has passed its
-    end, so the engine starts on the first pieces while the rest is still being scanned. Without a
-    VAD model the audio is cut by energy."""
-    if detector is None or len(samples) <= max_piece_seconds * SAMPLE_RATE:
-        for piece in plan_pieces(samples, max_piece_seconds):
+    ``audio`` may still be being decoded (an ``AudioStream``): cutting follows the decoder. Audio
+    that fits in one piece goes whole (with ``first_seconds``, when streaming: only audio shorter
+    than the first piece). Longer audio is cut at pauses found by the VAD, which runs in a thread
+    beside the decoder and the engine: a piece is handed over as soon as the VAD has passed its end,
+    so the engine starts on the first pieces while the rest is still being decoded and scanned.
+    Without a VAD model the audio is cut by energy once it is all decoded. A decoding error is
+    raised here too."""
+    stream = as_stream(audio)
+    whole = int(min(max_piece_seconds, first_seconds or max_piece_seconds) * SAMPLE_RATE)
+    await stream.wait_available(whole + 1)
+    if stream.error is not None:
+        raise stream.error
+    if stream.done and stream.available <= whole:
+        if stream.available:
+            yield 0, stream.available
+        return
+    if detector is None:
+        await stream.wait_done()
+        for piece in plan_pieces(stream.samples, max_piece_seconds):
             yield piece
         return
     loop = asyncio.get_running_loop()
@@ -44,15 +64,25 @@ async def cut_pieces(samples: np.ndarray, max_piece_seconds: float, detector: Sp
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits
             loop.call_soon_threadsafe(found.put_nowait, item)
 
+    def settle(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Wait until each piece's audio is decoded (its padding may reach past what the VAD has
+        seen), clamp the last one to the end, and hard-split any that is too long."""
+        settled = []
+        for a, b in pieces:
+            b = min(b, stream.wait_samples(b, stop))
+            if b > a:
+                settled.append((a, b))
+        return split_long(stream.samples, settled, max_piece_seconds)
+
     def scan() -> None:
-        builder = PieceBuilder(len(samples), max_piece_seconds, target_seconds)
+        builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds)
         try:
-            for start, end in detector.iter_segments(samples, stop=stop):
+            for start, end in detector.iter_segments(stream, stop=stop):
                 closed = builder.add(start, end)
                 if closed:
-                    post(split_long(samples, closed, max_piece_seconds))
+                    post(settle(closed))
             if not stop.is_set():
-                post(split_long(samples, builder.finish(), max_piece_seconds))
+                post(settle(builder.finish()))
             post(None)
         except Exception as exc:  # noqa: BLE001 - handed to the request
             post(exc)
@@ -69,27 +99,30 @@ async def cut_pieces(samples: np.ndarray, max_piece_seconds: float, detector: Sp
         stop.set()
 
 
-async def plan_cuts(samples: np.ndarray, max_piece_seconds: float, detector: SpeechDetector | None,
-                    target_seconds: float | None = None) -> list[tuple[int, int]]:
+async def plan_cuts(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,
+                    target_seconds: float | None = None, first_seconds: float | None = None,
+                    ) -> list[tuple[int, int]]:
     """All pieces at once (benchmarks and tests)."""
-    return [piece async for piece in cut_pieces(samples, max_piece_seconds, detector, target_seconds)]
+    return [piece async for piece in cut_pieces(audio, max_piece_seconds, detector, target_seconds, first_seconds)]
 
 
 Plan = list[tuple[int, int]] | AsyncGenerator[tuple[int, int], None]
 
 
-async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, samples: np.ndarray,
+async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
                       plan: Plan | None = None) -> AsyncIterator[PieceResult]:
     """Each piece's result in time order. Pieces go to the scheduler as soon as the plan yields
     them, so the engine works on the first ones while later ones are still being found."""
+    stream = as_stream(audio)
     if plan is None:
-        plan = plan_pieces(samples, engine.spec.max_piece_seconds)
+        plan = cut_pieces(stream, engine.spec.max_piece_seconds, None)
     key = scheduler.new_request()
     queued: asyncio.Queue[tuple[int, int, asyncio.Future[EngineResult] | None] | None] = asyncio.Queue()
     futures: list[asyncio.Future[EngineResult]] = []
 
     def submit(a: int, b: int) -> None:
-        future = None if is_silent(samples[a:b]) else scheduler.submit(key, engine, samples[a:b])
+        piece = stream.view(a, b)
+        future = None if is_silent(piece) else scheduler.submit(key, engine, piece)
         if future is not None:
             futures.append(future)
         queued.put_nowait((a, b, future))
@@ -125,7 +158,50 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, samples: np
                 future.exception()  # mark retrieved: no "exception never retrieved" noise
 
 
-async def transcribe(scheduler: FairScheduler, engine: ModelEngine, samples: np.ndarray,
+async def transcribe(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
                      plan: Plan | None = None) -> Transcript:
-    pieces = [piece async for piece in iter_pieces(scheduler, engine, samples, plan)]
-    return build_transcript(pieces, len(samples) / SAMPLE_RATE, engine.spec.token_timestamps)
+    stream = as_stream(audio)
+    pieces = [piece async for piece in iter_pieces(scheduler, engine, stream, plan)]
+    return build_transcript(pieces, await stream.wait_done() / SAMPLE_RATE, engine.spec.token_timestamps)
+
+
+class Prefetch:
+    """Runs an async iterator in a task of its own, keeping what it yields until it is read: a
+    request's pieces start on the engine while the request still waits for its decode to finish
+    (which decides its status), and streamed text is ready the moment the response starts."""
+
+    def __init__(self, source: AsyncIterator[PieceResult]) -> None:
+        self._items: asyncio.Queue[tuple[str, object]] = asyncio.Queue()
+        self._task = asyncio.create_task(self._run(source))
+
+    async def _run(self, source: AsyncIterator[PieceResult]) -> None:
+        try:
+            async for item in source:
+                self._items.put_nowait(("item", item))
+            self._items.put_nowait(("end", None))
+        except Exception as exc:  # noqa: BLE001 - raised to the reader
+            self._items.put_nowait(("error", exc))
+        finally:
+            aclose = getattr(source, "aclose", None)
+            if aclose is not None:
+                with contextlib.suppress(BaseException):
+                    await aclose()
+
+    def __aiter__(self) -> Prefetch:
+        return self
+
+    async def __anext__(self) -> PieceResult:
+        kind, value = await self._items.get()
+        if kind == "item":
+            return value  # type: ignore[return-value]
+        self._items.put_nowait((kind, value))  # stays at the end for any later read
+        if kind == "error":
+            raise value  # type: ignore[misc]
+        raise StopAsyncIteration
+
+    async def aclose(self) -> None:
+        """Stop the pieces that have not run yet."""
+        if not self._task.done():
+            self._task.cancel()
+        with contextlib.suppress(BaseException):
+            await self._task

@@ -15,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bridge.audio import AudioStream
 from bridge.ports import SAMPLE_RATE
 
 log = logging.getLogger("bridge.vad")
+BUFFER_SECONDS = 30.0
 
 
 def find_vad_model(configured: Path | None) -> Path | None:
@@ -47,10 +49,12 @@ class SpeechDetector:
         """(start, end) sample ranges of speech, in order."""
         return list(self.iter_segments(samples, max_speech=max_speech))
 
-    def iter_segments(self, samples: np.ndarray, *, max_speech: float = 3600.0,
+    def iter_segments(self, samples: np.ndarray | AudioStream, *, max_speech: float = 3600.0,
                       stop: threading.Event | None = None) -> Iterator[tuple[int, int]]:
         """Speech segments as soon as the detector closes them, in order; stops early once ``stop``
-        is set (the request went away)."""
+        is set (the request went away). ``samples`` may still be growing (an ``AudioStream`` being
+        decoded): the scan then follows the decoder."""
+        stream = samples if isinstance(samples, AudioStream) else AudioStream.from_samples(samples)
         cfg = self._sherpa.VadModelConfig()
         cfg.silero_vad.model = str(self.model)
         cfg.silero_vad.threshold = self.threshold
@@ -60,8 +64,10 @@ class SpeechDetector:
         cfg.sample_rate = SAMPLE_RATE
         cfg.num_threads = 1
         cfg.provider = "cpu"
-        vad = self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=len(samples) / SAMPLE_RATE + 10)
+        # The detector's buffer holds the speech segment being built; it grows when needed.
+        vad = self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=BUFFER_SECONDS)
         window = cfg.silero_vad.window_size  # the detector must be fed exactly one window at a time
+        step = window * 32  # ~1 s of audio between hand-overs
 
         def drain() -> Iterator[tuple[int, int]]:
             while not vad.empty():
@@ -69,11 +75,20 @@ class SpeechDetector:
                 yield int(seg.start), int(seg.start) + len(seg.samples)
                 vad.pop()
 
-        for pos in range(0, len(samples), window):
-            vad.accept_waveform(samples[pos:pos + window])
-            if pos % (window * 32) == 0:  # every ~1 s of audio: hand over what is closed
-                if stop is not None and stop.is_set():
-                    return
-                yield from drain()
+        pos = 0
+        while True:
+            stream.wait_samples(pos + step, stop)
+            if stop is not None and stop.is_set():
+                return
+            done = stream.done  # read before the count: once done, the count is final
+            available = stream.available
+            end = available if done else available - (available - pos) % window
+            data = stream.view(pos, end)
+            for offset in range(0, len(data), window):
+                vad.accept_waveform(data[offset:offset + window])
+            pos = end
+            yield from drain()
+            if done and pos >= available:
+                break
         vad.flush()
         yield from drain()

@@ -8,7 +8,7 @@ import pytest
 
 from adapters.registry import create_engine
 from adapters.websocket import WebSocketEngine
-from bridge.audio import decode_to_pcm16k
+from bridge.audio import decode_file
 from bridge.config import load_settings
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
@@ -21,7 +21,7 @@ def test_all_adapters_agree(models_dir, beckett):
     model_dir = ModelStore(models_dir).path_for(MOONSHINE.id)
 
     async def run() -> dict[str, str]:
-        audio = await decode_to_pcm16k(beckett, max_seconds=600, timeout=30)
+        audio = await decode_file(beckett, max_seconds=600, timeout=30)
         texts: dict[str, str] = {}
         managed = create_engine("managed-websocket", MOONSHINE, model_dir, settings)
         await managed.start()

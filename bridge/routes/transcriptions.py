@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -20,13 +21,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from bridge.api_types import parse_transcription_form
-from bridge.audio import AudioDecodeError, AudioTooLong, DecodedAudio, decode_to_pcm16k
+from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.catalog import ModelSpec
 from bridge.errors import APIError
 from bridge.formats import render, usage
 from bridge.ports import EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
-from bridge.transcription import Plan, cut_pieces, iter_pieces, transcribe
+from bridge.transcript import build_transcript
+from bridge.transcription import Prefetch, cut_pieces, iter_pieces
 
 router = APIRouter()
 log = logging.getLogger("bridge.api")
@@ -56,26 +58,38 @@ def check_language(language: str | None, spec: ModelSpec) -> str:
     return language
 
 
-async def decode_upload(upload: UploadFile, state: BridgeState) -> DecodedAudio:
-    with tempfile.TemporaryDirectory(prefix="bridge-upload-") as tmp:
-        path = Path(tmp) / "upload"
-        with path.open("wb") as out:
-            await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
-        if path.stat().st_size == 0:
-            raise APIError(400, "the uploaded file is empty", param="file", code="empty_file")
-        try:
-            return await decode_to_pcm16k(path, max_seconds=state.settings.sherpa_max_utterance,
-                                          timeout=state.settings.ffmpeg_timeout,
-                                          binary=state.settings.ffmpeg_binary)
-        except AudioTooLong as exc:
-            raise APIError(400, f"{exc}; cut it into shorter files (SHERPA_MAX_UTTERANCE)", param="file",
-                           code="audio_too_long") from None
-        except AudioDecodeError as exc:
-            raise APIError(400, f"{exc}. Send audio or video with an audio track (wav, flac, mp3, "
-                           "ogg/opus, webm, m4a, mp4, ...)", param="file", code="invalid_audio") from None
-        except asyncio.TimeoutError:
-            raise APIError(400, f"decoding took longer than {state.settings.ffmpeg_timeout:.0f} s",
-                           param="file", code="decode_timeout") from None
+async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> tuple[AudioStream, asyncio.Task[None]]:
+    """Save the upload and start decoding it: the stream fills while the caller goes on."""
+    path = folder / "upload"
+    with path.open("wb") as out:
+        await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+    if path.stat().st_size == 0:
+        raise APIError(400, "the uploaded file is empty", param="file", code="empty_file")
+    settings = state.settings
+    stream = AudioStream(settings.sherpa_max_utterance)
+    if state.decoders is not None:
+        decoding = state.decoders.decode(path, stream, timeout=settings.decode_timeout)
+    else:
+        decoding = ffmpeg_decode(path, stream, timeout=settings.decode_timeout, binary=settings.ffmpeg_binary)
+    task = asyncio.create_task(decoding)
+    stream.on_abort(functools.partial(_cancel, task))
+    return stream, task
+
+
+def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+
+
+def decode_error(exc: Exception) -> APIError:
+    if isinstance(exc, AudioTooLong):
+        return APIError(400, f"{exc}; cut it into shorter files (SHERPA_MAX_UTTERANCE)", param="file",
+                        code="audio_too_long")
+    if isinstance(exc, AudioDecodeError):
+        return APIError(400, f"{exc}. Send audio or video with an audio track (wav, flac, mp3, ogg/opus, webm, "
+                        "m4a, mp4, ...)", param="file", code="invalid_audio")
+    if isinstance(exc, AudioTimeout):
+        return APIError(400, f"{exc}", param="file", code="decode_timeout")
+    raise exc
 
 
 def engine_error(exc: Exception) -> APIError:
@@ -108,27 +122,48 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             engine = await stack.enter_async_context(state.engines.lease())
             check_model(params.model, engine.spec, state)
             language = check_language(params.language, engine.spec)
-            audio = await decode_upload(upload, state)
+            folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
+            try:
+                audio, decoding = await start_decode(upload, state, folder)
+                # Decoding, cutting and the engine overlap: the first pieces are transcribed while the
+                # rest of the file is still decoded and scanned. The answer's status waits for the
+                # decode (a file that turns out too long or corrupt is a 400, its pieces cancelled).
+                first = state.settings.stream_first_piece_seconds if params.stream else None
+                plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
+                                  state.settings.piece_target_seconds, first or None)
+                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
+                try:
+                    await audio.wait_done()
+                except BaseException as exc:
+                    audio.abort()
+                    await pieces.aclose()
+                    if isinstance(exc, Exception):
+                        raise decode_error(exc) from None
+                    raise
+                finally:
+                    with contextlib.suppress(BaseException):
+                        await decoding
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+            stack.push_async_callback(pieces.aclose)
         except BaseException:
             await stack.aclose()
             raise
         finally:
             await form.close()
-        # Pieces are found while the engine already works on the first ones (``cut_pieces``).
-        plan = cut_pieces(audio.samples, engine.spec.max_piece_seconds, state.detector,
-                          state.settings.piece_target_seconds)
         if params.stream:
             return StreamingResponse(
-                stream_events(state, engine, audio, plan, stack),
+                stream_events(state, engine, audio, pieces, stack),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
                 background=BackgroundTask(stack.aclose),
             )
         async with stack:
             try:
-                transcript = await transcribe(state.scheduler, engine, audio.samples, plan)
+                results = [piece async for piece in pieces]
             except (EngineUnavailable, EngineRejected) as exc:
                 raise engine_error(exc) from None
+            transcript = build_transcript(results, audio.seconds, engine.spec.token_timestamps)
         model_id = engine.spec.id
         elapsed = time.monotonic() - started
         log.info("transcribed %.2f s of audio with %s in %.3f s (%s)", audio.seconds, model_id, elapsed,
@@ -152,16 +187,16 @@ def _sse(event: dict[str, object]) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-async def stream_events(state: BridgeState, engine: ModelEngine, audio: DecodedAudio,
-                        plan: Plan, lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream,
+                        pieces: Prefetch, lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
     """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``.
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
-    that have not run (``iter_pieces``)."""
+    that have not run (``Prefetch.aclose``)."""
     texts: list[str] = []
     async with lease:
         try:
-            async for _start, _end, result in iter_pieces(state.scheduler, engine, audio.samples, plan):
+            async for _start, _end, result in pieces:
                 if result is None or not result.text:
                     continue
                 delta = result.text if not texts else " " + result.text
