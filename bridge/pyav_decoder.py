@@ -115,6 +115,9 @@ class DecoderPool:
         async def attempt() -> None:
             nonlocal worker, reusable
             worker = await self._idle.get()
+            while not worker.alive:  # died while idle (killed from outside): not this file's fault
+                await self._replace(worker, reason="exited while idle")
+                worker = await self._idle.get()
             reusable = await self._run(worker, path, stream)
 
         try:
@@ -167,13 +170,14 @@ class DecoderPool:
             else:
                 raise WorkerGone(f"decoder worker sent an unknown frame {kind!r}")
 
-    async def _replace(self, worker: DecoderWorker) -> None:
+    async def _replace(self, worker: DecoderWorker, reason: str = "") -> None:
         self._all.discard(worker)
         await worker.kill()
         if self._closed:
             return
         self.replaced += 1
         fresh = await DecoderWorker.spawn(self.memory_mb)
+        log.info("decoder worker %d replaced by %d%s", worker.pid, fresh.pid, f" ({reason})" if reason else "")
         self._all.add(fresh)
         self._idle.put_nowait(fresh)  # its "ready" frame is read before its first file
 

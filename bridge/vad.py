@@ -12,6 +12,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,9 @@ from bridge.audio import AudioStream
 from bridge.ports import SAMPLE_RATE
 
 log = logging.getLogger("bridge.vad")
-BUFFER_SECONDS = 30.0
+BUFFER_SECONDS = 60.0
+WINDOW = 512  # Silero's window at 16 kHz
+MAX_IDLE = 8  # detectors kept for reuse
 
 
 def find_vad_model(configured: Path | None) -> Path | None:
@@ -44,6 +47,34 @@ class SpeechDetector:
         self.threshold = threshold
         self.min_silence = min_silence
         self.min_speech = min_speech
+        # Loading the ONNX model costs ~40 ms: detectors are kept and reset between scans.
+        self._idle: dict[float, list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def _acquire(self, max_speech: float) -> Any:
+        with self._lock:
+            idle = self._idle.get(max_speech)
+            if idle:
+                vad = idle.pop()
+                vad.reset()
+                return vad
+        cfg = self._sherpa.VadModelConfig()
+        cfg.silero_vad.model = str(self.model)
+        cfg.silero_vad.threshold = self.threshold
+        cfg.silero_vad.min_silence_duration = self.min_silence
+        cfg.silero_vad.min_speech_duration = self.min_speech
+        cfg.silero_vad.max_speech_duration = max_speech
+        cfg.sample_rate = SAMPLE_RATE
+        cfg.num_threads = 1
+        cfg.provider = "cpu"
+        # The buffer holds the speech segment being built; it grows when needed (with a log line).
+        return self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=BUFFER_SECONDS)
+
+    def _release(self, max_speech: float, vad: Any) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(max_speech, [])
+            if len(idle) < MAX_IDLE:
+                idle.append(vad)
 
     def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0) -> list[tuple[int, int]]:
         """(start, end) sample ranges of speech, in order."""
@@ -55,18 +86,16 @@ class SpeechDetector:
         is set (the request went away). ``samples`` may still be growing (an ``AudioStream`` being
         decoded): the scan then follows the decoder."""
         stream = samples if isinstance(samples, AudioStream) else AudioStream.from_samples(samples)
-        cfg = self._sherpa.VadModelConfig()
-        cfg.silero_vad.model = str(self.model)
-        cfg.silero_vad.threshold = self.threshold
-        cfg.silero_vad.min_silence_duration = self.min_silence
-        cfg.silero_vad.min_speech_duration = self.min_speech
-        cfg.silero_vad.max_speech_duration = max_speech
-        cfg.sample_rate = SAMPLE_RATE
-        cfg.num_threads = 1
-        cfg.provider = "cpu"
-        # The detector's buffer holds the speech segment being built; it grows when needed.
-        vad = self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=BUFFER_SECONDS)
-        window = cfg.silero_vad.window_size  # the detector must be fed exactly one window at a time
+        vad = self._acquire(max_speech)
+        try:
+            yield from self._scan(vad, stream, stop)
+        finally:
+            self._release(max_speech, vad)
+
+    def _scan(self, vad: Any, stream: AudioStream, stop: threading.Event | None) -> Iterator[tuple[int, int]]:
+        # The detector must be fed exactly one window at a time (longer chunks are not split into
+        # windows: checked, they give one segment for the whole file).
+        window = WINDOW
         step = window * 32  # ~1 s of audio between hand-overs
 
         def drain() -> Iterator[tuple[int, int]]:
@@ -82,7 +111,9 @@ class SpeechDetector:
                 return
             done = stream.done  # read before the count: once done, the count is final
             available = stream.available
-            end = available if done else available - (available - pos) % window
+            end = min(pos + step, available)  # a step at a time, so closed segments go out at once
+            if not done:
+                end -= (end - pos) % window
             data = stream.view(pos, end)
             for offset in range(0, len(data), window):
                 vad.accept_waveform(data[offset:offset + window])

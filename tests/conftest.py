@@ -144,6 +144,31 @@ def bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[
 
 
 @pytest.fixture(scope="session")
+def ffmpeg_bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[BridgeProcess]:
+    """A second bridge decoding with one ffmpeg process per request (``AUDIO_DECODER=ffmpeg``)."""
+    tmp = session_dir / "ffmpeg-bridge-tmp"
+    tmp.mkdir(exist_ok=True)
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, TMPDIR=str(tmp), AUDIO_DECODER="ffmpeg",
+                                    ENGINE_CONNECTIONS="2", SHERPA_NUM_THREADS="1"),
+                         session_dir / "ffmpeg-bridge.log")
+    proc.tmpdir = tmp
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(params=["pyav", "ffmpeg"])
+def decoder_bridge(request: pytest.FixtureRequest) -> BridgeProcess:
+    """The session bridge with each decoder: PyAV workers (the default) and the ffmpeg command."""
+    name = "bridge" if request.param == "pyav" else "ffmpeg_bridge"
+    proc: BridgeProcess = request.getfixturevalue(name)
+    assert proc.health()["decoder"] == request.param
+    return proc
+
+
+@pytest.fixture(scope="session")
 def beckett() -> Path:
     import moonshine_cpp
 

@@ -1,4 +1,4 @@
-"""Every upload format people send is decoded by real ffmpeg and transcribed."""
+"""Every upload format people send is decoded (PyAV workers and the ffmpeg command) and transcribed."""
 
 from __future__ import annotations
 
@@ -30,25 +30,25 @@ def format_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_audio_format_is_transcribed(bridge, beckett, format_dir, name):
+def test_audio_format_is_transcribed(decoder_bridge, beckett, format_dir, name):
     path = ffmpeg_convert(beckett, format_dir / name, *FORMATS[name])
-    r = transcribe(bridge.url, path)
+    r = transcribe(decoder_bridge.url, path)
     assert r.status_code == 200, r.text
     assert wer(BECKETT_TEXT, r.json()["text"]) <= 0.15
     assert abs(r.json()["usage"]["seconds"] - 9.96) < 0.1
 
 
-def test_video_file_with_an_audio_track(bridge, beckett, format_dir):
+def test_video_file_with_an_audio_track(decoder_bridge, beckett, format_dir):
     video = format_dir / "video.mp4"
     subprocess.run(
         ["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", "testsrc=size=160x120:rate=10",
          "-i", str(beckett), "-shortest", "-c:v", "mpeg4", "-c:a", "aac", str(video)],
         check=True,
     )
-    r = transcribe(bridge.url, video)
+    r = transcribe(decoder_bridge.url, video)
     assert r.status_code == 200, r.text
     assert wer(BECKETT_TEXT, r.json()["text"]) <= 0.15
     # The file name says nothing: the format comes from the content.
     renamed = format_dir / "recording.wav"
     renamed.write_bytes(video.read_bytes())
-    assert wer(BECKETT_TEXT, transcribe(bridge.url, renamed).json()["text"]) <= 0.15
+    assert wer(BECKETT_TEXT, transcribe(decoder_bridge.url, renamed).json()["text"]) <= 0.15

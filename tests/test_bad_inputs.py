@@ -20,68 +20,70 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def lavfi(out: Path, source: str, seconds: float, *args: str) -> Path:
+    if out.is_file():  # made once per module, sent to each decoder
+        return out
     subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-f", "lavfi", "-i", source,
                     "-t", str(seconds), *args, str(out)], check=True)
     return out
 
 
-def test_empty_file(bridge, work):
+def test_empty_file(decoder_bridge, work):
     (work / "empty.wav").write_bytes(b"")
-    assert_openai_error(transcribe(bridge.url, work / "empty.wav"), 400, "empty_file")
+    assert_openai_error(transcribe(decoder_bridge.url, work / "empty.wav"), 400, "empty_file")
 
 
-def test_non_audio_file(bridge, work):
+def test_non_audio_file(decoder_bridge, work):
     (work / "notes.wav").write_text("this is a text file, not audio\n" * 100)
-    r = transcribe(bridge.url, work / "notes.wav")
+    r = transcribe(decoder_bridge.url, work / "notes.wav")
     assert_openai_error(r, 400, "invalid_audio")
     assert r.headers["x-should-retry"] == "false"
 
 
-def test_truncated_files(bridge, beckett, work):
+def test_truncated_files(decoder_bridge, beckett, work):
     data = beckett.read_bytes()
     (work / "header-only.wav").write_bytes(data[:30])
-    assert_openai_error(transcribe(bridge.url, work / "header-only.wav"), 400, "invalid_audio")
+    assert_openai_error(transcribe(decoder_bridge.url, work / "header-only.wav"), 400, "invalid_audio")
     mp3 = work / "full.mp3"
     subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(beckett), str(mp3)], check=True)
     (work / "cut.mp3").write_bytes(mp3.read_bytes()[:200])
-    assert_openai_error(transcribe(bridge.url, work / "cut.mp3"), 400, "invalid_audio")
+    assert_openai_error(transcribe(decoder_bridge.url, work / "cut.mp3"), 400, "invalid_audio")
     # Cut in the middle: a corrupt last packet is an error (-xerror), not a silently partial answer.
     (work / "half.wav").write_bytes(data[: len(data) // 2 + 1])
-    assert_openai_error(transcribe(bridge.url, work / "half.wav"), 400, "invalid_audio")
+    assert_openai_error(transcribe(decoder_bridge.url, work / "half.wav"), 400, "invalid_audio")
 
 
-def test_video_without_audio(bridge, work):
+def test_video_without_audio(decoder_bridge, work):
     video = lavfi(work / "silent-film.mp4", "testsrc=size=64x48:rate=5", 2, "-c:v", "mpeg4")
-    err = assert_openai_error(transcribe(bridge.url, video), 400, "invalid_audio")
+    err = assert_openai_error(transcribe(decoder_bridge.url, video), 400, "invalid_audio")
     assert "no audio track" in err["message"]
 
 
-def test_hls_playlist_cannot_read_local_files(bridge, beckett, work):
+def test_hls_playlist_cannot_read_local_files(decoder_bridge, beckett, work):
     playlist = work / "x.wav"
     playlist.write_text(f"#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{beckett}\n"
                         f"#EXTINF:10,\n{beckett}\n#EXT-X-ENDLIST\n")
-    assert_openai_error(transcribe(bridge.url, playlist), 400, "invalid_audio")
+    assert_openai_error(transcribe(decoder_bridge.url, playlist), 400, "invalid_audio")
     concat = work / "y.wav"
     concat.write_text(f"ffconcat version 1.0\nfile '{beckett}'\n")
-    assert_openai_error(transcribe(bridge.url, concat), 400, "invalid_audio")
+    assert_openai_error(transcribe(decoder_bridge.url, concat), 400, "invalid_audio")
 
 
-def test_silence_only_gives_empty_text(bridge, work):
+def test_silence_only_gives_empty_text(decoder_bridge, work):
     silence = lavfi(work / "silence.wav", "anullsrc=r=16000:cl=mono", 5)
-    r = transcribe(bridge.url, silence)
+    r = transcribe(decoder_bridge.url, silence)
     assert r.status_code == 200
     assert r.json()["text"] == "" and abs(r.json()["usage"]["seconds"] - 5) < 0.05
 
 
-def test_audio_longer_than_the_limit_is_refused_without_decoding_it_all(bridge, work):
+def test_audio_longer_than_the_limit_is_refused_without_decoding_it_all(decoder_bridge, work):
     long = lavfi(work / "601s.ogg", "anullsrc=r=16000:cl=mono", 601, "-c:a", "libopus", "-b:a", "8k")
-    err = assert_openai_error(transcribe(bridge.url, long), 400, "audio_too_long")
+    err = assert_openai_error(transcribe(decoder_bridge.url, long), 400, "audio_too_long")
     assert "600" in err["message"]
     # A decompression bomb: an hour of silent Opus is small but would decode to ~230 MB.
     bomb = lavfi(work / "hour.ogg", "anullsrc=r=16000:cl=mono", 3600, "-c:a", "libopus", "-b:a", "6k")
     assert bomb.stat().st_size < 3_000_000
     started = time.monotonic()
-    assert_openai_error(transcribe(bridge.url, bomb), 400, "audio_too_long")
+    assert_openai_error(transcribe(decoder_bridge.url, bomb), 400, "audio_too_long")
     assert time.monotonic() - started < 30
 
 
@@ -112,9 +114,9 @@ def test_malformed_requests(bridge):
     assert_openai_error(r, 400)
 
 
-def test_service_still_answers_and_left_no_temp_files(bridge, beckett):
-    r = transcribe(bridge.url, beckett)
+def test_service_still_answers_and_left_no_temp_files(decoder_bridge, beckett):
+    r = transcribe(decoder_bridge.url, beckett)
     assert r.status_code == 200 and wer(BECKETT_TEXT, r.json()["text"]) <= 0.1
-    assert bridge.health()["status"] == "ready"
-    assert bridge.tmpdir is not None
-    assert list(bridge.tmpdir.iterdir()) == []
+    assert decoder_bridge.health()["status"] == "ready"
+    assert decoder_bridge.tmpdir is not None
+    assert list(decoder_bridge.tmpdir.iterdir()) == []

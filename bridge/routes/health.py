@@ -32,6 +32,9 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "requests_in_flight": state.in_flight,
         "pieces_waiting": state.scheduler.waiting,
         "pieces_running": state.scheduler.busy,
+        "decoder": state.settings.audio_decoder,
+        "decoder_workers": len(state.decoders.pids) if state.decoders else 0,
+        "decoder_workers_replaced": state.decoders.replaced if state.decoders else 0,
     }
     headers = {} if h.ready else {"Retry-After": "5"}
     return JSONResponse(body, status_code=200 if h.ready else 503, headers=headers)
