@@ -65,7 +65,7 @@ class BridgeSettings(BaseSettings):
     ffmpeg_binary: str = ""  # default: ffmpeg on PATH, else the imageio-ffmpeg wheel's
     # With stream=true the first piece closes at the first pause after this many seconds, and each
     # next one may be twice as long until the model's safe length: the first text comes early. 0 = off.
-    stream_first_piece_seconds: float = Field(4.0, ge=0)
+    stream_first_piece_seconds: float = Field(2.0, ge=0)
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
     model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
     switch_wait_timeout: float = Field(30.0, ge=0)

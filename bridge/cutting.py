@@ -77,14 +77,24 @@ class PieceBuilder:
         self._piece: tuple[int, int] | None = None  # may still take the next segment in
 
     def add(self, start: int, end: int) -> list[tuple[int, int]]:
+        speech_start = start
         start, end = max(0, start - PAD), end + PAD
         if self.total is not None:
             end = min(self.total, end)
         if end <= start:
             return []
         if self._segment is not None and start <= self._segment[1]:
-            self._segment = (self._segment[0], max(end, self._segment[1]))
-            return []
+            if not self._early_due():
+                self._segment = (self._segment[0], max(end, self._segment[1]))
+                return []
+            # An early piece is long enough and the pause is shorter than the padding: cut in the
+            # middle of the pause rather than let the first piece run on.
+            cut = (self._segment[1] - PAD + speech_start) // 2
+            if not self._segment[0] < cut < end:
+                self._segment = (self._segment[0], max(end, self._segment[1]))
+                return []
+            self._segment = (self._segment[0], cut)
+            start = cut
         closed = self._take(self._segment)
         self._segment = (start, end)
         return closed
@@ -113,6 +123,13 @@ class PieceBuilder:
             self._piece = None
             self._grow()
         return closed
+
+    def _early_due(self) -> bool:
+        """An early piece would be long enough if it ended with the pending segment."""
+        if self._early is None or self._segment is None:
+            return False
+        begin = self._piece[0] if self._piece is not None else self._segment[0]
+        return self._segment[1] - begin >= self._early
 
     def _grow(self) -> None:
         if self._early is not None:

@@ -171,6 +171,12 @@ def test_early_pieces_grow_to_the_safe_length():
     assert all(p[1] <= q[0] for p, q in zip(early, early[1:], strict=False))
     plain = plan_speech_pieces(120 * second, speech, 30)
     assert (plain[0][1] - plain[0][0]) / second > 25  # without streaming: pieces as long as fit
+    # Pauses shorter than the padding (0.3 s) would merge the speech around them: an early piece
+    # that is long enough is cut in the middle of such a pause instead.
+    tight = [(int(i * 2.8 * second), int(i * 2.8 * second + 2.5 * second)) for i in range(40)]
+    first = plan_speech_pieces(120 * second, tight, 30, None, first_seconds=2)[0]
+    assert first == (0, int(2.65 * second))
+    assert (plan_speech_pieces(120 * second, tight, 30)[0][1]) / second > 25
 
 
 # -- a decoder that crashes or hangs takes down only its own request ---------------------------

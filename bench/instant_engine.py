@@ -1,0 +1,56 @@
+"""A stand-in engine that answers at once: a WebSocket server speaking the sherpa-onnx offline
+protocol (``adapters.sherpa_protocol``), for measuring what the bridge itself costs around an
+engine as fast as a GPU. It reads each utterance in full and replies with a short fixed text.
+
+    .venv/bin/python -m bench.instant_engine --port 6006
+
+The bridge reaches it with ``ENGINE_ADAPTER=websocket ENGINE_URL=ws://127.0.0.1:6006``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import struct
+
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+
+REPLY = json.dumps({"text": "instant", "tokens": [" instant"], "timestamps": [0.0], "lang": ""})
+
+
+async def handle(conn: ServerConnection) -> None:
+    buffer = b""
+    try:
+        async for message in conn:
+            if isinstance(message, str):  # "Done"
+                return
+            buffer += message
+            while len(buffer) >= 8:
+                _rate, size = struct.unpack("<ii", buffer[:8])
+                if len(buffer) < 8 + size:
+                    break
+                buffer = buffer[8 + size:]
+                await conn.send(REPLY)
+    except ConnectionClosed:
+        pass
+
+
+async def serve_forever(host: str, port: int, ready: asyncio.Event | None = None) -> None:
+    async with serve(handle, host, port, max_size=None, compression=None, ping_interval=None):
+        if ready is not None:
+            ready.set()
+        await asyncio.Future()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=6006)
+    args = ap.parse_args()
+    asyncio.run(serve_forever(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()
