@@ -50,7 +50,7 @@ def find_binary(name: str, binary_dir: Path | None) -> str:
     found = shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
     if found is None:
         raise EngineStartError(
-            f"{name} not found on PATH: install sherpa-onnx-bin==1.13.4 (pip) or set ENGINE_BINARY_DIR"
+            f"{name} not found on PATH: install sherpa-onnx-bin==1.13.3 (pip) or set ENGINE_BINARY_DIR"
         )
     return found
 

@@ -131,16 +131,16 @@ class Stack:
         self.work = work
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def start(self, args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=(self.work / log).open("wb"),
+    def start(self, args: list[str], env: dict[str, str], log: str, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=(self.work / log).open("wb"),
                                 stderr=subprocess.STDOUT)
         self.procs.append(proc)
         return proc
 
-    def bridge(self, name: str, env: dict[str, str]) -> str:
+    def bridge(self, name: str, env: dict[str, str], tree: Path = ROOT) -> str:
         port = free_port()
         proc = self.start([sys.executable, "-m", "bridge"], {**env, "BRIDGE_HOST": "127.0.0.1",
-                                                             "BRIDGE_PORT": str(port)}, f"{name}.log")
+                                                             "BRIDGE_PORT": str(port)}, f"{name}.log", cwd=tree)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc)
         return url
@@ -155,7 +155,7 @@ class Stack:
                 proc.kill()
 
 
-def bench_instant(files: dict[str, Path], work: Path, rounds: int) -> dict[str, object]:
+def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path | None) -> dict[str, object]:
     stack = Stack(work)
     try:
         port = free_port()
@@ -166,6 +166,8 @@ def bench_instant(files: dict[str, Path], work: Path, rounds: int) -> dict[str, 
         time.sleep(1)
         urls = {"pyav": stack.bridge("instant-pyav", {**env, "AUDIO_DECODER": "pyav"}),
                 "ffmpeg": stack.bridge("instant-ffmpeg", {**env, "AUDIO_DECODER": "ffmpeg"})}
+        if compare is not None:
+            urls["compared"] = stack.bridge("instant-compared", env, tree=compare)
         client = httpx.Client(timeout=600)
         for url in urls.values():  # warm up
             for f in files.values():
@@ -199,7 +201,7 @@ def bench_instant(files: dict[str, Path], work: Path, rounds: int) -> dict[str, 
         stack.stop()
 
 
-def bench_real(files: dict[str, Path], work: Path, rounds: int) -> dict[str, object]:
+def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | None) -> dict[str, object]:
     settings = load_settings()
     catalog = Catalog.load(settings.catalog_file)
     spec = catalog.get(settings.default_model)
@@ -210,6 +212,8 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int) -> dict[str, obj
         env = {**os.environ, "LOG_LEVEL": "warning"}
         urls = {"pyav": stack.bridge("real-pyav", {**env, "AUDIO_DECODER": "pyav"}),
                 "ffmpeg": stack.bridge("real-ffmpeg", {**env, "AUDIO_DECODER": "ffmpeg"})}
+        if compare is not None:
+            urls["compared"] = stack.bridge("real-compared", env, tree=compare)
         # The raw engine, started with exactly the flags the bridge gives its child.
         sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None),
                                provider=settings.sherpa_provider, num_threads=settings.sherpa_num_threads,
@@ -245,10 +249,11 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int) -> dict[str, obj
             "mp3_10s_c1_added_over_raw_ms": {k: round((med[f"bridge_{k}"] - med["raw_engine"]) * 1000, 1)
                                              for k in urls},
         }
-        streamed = [first_delta(urls["pyav"], files["mp3_44s_48k"]) for _ in range(3)]
-        first, total = sorted(streamed)[1]
-        out["mp3_44s_48k_streamed"] = {"first_delta_s": round(first, 3), "total_s": round(total, 3),
-                                       "first_over_total": round(first / total, 3)}
+        for name in ("pyav", "compared") if compare is not None else ("pyav",):
+            streamed = [first_delta(urls[name], files["mp3_44s_48k"]) for _ in range(3)]
+            first, total = sorted(streamed)[1]
+            out[f"mp3_44s_48k_streamed_{name}"] = {"first_delta_s": round(first, 3), "total_s": round(total, 3),
+                                                   "first_over_total": round(first / total, 3)}
         client.close()
         return out
     finally:
@@ -259,15 +264,17 @@ def main() -> int:
     ap = argparse.ArgumentParser(description="the bridge's own cost and the time to first text")
     ap.add_argument("--engine", choices=["instant", "real", "both"], default="both")
     ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--compare", type=Path, help="another checkout of the project (e.g. a git worktree of an "
+                    "older commit): its bridge is measured beside this one's, as 'compared'")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-first-text-"))
     os.environ.setdefault("MODELS_DIR", str(ROOT / "models"))
     files = prepare(work)
     result: dict[str, object] = {"machine_cores": os.cpu_count(), "rounds": args.rounds}
     if args.engine in ("instant", "both"):
-        result["instant_engine"] = bench_instant(files, work, args.rounds)
+        result["instant_engine"] = bench_instant(files, work, args.rounds, args.compare)
     if args.engine in ("real", "both"):
-        result["real_engine"] = bench_real(files, work, args.rounds)
+        result["real_engine"] = bench_real(files, work, args.rounds, args.compare)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -20,6 +20,9 @@ from websockets.exceptions import ConnectionClosed
 REPLY = json.dumps({"text": "instant", "tokens": [" instant"], "timestamps": [0.0], "lang": ""})
 
 
+DELAY = 0.0  # seconds per second of audio (--delay): a slow engine for tests
+
+
 async def handle(conn: ServerConnection) -> None:
     buffer = b""
     try:
@@ -28,10 +31,12 @@ async def handle(conn: ServerConnection) -> None:
                 return
             buffer += message
             while len(buffer) >= 8:
-                _rate, size = struct.unpack("<ii", buffer[:8])
+                rate, size = struct.unpack("<ii", buffer[:8])
                 if len(buffer) < 8 + size:
                     break
                 buffer = buffer[8 + size:]
+                if DELAY:
+                    await asyncio.sleep(DELAY * size / 4 / rate)
                 await conn.send(REPLY)
     except ConnectionClosed:
         pass
@@ -48,7 +53,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=6006)
+    ap.add_argument("--delay", type=float, default=0.0,
+                    help="answer after this many seconds per second of audio (a slow engine)")
     args = ap.parse_args()
+    global DELAY
+    DELAY = args.delay
     asyncio.run(serve_forever(args.host, args.port))
 
 

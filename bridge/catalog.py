@@ -96,13 +96,35 @@ _V3_LANGUAGES = (
 )
 
 BUILTIN_MODELS: list[ModelSpec] = [
-    # v2: revision and checksums not yet verified from a reachable mirror; sizes and hashes are
-    # checked for v3 only. Until then v2 is fetched from "main" and only checked for presence.
+    # v2 at revision 1ab9323 of csukuangfj/sherpa-onnx-nemo-parakeet-tdt-0.6b-v2-int8: sizes and
+    # sha256 of each file as the hub lists them (tokens.txt is a plain git file there, not LFS, so the
+    # hub shows a git blob id for it; the sha256 below is of its bytes).
     _parakeet(
         "v2",
         ["en"],
-        "main",
-        [ModelFile(name=n) for n in ("encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx", "tokens.txt")],
+        "1ab9323565ddb038682214b292f588070a538ce2",
+        [
+            ModelFile(
+                name="encoder.int8.onnx",
+                size=652_184_296,
+                sha256="a32b12d17bbbc309d0686fbbcc2987b5e9b8333a7da83fa6b089f0a2acd651ab",
+            ),
+            ModelFile(
+                name="decoder.int8.onnx",
+                size=7_257_753,
+                sha256="b6bb64963457237b900e496ee9994b59294526439fbcc1fecf705b31a15c6b4e",
+            ),
+            ModelFile(
+                name="joiner.int8.onnx",
+                size=1_739_080,
+                sha256="7946164367946e7f9f29a122407c3252b680dbae9a51343eb2488d057c3c43d2",
+            ),
+            ModelFile(
+                name="tokens.txt",
+                size=9_384,
+                sha256="ec182b70dd42113aff6c5372c75cac58c952443eb22322f57bbd7f53977d497d",
+            ),
+        ],
     ),
     _parakeet(
         "v3",

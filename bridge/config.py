@@ -49,6 +49,10 @@ class BridgeSettings(BaseSettings):
     engine_ready_timeout: float = Field(120.0, gt=0)  # model load time allowed (parakeet on GPU)
     engine_max_restarts: int = Field(5, ge=0)  # crash-loop budget within engine_restart_window
     engine_restart_window: float = Field(300.0, gt=0)
+    # Before ready, each loaded engine transcribes a fixed utterance twice (warm-up, then timed);
+    # on CUDA a real-time factor above speed_warn_rtf is called out in the log and /health.
+    speed_check: bool = True
+    speed_warn_rtf: float = Field(0.05, gt=0)
 
     # Cutting long audio
     vad_model: Path | None = None  # Silero VAD ONNX; default: from the silero-vad package's data

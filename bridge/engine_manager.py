@@ -20,6 +20,7 @@ from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings
 from bridge.model_store import ModelStore
 from bridge.ports import EngineHealth, EngineUnavailable, ModelEngine
+from bridge.speed_check import SpeedCheck, run_speed_check
 
 log = logging.getLogger("bridge.models")
 
@@ -52,10 +53,16 @@ class EngineManager:
         self._retiring: set[asyncio.Task[None]] = set()
         self._retiring_engines: list[ModelEngine] = []
         self.switching_to: str | None = None
+        self._speed: dict[int, SpeedCheck] = {}  # by id(engine)
 
     @property
     def model(self) -> ModelSpec | None:
         return self.engine.spec if self.engine else None
+
+    @property
+    def speed(self) -> SpeedCheck | None:
+        """The loaded engine's speed check (``bridge.speed_check``), if it ran."""
+        return self._speed.get(id(self.engine)) if self.engine else None
 
     async def _start_engine(self, spec: ModelSpec) -> ModelEngine:
         if not self.store.is_ready(spec):
@@ -69,7 +76,10 @@ class EngineManager:
         engine = self.factory(self.settings.engine_adapter, spec, self.store.path_for(spec.id), self.settings)
         try:
             await engine.start()
+            if self.settings.speed_check:
+                self._speed[id(engine)] = await run_speed_check(engine, self.settings.speed_warn_rtf)
         except BaseException:
+            self._speed.pop(id(engine), None)
             await engine.close()
             raise
         return engine
@@ -111,6 +121,7 @@ class EngineManager:
         await engine.close()
         self._retiring_engines.remove(engine)
         self._drained.pop(key, None)
+        self._speed.pop(key, None)
         log.info("closed the engine of %s", engine.spec.id)
 
     @contextlib.asynccontextmanager

@@ -46,16 +46,37 @@ def test_hadolint_passes_and_every_ignore_is_explained(dockerfile):
 def test_dockerfiles_shape():
     bridge = (ROOT / "Dockerfile.bridge").read_text()
     assert bridge.startswith("#") and "FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04" in bridge
-    assert "ARG SHERPA_ONNX_VERSION=1.13.4" in bridge  # the version CI tests with sherpa-onnx-bin
-    assert "sha256sum" in bridge and "HEALTHCHECK" in bridge
+    assert "HEALTHCHECK" in bridge
     assert 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in bridge
     for text in (bridge, (ROOT / "Dockerfile.auth").read_text()):
         assert re.search(r"^USER 10001$", text, re.M)
         assert "HEALTHCHECK" in text
         # Dependencies are installed before the code is copied (layer cache).
         assert text.index("pip install") < text.index("COPY bridge")
+
+
+SHERPA_ONNX = "1.13.3"
+SHERPA_GPU_SHA256 = "ebf265973f241e1c203ae3262d2e642b4cf11d97763968f2bcb33416405521e8"
+
+
+def test_one_sherpa_onnx_version_everywhere_and_the_gpu_build_always_verified():
+    """The image's GPU build, the CPU wheels the tests run and the installed engine are one version,
+    and the image cannot skip checking the tarball's sha256."""
+    bridge = (ROOT / "Dockerfile.bridge").read_text()
+    assert f"ARG SHERPA_ONNX_VERSION={SHERPA_ONNX}\n" in bridge
+    assert f"ARG SHERPA_ONNX_SHA256={SHERPA_GPU_SHA256}\n" in bridge
+    run_line = next(block for block in bridge.split("\nRUN ") if "sherpa.tar.bz2" in block)
+    # Downloaded, then checked against the pinned hash, then unpacked: in that order, no branch.
+    assert run_line.index("curl") < run_line.index("sha256sum --check") < run_line.index("tar -x")
+    assert '"${SHERPA_ONNX_SHA256}  /tmp/sherpa.tar.bz2" | sha256sum --check --strict -' in run_line
+    assert not re.search(r"\bif\b|\|\||WARNING|not verified", run_line), run_line
     pyproject = (ROOT / "pyproject.toml").read_text()
-    assert "sherpa-onnx-bin==1.13.4" in pyproject
+    assert f'"sherpa-onnx=={SHERPA_ONNX}"' in pyproject
+    assert pyproject.count(f'"sherpa-onnx-bin=={SHERPA_ONNX}"') == 2
+    assert not re.search(r"sherpa-onnx(-bin)?==(?!" + re.escape(SHERPA_ONNX) + ")", pyproject)
+    from importlib.metadata import version
+
+    assert version("sherpa-onnx") == SHERPA_ONNX and version("sherpa-onnx-bin") == SHERPA_ONNX
 
 
 class _ComposeLoader(yaml.SafeLoader):

@@ -124,6 +124,39 @@ def test_catalog_has_the_seed_models():
     catalog = Catalog.load()
     v2, v3 = catalog.get("parakeet-tdt-0.6b-v2-int8"), catalog.get("parakeet-tdt-0.6b-v3-int8")
     assert v2.languages == ["en"] and "de" in v3.languages and v3.token_timestamps
-    assert len(v3.revision) == 40 and all(f.sha256 for f in v3.files)
+    for spec in (v2, v3):  # pinned: a revision, and a size and sha256 for every file the engine loads
+        assert len(spec.revision) == 40 and spec.revision != "main"
+        assert all(f.size and f.sha256 and len(f.sha256) == 64 for f in spec.files)
+        assert {f.name for f in spec.files} == set(spec.file_flags.values())
+    assert v2.revision == "1ab9323565ddb038682214b292f588070a538ce2"
     assert "--model-type=nemo_transducer" in v3.engine_flags(Path("/m"))
     assert catalog.get(MOONSHINE.id).max_piece_seconds <= 30
+
+
+def test_parakeet_v2_is_verified_like_v3(tmp_path):
+    """v2 from a mirror serving files of its names: fetched at the pinned revision, and a file of the
+    right size with one wrong byte is caught and removed, so the engine never loads it."""
+    v2 = Catalog.load().get("parakeet-tdt-0.6b-v2-int8")
+    sizes = {f.name: f.size for f in v2.files}
+    repo = tmp_path / "mirror" / "csukuangfj" / "sherpa-onnx-nemo-parakeet-tdt-0.6b-v2-int8"
+    repo.mkdir(parents=True)
+    tokens = bytearray(b"x" * sizes["tokens.txt"])
+    (repo / "tokens.txt").write_bytes(bytes(tokens))
+    for name in ("encoder.int8.onnx", "decoder.int8.onnx", "joiner.int8.onnx"):
+        (repo / name).write_bytes(b"\0" * 1000)  # wrong sizes too
+    # Only tokens.txt is worth fetching in full here: a spec limited to it, hashes as pinned.
+    only_tokens = v2.model_copy(update={"files": [f for f in v2.files if f.name == "tokens.txt"],
+                                        "file_flags": {"--tokens": "tokens.txt"}})
+    server = MirrorServer(tmp_path / "mirror").start()
+    try:
+        store = ModelStore(tmp_path / "models")
+        with pytest.raises(ModelStoreError, match="tokens.txt does not match"):
+            store.download(only_tokens, endpoint=server.url)
+        assert not (store.path_for(v2.id) / "tokens.txt").exists()
+        assert not store.is_ready(only_tokens)
+        assert all(v2.revision in p for _, p in server.requests if "/resolve/" in p)
+        with pytest.raises(ModelStoreError, match="does not match"):
+            store.download(v2, endpoint=server.url)
+        assert not store.is_ready(v2)
+    finally:
+        server.shutdown()

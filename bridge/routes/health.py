@@ -32,6 +32,7 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "requests_in_flight": state.in_flight,
         "pieces_waiting": state.scheduler.waiting,
         "pieces_running": state.scheduler.busy,
+        "speed_check": state.engines.speed.as_dict() if state.engines.speed else None,
         "decoder": state.settings.audio_decoder,
         "decoder_workers": len(state.decoders.pids) if state.decoders else 0,
         "decoder_workers_replaced": state.decoders.replaced if state.decoders else 0,
