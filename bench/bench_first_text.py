@@ -25,6 +25,7 @@ import io
 import json
 import os
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -76,6 +78,23 @@ def in_process_decode(path: Path) -> float:
     t = time.perf_counter()
     decode(av, str(path), cap_samples(600), io.BytesIO())
     return time.perf_counter() - t
+
+
+def decoded(path: Path) -> np.ndarray:
+    """``path`` as the decoder workers decode it (16 kHz mono float32)."""
+    import av
+
+    from bridge.pyav_worker import decode
+
+    out = io.BytesIO()
+    decode(av, str(path), cap_samples(600), out)
+    data, samples = out.getvalue(), []
+    while data:
+        kind, size = struct.unpack("<cI", data[:5])
+        if kind == b"a":
+            samples.append(np.frombuffer(data[5:5 + size], dtype="<f4"))
+        data = data[5 + size:]
+    return np.concatenate(samples)
 
 
 def ffmpeg_process_decode(path: Path) -> float:
@@ -224,9 +243,7 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | 
         raw_port = free_port()
         stack.start(sup.command(raw_port), dict(os.environ), "raw-engine.log")
         raw_url = f"ws://127.0.0.1:{raw_port}"
-        from tests.speech import read_wav16
-
-        clip = read_wav16(files["wav_10s"])
+        clip = decoded(files["mp3_10s"])  # the very samples the bridge hands its engine
         deadline = time.monotonic() + 60
         while True:
             try:
