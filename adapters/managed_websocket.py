@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from adapters.websocket import PROBE, ConnectionPool
-from bridge.catalog import ModelSpec
-from bridge.ports import EngineHealth, EngineResult, EngineUnavailable, ModelEngine
+from bridge.ports import EngineHealth, EngineModel, EngineResult, EngineUnavailable, ModelEngine
 
 log = logging.getLogger("bridge.engine")
 
@@ -75,8 +74,7 @@ class EngineSupervisor:
 
     def __init__(
         self,
-        spec: ModelSpec,
-        model_dir: Path,
+        spec: EngineModel,
         *,
         binary: str,
         provider: str,
@@ -90,7 +88,6 @@ class EngineSupervisor:
         pool: ConnectionPool,
     ) -> None:
         self.spec = spec
-        self.model_dir = model_dir
         self.binary = binary
         self.requested_provider = provider
         self.provider_in_use = provider
@@ -122,11 +119,11 @@ class EngineSupervisor:
             f"--num-threads={self.num_threads}",
             f"--num-work-threads={self.num_work_threads}",
             "--num-io-threads=1",
-            f"--max-batch-size={self.max_batch_size if self.spec.engine_batches else 1}",
+            f"--max-batch-size={self.max_batch_size if self.spec.batches else 1}",
             f"--max-utterance-length={int(self.max_utterance_seconds) + 1}",
             # The default ./log.txt grows forever; everything useful is on stderr anyway.
             "--log-file=/dev/null",
-            *self.spec.engine_flags(self.model_dir),
+            *self.spec.flags,
         ]
 
     async def start(self) -> None:
@@ -266,7 +263,7 @@ class EngineSupervisor:
 
 
 class ManagedWebSocketEngine(ModelEngine):
-    def __init__(self, spec: ModelSpec, supervisor: EngineSupervisor, restart_wait: float = 15.0) -> None:
+    def __init__(self, spec: EngineModel, supervisor: EngineSupervisor, restart_wait: float = 15.0) -> None:
         super().__init__(spec)
         self.supervisor = supervisor
         self.restart_wait = restart_wait

@@ -17,8 +17,7 @@ import numpy as np
 
 from adapters.managed_websocket import _die_with_parent
 from adapters.sherpa_protocol import parse_reply
-from bridge.catalog import ModelSpec
-from bridge.ports import SAMPLE_RATE, EngineHealth, EngineRejected, EngineResult, ModelEngine
+from bridge.ports import SAMPLE_RATE, EngineHealth, EngineModel, EngineRejected, EngineResult, ModelEngine
 
 log = logging.getLogger("bridge.engine")
 
@@ -35,10 +34,9 @@ def write_wav16(path: Path, samples: np.ndarray) -> None:
 
 
 class SubprocessEngine(ModelEngine):
-    def __init__(self, spec: ModelSpec, model_dir: Path, *, binary: str, provider: str,
+    def __init__(self, spec: EngineModel, *, binary: str, provider: str,
                  num_threads: int, concurrency: int, timeout: float) -> None:
         super().__init__(spec)
-        self.model_dir = model_dir
         self.binary = binary
         self.provider = provider
         self.provider_in_use = provider
@@ -60,7 +58,7 @@ class SubprocessEngine(ModelEngine):
                 write_wav16(wav, samples)
                 proc = await asyncio.create_subprocess_exec(
                     self.binary,
-                    *self.spec.engine_flags(self.model_dir),
+                    *self.spec.flags,
                     f"--provider={self.provider}",
                     f"--num-threads={self.num_threads}",
                     str(wav),

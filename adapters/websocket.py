@@ -15,8 +15,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from adapters.sherpa_protocol import DONE, parse_reply, utterance_frames
-from bridge.catalog import ModelSpec
-from bridge.ports import EngineHealth, EngineRejected, EngineResult, EngineUnavailable, ModelEngine
+from bridge.ports import EngineHealth, EngineModel, EngineRejected, EngineResult, EngineUnavailable, ModelEngine
 
 log = logging.getLogger("bridge.engine")
 
@@ -93,7 +92,7 @@ async def _close_quietly(conn: ClientConnection, say_done: bool = False) -> None
 class WebSocketEngine(ModelEngine):
     """A server we do not run: the pool plus a readiness probe."""
 
-    def __init__(self, spec: ModelSpec, url: str, connections: int, timeout: float, provider: str) -> None:
+    def __init__(self, spec: EngineModel, url: str, connections: int, timeout: float, provider: str) -> None:
         super().__init__(spec)
         self.pool = ConnectionPool(url, connections, timeout)
         self.provider = provider

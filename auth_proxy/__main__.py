@@ -10,7 +10,7 @@ import sys
 
 from auth_proxy.config import ProxySettings, load_proxy_settings
 from auth_proxy.keys import KeyFileError, add_key, read_keys, revoke_key
-from bridge.config import SettingsError
+from common.settings import SettingsError
 
 
 def keys_command(settings: ProxySettings, args: argparse.Namespace) -> int:
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "keys":
         return keys_command(settings, args)
     from auth_proxy.app import create_app
-    from bridge.serving import run_server
+    from common.serving import run_server
 
     return run_server(create_app(settings), settings.auth_host, settings.auth_port)
 

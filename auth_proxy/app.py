@@ -32,7 +32,7 @@ from auth_proxy.config import ProxySettings
 from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
 from auth_proxy.keys import ApiKey, KeyStore
 from auth_proxy.usage_store import UsageRecord, UsageStore
-from bridge.errors import APIError, error_response
+from common.errors import APIError, error_response
 
 log = logging.getLogger("auth_proxy")
 

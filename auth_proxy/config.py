@@ -8,7 +8,7 @@ from typing import Annotated
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bridge.config import SettingsError, format_validation_error, split_comma_list
+from common.settings import SettingsError, format_validation_error, split_comma_list
 
 
 class ProxySettings(BaseSettings):

@@ -234,7 +234,7 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | 
         if compare is not None:
             urls["compared"] = stack.bridge("real-compared", env, tree=compare)
         # The raw engine, started with exactly the flags the bridge gives its child.
-        sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None),
+        sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
                                provider=settings.sherpa_provider, num_threads=settings.sherpa_num_threads,
                                num_work_threads=settings.sherpa_num_work_threads,
                                max_batch_size=1 if not spec.engine_batches else settings.sherpa_max_batch_size,

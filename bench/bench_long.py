@@ -90,7 +90,7 @@ def main() -> int:
                            engine_connections=args.connections)
 
     def raw_engine(threads: int) -> tuple[subprocess.Popen[bytes], str]:
-        sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None),
+        sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
                                provider=provider, num_threads=threads,
                                num_work_threads=tuning.sherpa_num_work_threads,
                                max_batch_size=tuning.sherpa_max_batch_size,

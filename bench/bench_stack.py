@@ -133,7 +133,7 @@ def main() -> int:
            "ENGINE_CONNECTIONS": str(args.concurrency), "SHERPA_MAX_BATCH_SIZE": str(args.concurrency),
            "LOG_LEVEL": "warning"}
     # The raw engine, started with exactly the flags the bridge gives its child.
-    sup = EngineSupervisor(spec, store.path_for(spec.id), binary=find_binary(SERVER_BINARY, None),
+    sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
                            provider=env["SHERPA_PROVIDER"], num_threads=args.threads, num_work_threads=3,
                            max_batch_size=args.concurrency, max_utterance_seconds=spec.max_piece_seconds + 5,
                            ready_timeout=120, max_restarts=0, restart_window=1,

@@ -9,8 +9,9 @@ import os
 import sys
 
 from bridge.catalog import Catalog
-from bridge.config import BridgeSettings, SettingsError, load_settings
+from bridge.config import BridgeSettings, load_settings
 from bridge.model_store import ModelStore, ModelStoreError
+from common.settings import SettingsError
 
 
 def setup_logging(level: str) -> None:
@@ -23,7 +24,7 @@ def setup_logging(level: str) -> None:
 
 def serve(settings: BridgeSettings) -> int:
     from bridge.app import create_app
-    from bridge.serving import run_server
+    from common.serving import run_server
 
     return run_server(create_app(settings), settings.bridge_host, settings.bridge_port)
 

@@ -8,8 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from starlette.datastructures import FormData, UploadFile
 
-from bridge.errors import APIError
 from bridge.formats import RESPONSE_FORMATS
+from common.errors import APIError
 
 FORM_FIELDS = {
     "file", "model", "language", "prompt", "response_format", "temperature",

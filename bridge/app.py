@@ -15,11 +15,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from adapters.registry import create_engine
 from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
+from bridge.engine_factory import create_engine
 from bridge.engine_manager import EngineFactory, EngineManager
-from bridge.errors import APIError, error_response
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
 from bridge.pyav_decoder import DecoderPool
@@ -27,6 +26,7 @@ from bridge.routes import health, models, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
 from bridge.vad import SpeechDetector, find_vad_model
+from common.errors import APIError, error_response
 
 log = logging.getLogger("bridge")
 access_log = logging.getLogger("bridge.access")

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, field_validator
 
+from bridge.ports import EngineModel
+
 MODEL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
@@ -65,6 +67,12 @@ class ModelSpec(BaseModel):
         flags = [f"{flag}={model_dir / name}" for flag, name in self.file_flags.items()]
         flags += [f"{flag}={value}" for flag, value in self.extra_flags.items()]
         return flags
+
+    def engine_model(self, model_dir: Path) -> EngineModel:
+        """What the engine is told about this model (the port's view of a catalog entry)."""
+        return EngineModel(id=self.id, flags=tuple(self.engine_flags(model_dir)),
+                           max_piece_seconds=self.max_piece_seconds, token_timestamps=self.token_timestamps,
+                           batches=self.engine_batches, languages=tuple(self.languages))
 
 
 def _parakeet(version: str, languages: list[str], revision: str, files: list[ModelFile]) -> ModelSpec:

@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
-CommaList = Annotated[list[str], NoDecode]
-
-
-def split_comma_list(value: object) -> object:
-    """Lists in environment variables are comma-separated throughout the project."""
-    if isinstance(value, str):
-        return [item.strip() for item in value.split(",") if item.strip()]
-    return value
+from common.settings import CommaList, SettingsError, format_validation_error, split_comma_list
 
 
 class BridgeSettings(BaseSettings):
@@ -112,18 +105,6 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-class SettingsError(RuntimeError):
-    """A setting from the environment is invalid; the message names the variable."""
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    lines = []
-    for err in exc.errors():
-        name = str(err["loc"][0]).upper() if err["loc"] else "?"
-        lines.append(f"invalid setting {name}={err.get('input')!r}: {err['msg']}")
-    return "\n".join(lines)
 
 
 def load_settings(**overrides: object) -> BridgeSettings:

@@ -19,7 +19,7 @@ from pathlib import Path
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings
 from bridge.model_store import ModelStore
-from bridge.ports import EngineHealth, EngineUnavailable, ModelEngine
+from bridge.ports import EngineHealth, EngineModel, EngineUnavailable, ModelEngine
 from bridge.speed_check import SpeedCheck, run_speed_check
 
 log = logging.getLogger("bridge.models")
@@ -56,7 +56,7 @@ class EngineManager:
         self._speed: dict[int, SpeedCheck] = {}  # by id(engine)
 
     @property
-    def model(self) -> ModelSpec | None:
+    def model(self) -> EngineModel | None:
         return self.engine.spec if self.engine else None
 
     @property

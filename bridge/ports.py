@@ -1,7 +1,9 @@
-"""The port between the bridge and a speech engine.
+"""The port between the bridge and a speech engine: all that an adapter sees of the bridge.
 
-The bridge knows only ``ModelEngine``; ``adapters/`` knows how sherpa-onnx is reached. A new way of
-running an engine is a new adapter module plus an entry in ``adapters.registry``.
+The bridge knows only ``ModelEngine``; ``adapters/`` knows how sherpa-onnx is reached and imports
+nothing of the bridge but this module (``tests/test_layout.py``). What an engine needs to know
+about a model is an ``EngineModel``, which the bridge builds from its catalog. A new way of running
+an engine is a new adapter module plus a branch in ``bridge.engine_factory``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,19 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bridge.catalog import ModelSpec
-
 SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    """What an engine needs to know about the model it runs."""
+
+    id: str
+    flags: tuple[str, ...]  # the engine's flags that load it, file paths resolved ("--tokens=/m/x/tokens.txt")
+    max_piece_seconds: float  # longest audio the bridge sends in one go
+    token_timestamps: bool  # the engine reports token times
+    batches: bool  # the engine decodes waiting pieces in one batched run (else: batch size 1)
+    languages: tuple[str, ...] = ("en",)
 
 
 @dataclass
@@ -59,7 +71,7 @@ class ModelEngine(ABC):
     included) and is safe to call twice.
     """
 
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: EngineModel) -> None:
         self.spec = spec
 
     @abstractmethod

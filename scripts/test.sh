@@ -28,7 +28,7 @@ fi
 # Only the Silero VAD model file is needed from this wheel, not its torch dependency.
 .venv/bin/python -m pip install -q --no-deps "silero-vad==6.2.3"
 .venv/bin/ruff check .
-.venv/bin/mypy bridge adapters auth_proxy bench
+.venv/bin/mypy common bridge adapters auth_proxy bench
 # The image runs Ubuntu 22.04's Python 3.10: nothing in the code may need a newer one.
-.venv/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q bridge adapters auth_proxy bench
+.venv/bin/vermin --target=3.10- --violations --no-tips --eval-annotations -q common bridge adapters auth_proxy bench
 exec .venv/bin/python -m pytest "$@"

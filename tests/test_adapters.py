@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
-from adapters.registry import create_engine
 from adapters.websocket import WebSocketEngine
 from bridge.audio import decode_file
 from bridge.config import load_settings
+from bridge.engine_factory import create_engine
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
 from tests.conftest import BECKETT_TEXT, MOONSHINE

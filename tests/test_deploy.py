@@ -52,7 +52,7 @@ def test_dockerfiles_shape():
         assert re.search(r"^USER 10001$", text, re.M)
         assert "HEALTHCHECK" in text
         # Dependencies are installed before the code is copied (layer cache).
-        assert text.index("pip install") < text.index("COPY bridge")
+        assert text.index("pip install") < text.index("COPY common")
 
 
 SHERPA_ONNX = "1.13.3"

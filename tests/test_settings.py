@@ -62,9 +62,10 @@ def test_batch_size_reaches_only_models_the_engine_batches(tmp_path):
     catalog = Catalog.load()
 
     def batch_flag(model_id: str) -> str:
-        sup = EngineSupervisor(catalog.get(model_id), tmp_path, binary="engine", provider="cpu", num_threads=1,
-                               num_work_threads=3, max_batch_size=8, max_utterance_seconds=30, ready_timeout=1,
-                               max_restarts=0, restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 1))
+        sup = EngineSupervisor(catalog.get(model_id).engine_model(tmp_path), binary="engine", provider="cpu",
+                               num_threads=1, num_work_threads=3, max_batch_size=8, max_utterance_seconds=30,
+                               ready_timeout=1, max_restarts=0, restart_window=1,
+                               pool=ConnectionPool("ws://127.0.0.1:0", 1, 1))
         return next(f for f in sup.command(6006) if f.startswith("--max-batch-size="))
 
     # sherpa-onnx decodes a Moonshine "batch" one piece after another on one thread: with a batch

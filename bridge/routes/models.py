@@ -9,8 +9,8 @@ from starlette.responses import JSONResponse
 from bridge.api_types import SwitchRequest
 from bridge.catalog import ModelSpec, UnknownModelError
 from bridge.engine_manager import ModelNotDownloaded
-from bridge.errors import APIError
 from bridge.state import BridgeState, get_state
+from common.errors import APIError
 
 router = APIRouter()
 

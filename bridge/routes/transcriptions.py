@@ -22,19 +22,18 @@ from starlette.responses import Response, StreamingResponse
 
 from bridge.api_types import parse_transcription_form
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
-from bridge.catalog import ModelSpec
-from bridge.errors import APIError
 from bridge.formats import render, usage
-from bridge.ports import EngineRejected, EngineUnavailable, ModelEngine
+from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
 from bridge.transcript import build_transcript
 from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+from common.errors import APIError
 
 router = APIRouter()
 log = logging.getLogger("bridge.api")
 
 
-def check_model(requested: str, loaded: ModelSpec, state: BridgeState) -> None:
+def check_model(requested: str, loaded: EngineModel, state: BridgeState) -> None:
     """The model a client names must be the loaded one (or an alias of it): never a silent answer
     from another model."""
     if not requested or requested == loaded.id or requested in state.settings.model_aliases:
@@ -48,7 +47,7 @@ def check_model(requested: str, loaded: ModelSpec, state: BridgeState) -> None:
                    "(see GET /v1/models)", param="model", code="model_not_found")
 
 
-def check_language(language: str | None, spec: ModelSpec) -> str:
+def check_language(language: str | None, spec: EngineModel) -> str:
     if language is None:
         return spec.languages[0] if len(spec.languages) == 1 else ""
     if language not in spec.languages:

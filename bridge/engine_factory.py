@@ -1,4 +1,7 @@
-"""The one factory through which the bridge gets an engine: ``ENGINE_ADAPTER`` -> adapter."""
+"""The one factory through which the bridge gets an engine: ``ENGINE_ADAPTER`` -> adapter.
+
+It lives on the bridge's side of the port: it reads the bridge's settings and catalog entry and
+hands the adapter plain values and an ``EngineModel``, so adapters never see either."""
 
 from __future__ import annotations
 
@@ -14,13 +17,13 @@ from bridge.ports import ModelEngine
 ADAPTERS = ("managed-websocket", "websocket", "subprocess")
 
 
-def create_engine(name: str, spec: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:
+def create_engine(name: str, entry: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:
     s = settings
+    spec = entry.engine_model(model_dir)
     if name == "managed-websocket":
         pool = ConnectionPool("ws://127.0.0.1:0", s.engine_connections, s.engine_request_timeout)
         supervisor = EngineSupervisor(
             spec,
-            model_dir,
             binary=find_binary(SERVER_BINARY, s.engine_binary_dir),
             provider=s.sherpa_provider,
             num_threads=s.sherpa_num_threads,
@@ -39,7 +42,6 @@ def create_engine(name: str, spec: ModelSpec, model_dir: Path, settings: BridgeS
     if name == "subprocess":
         return SubprocessEngine(
             spec,
-            model_dir,
             binary=find_binary(CLI_BINARY, s.engine_binary_dir),
             provider=s.sherpa_provider,
             num_threads=s.sherpa_num_threads,

@@ -1,0 +1,84 @@
+"""The layout stays true: the two services share code only through ``common/``, adapters see the
+bridge only through its port, and the proxy's image holds no bridge code. Read from the source."""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+PACKAGES = ("common", "bridge", "adapters", "auth_proxy")
+
+
+def imports_of(package: str) -> dict[str, set[str]]:
+    """Every module each file of ``package`` imports (top level or inside functions)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        names: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names.add(node.module)
+                names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        found[str(path.relative_to(ROOT))] = names
+    return found
+
+
+def project_imports(package: str) -> dict[str, set[str]]:
+    """Like ``imports_of``, only the project's own modules, each reduced to package.module."""
+    out = {}
+    for file, names in imports_of(package).items():
+        own = {".".join(n.split(".")[:2]) for n in names if n.split(".")[0] in PACKAGES}
+        out[file] = {n for n in own if n.split(".")[0] != package}
+    return out
+
+
+def test_the_proxy_imports_nothing_of_the_bridge():
+    for file, names in project_imports("auth_proxy").items():
+        assert names <= {"common.errors", "common.settings", "common.serving"}, (file, names)
+
+
+def test_the_shared_package_depends_on_neither_service():
+    for file, names in project_imports("common").items():
+        assert not names, (file, names)
+
+
+def test_adapters_see_the_bridge_only_through_its_port():
+    for file, names in project_imports("adapters").items():
+        assert names <= {"bridge.ports"}, (file, names)
+    # And the port itself stands alone: it imports no other part of the bridge.
+    assert project_imports("bridge")["bridge/ports.py"] == set()
+
+
+@pytest.mark.parametrize("rule, bad_line", [
+    (test_the_proxy_imports_nothing_of_the_bridge, "from bridge.config import load_settings\n"),
+    (test_adapters_see_the_bridge_only_through_its_port, "    from bridge.catalog import ModelSpec\n"),
+])
+def test_the_rules_catch_a_wrong_import(rule, bad_line, monkeypatch):
+    """Each rule fails on one wrong import (top level or inside a function)."""
+    target = "auth_proxy/keys.py" if "proxy" in rule.__name__ else "adapters/websocket.py"
+    source = (ROOT / target).read_text()
+    if bad_line.startswith(" "):
+        bad_line = "def _f():\n" + bad_line
+    real = Path.read_text
+
+    def patched(self: Path, *a, **kw) -> str:
+        return source + "\n" + bad_line if self == ROOT / target else real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", patched)
+    with pytest.raises(AssertionError):
+        rule()
+
+
+def test_the_proxy_image_holds_no_bridge_code():
+    text = (ROOT / "Dockerfile.auth").read_text()
+    copied = {m.group(1) for m in re.finditer(r"^COPY\s+(\S+)\s", text, re.M)}
+    assert copied == {"pyproject.toml", "common", "auth_proxy"}, copied
+    bridge_image = (ROOT / "Dockerfile.bridge").read_text()
+    copied = {m.group(1) for m in re.finditer(r"^COPY\s+(\S+)\s", bridge_image, re.M)}
+    assert "auth_proxy" not in copied and {"common", "bridge", "adapters"} <= copied
