@@ -17,7 +17,9 @@ class ProxySettings(BaseSettings):
     auth_host: str = "0.0.0.0"
     auth_port: int = Field(20300, ge=1, le=65535)
     bridge_url: str = "http://127.0.0.1:8000"
-    api_keys_file: Path = Path("./api-keys.json")
+    # The local stack's key file (scripts/run-local.sh serves it too). The repository's ./api-keys.json
+    # is an example, mounted as the key file by compose (API_KEYS_FILE=/config/api-keys.json there).
+    api_keys_file: Path = Path("./data/api-keys.json")
     usage_db: str = "./data/usage.db"  # SQLite path, or a postgresql:// URL shared by replicas
     usage_json: Path | None = Path("./data/usage.json")  # human-readable summary export
     cors_origins: Annotated[list[str], NoDecode] = []

@@ -71,10 +71,10 @@ def _parse(raw: str) -> tuple[list[ApiKey], bool]:
                 name=entry["name"],
                 prefix=str(entry.get("prefix", "")),
                 sha256=entry["sha256"],
-                created=float(entry.get("created", 0)),
+                created=_number(entry.get("created", 0)),
                 admin=bool(entry.get("admin", False)),
                 rpm=int(entry["rpm"]) if entry.get("rpm") is not None else None,
-                audio_seconds_per_day=(float(entry["audio_seconds_per_day"])
+                audio_seconds_per_day=(_number(entry["audio_seconds_per_day"])
                                        if entry.get("audio_seconds_per_day") is not None else None),
             ))
         except (TypeError, ValueError) as exc:
@@ -82,8 +82,16 @@ def _parse(raw: str) -> tuple[list[ApiKey], bool]:
     return keys, had_plaintext
 
 
+def _number(value: object) -> float:
+    """A number from the file, kept as written (an int stays an int: a rewrite changes no byte of it)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(f"not a number: {value!r}")
+    return value if isinstance(value, int) else float(value)
+
+
 def write_keys(path: Path, keys: list[ApiKey]) -> None:
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"keys": [asdict(k) for k in keys]}, indent=2) + "\n")
     os.chmod(tmp, 0o600)
