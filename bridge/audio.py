@@ -190,6 +190,10 @@ class AudioStream:
                 raise self._error
             return self._n
 
+    def window(self, start: int, end: int) -> StreamWindow:
+        """Samples ``start``..``end`` of this stream, read like a stream of their own."""
+        return StreamWindow(self, start, end)
+
     async def wait_available(self, count: int) -> int:
         """On the loop: wait until ``count`` samples exist or the stream is finished; how many exist."""
         while self._n < count and not self._done:
@@ -204,6 +208,29 @@ class AudioStream:
         if self._error is not None:
             raise self._error
         return self._n
+
+
+class StreamWindow:
+    """A stretch of an ``AudioStream`` with the reader side of one (``bridge.vad`` scans regions of a
+    long file side by side)."""
+
+    def __init__(self, stream: AudioStream, start: int, end: int) -> None:
+        self.stream, self.start, self.end = stream, start, end
+
+    @property
+    def done(self) -> bool:
+        return self.stream.done or self.stream.available >= self.end
+
+    @property
+    def available(self) -> int:
+        return max(0, min(self.stream.available, self.end) - self.start)
+
+    def view(self, start: int, end: int) -> np.ndarray:
+        return self.stream.view(self.start + start, min(self.start + end, self.end))
+
+    def wait_samples(self, count: int, stop: threading.Event | None = None) -> int:
+        self.stream.wait_samples(min(self.start + count, self.end), stop)
+        return self.available
 
 
 def _now() -> float:

@@ -49,6 +49,7 @@ class BridgeSettings(BaseSettings):
 
     # Cutting long audio
     vad_model: Path | None = None  # Silero VAD ONNX; default: from the silero-vad package's data
+    vad_threads: int = Field(0, ge=0, le=64)  # regions of a long file scanned side by side; 0 = usable cores
     piece_target_seconds: float | None = Field(None, gt=1)  # merge speech up to this; default: model's safe length
 
     # Requests
@@ -89,6 +90,8 @@ class BridgeSettings(BaseSettings):
             self.sherpa_num_work_threads = 3 if cuda else self.engine_connections
         if not self.decoder_workers:
             self.decoder_workers = usable_cores()
+        if not self.vad_threads:
+            self.vad_threads = usable_cores()
         return self
 
     @field_validator("engine_url")

@@ -90,7 +90,7 @@ class PieceBuilder:
             # An early piece is long enough and the pause is shorter than the padding: cut in the
             # middle of the pause rather than let the first piece run on.
             cut = (self._segment[1] - PAD + speech_start) // 2
-            if not self._segment[0] < cut < end:
+            if speech_start <= self._segment[1] - PAD or not self._segment[0] < cut < end:  # no real pause
                 self._segment = (self._segment[0], max(end, self._segment[1]))
                 return []
             self._segment = (self._segment[0], cut)

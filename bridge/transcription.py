@@ -32,7 +32,7 @@ def as_stream(audio: Audio) -> AudioStream:
 
 async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,
                      target_seconds: float | None = None, first_seconds: float | None = None,
-                     ) -> AsyncGenerator[tuple[int, int], None]:
+                     *, vad_threads: int = 1) -> AsyncGenerator[tuple[int, int], None]:
     """The pieces to send to the engine, in order, as soon as each is known.
 
     ``audio`` may still be being decoded (an ``AudioStream``): cutting follows the decoder. Audio
@@ -40,8 +40,8 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
     than the first piece). Longer audio is cut at pauses found by the VAD, which runs in a thread
     beside the decoder and the engine: a piece is handed over as soon as the VAD has passed its end,
     so the engine starts on the first pieces while the rest is still being decoded and scanned.
-    Without a VAD model the audio is cut by energy once it is all decoded. A decoding error is
-    raised here too."""
+    With ``vad_threads`` > 1 regions of a long file are scanned side by side. Without a VAD model the
+    audio is cut by energy once it is all decoded. A decoding error is raised here too."""
     stream = as_stream(audio)
     whole = int(min(max_piece_seconds, first_seconds or max_piece_seconds) * SAMPLE_RATE)
     await stream.wait_available(whole + 1)
@@ -77,7 +77,7 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
     def scan() -> None:
         builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds)
         try:
-            for start, end in detector.iter_segments(stream, stop=stop):
+            for start, end in detector.iter_segments_parallel(stream, workers=vad_threads, stop=stop):
                 closed = builder.add(start, end)
                 if closed:
                     post(settle(closed))

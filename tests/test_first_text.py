@@ -244,3 +244,25 @@ def test_a_crashed_decoder_fails_its_request_alone(one_worker_bridge, beckett):
     r = transcribe(bridge.url, beckett)
     assert r.status_code == 200, r.text
     assert bridge.health()["status"] == "ready"
+
+
+@needs_speech
+def test_regions_scanned_side_by_side_cut_like_one_scan(work):
+    """A long file's regions scanned by two VADs at once give the pieces one scan gives, within a
+    few hundredths of a second at the borders (each region starts its scan a little early), in
+    order and without overlap."""
+    model = find_vad_model(None)
+    if model is None:
+        pytest.skip("no Silero VAD model")
+    wav, _ = speech_file(work / "five-minutes-dense.wav", 300)
+    samples = read_wav16(wav)
+    detector = SpeechDetector(model)
+
+    async def plan(threads: int) -> list[tuple[int, int]]:
+        return [p async for p in cut_pieces(samples, 30, detector, vad_threads=threads)]
+
+    one, two = asyncio.run(plan(1)), asyncio.run(plan(2))
+    assert len(one) == len(two) >= 10
+    for (a1, b1), (a2, b2) in zip(one, two, strict=True):
+        assert abs(a1 - a2) <= 0.1 * 16000 and abs(b1 - b2) <= 0.1 * 16000
+    assert all(p[1] <= q[0] for p, q in zip(two, two[1:], strict=False))

@@ -129,7 +129,8 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 # decode (a file that turns out too long or corrupt is a 400, its pieces cancelled).
                 first = state.settings.stream_first_piece_seconds if params.stream else None
                 plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
-                                  state.settings.piece_target_seconds, first or None)
+                                  state.settings.piece_target_seconds, first or None,
+                                  vad_threads=state.settings.vad_threads)
                 pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
                 try:
                     await audio.wait_done()
