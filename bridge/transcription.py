@@ -20,7 +20,7 @@ from bridge.cutting import PieceBuilder, is_silent, plan_pieces, split_long
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
 from bridge.transcript import Transcript, build_transcript
-from bridge.vad import SpeechDetector
+from bridge.vad import SpeechDetector, lower_thread_priority
 
 PieceResult = tuple[float, float, EngineResult | None]
 Audio = np.ndarray | AudioStream
@@ -87,14 +87,19 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
         except Exception as exc:  # noqa: BLE001 - handed to the request
             post(exc)
 
-    scanner = loop.run_in_executor(None, scan)
+    def scan_at_low_priority() -> None:
+        lower_thread_priority()
+        scan()
+
+    # A thread of its own (not the shared pool), since its priority is lowered for good.
+    scanner = threading.Thread(target=scan_at_low_priority, name="vad-scan", daemon=True)
+    scanner.start()
     try:
         while (item := await found.get()) is not None:
             if isinstance(item, BaseException):
                 raise item
             for piece in item:
                 yield piece
-        await scanner
     finally:
         stop.set()
 

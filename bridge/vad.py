@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import queue
 import threading
 from collections.abc import Iterator
@@ -36,6 +37,22 @@ def find_vad_model(configured: Path | None) -> Path | None:
         return None
     path = Path(list(spec.submodule_search_locations)[0]) / "data" / "silero_vad.onnx"
     return path if path.is_file() else None
+
+
+VAD_NICE = 10  # how much lower than the engine's the scans' CPU priority is
+
+
+def lower_thread_priority() -> None:
+    """Run the calling thread at a lower CPU priority (Linux: a thread is a task of its own).
+
+    Scanning a long upload is work ahead of time: on a CPU engine it must not slow down the pieces
+    being transcribed for everyone (a short request beside a long upload stays fast). Where the
+    cores are idle (a GPU engine) it changes nothing. Never raised back: the thread is the scan's."""
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + VAD_NICE))
+    except (AttributeError, OSError):
+        pass
 
 
 class SpeechDetector:
@@ -109,6 +126,7 @@ class SpeechDetector:
         queues: list[queue.Queue[tuple[int, int] | BaseException | None]] = []
 
         def scan(k: int) -> None:
+            lower_thread_priority()
             start = max(0, k * region - lead)
             out = queues[k]
             try:

@@ -219,10 +219,14 @@ def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(default_tuning_
     thread.start()
     assert first_delta.wait(120), "no delta before the whole file was done"
     assert time.monotonic() - started < 120
-    h = bridge.health()
-    assert h["pieces_waiting"] > 0  # deltas arrive while pieces are still queued
-    # One request runs its pieces side by side on all connections but the one kept for newcomers.
-    assert h["pieces_running"] == connections - 1, h
+    # Deltas arrive while pieces are still queued (the first, short piece may be answered before the
+    # VAD, which runs at a lower priority, has found the next ones: give it a moment). One request
+    # runs its pieces side by side on all connections but the one kept for newcomers.
+    deadline = time.monotonic() + 30
+    while not ((h := bridge.health())["pieces_waiting"] > 0 and h["pieces_running"] == connections - 1):
+        assert time.monotonic() < deadline, h
+        time.sleep(0.1)
+    assert not stop.is_set() and thread.is_alive()  # the stream is still going
 
     # Fairness: a short request sent while the long one runs is not queued behind its pieces.
     t = time.monotonic()
