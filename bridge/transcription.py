@@ -84,7 +84,7 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
             if not stop.is_set():
                 post(settle(builder.finish()))
             post(None)
-        except Exception as exc:  # noqa: BLE001 - handed to the request
+        except BaseException as exc:  # noqa: BLE001 - handed to the request (cancelled: an aborted decode)
             post(exc)
 
     def scan_at_low_priority() -> None:
@@ -186,6 +186,9 @@ class Prefetch:
             self._items.put_nowait(("end", None))
         except Exception as exc:  # noqa: BLE001 - raised to the reader
             self._items.put_nowait(("error", exc))
+        except BaseException:  # cancelled: a reader still waiting must not wait for ever
+            self._items.put_nowait(("error", RuntimeError("the transcription was cancelled")))
+            raise
         finally:
             aclose = getattr(source, "aclose", None)
             if aclose is not None:
