@@ -69,6 +69,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+# What the engine (websocketpp) prints when a connection goes away mid-write: the bridge closing a
+# connection whose piece was cancelled, or the bridge stopping. The bridge sees and reports any real
+# failure on its side of the connection, so these are chatter.
+CONNECTION_CHATTER = ("[connect]", "[disconnect]", "Number of active connections", "handle_write_frame error",
+                      "async_write error", "Broken pipe", "Decode:")
+ALARMING = ("error", "warn", "fail", "exception", "fatal")
+
+
+def engine_line_level(text: str, *, ready: bool, closing: bool) -> int:
+    """The log level of one line of the engine's output: its start-up at INFO, per-connection
+    chatter and the noise of a clean stop at DEBUG (shown with ENGINE_LOG_LEVEL=debug), anything
+    else alarming at WARNING."""
+    if closing or any(c in text for c in CONNECTION_CHATTER):
+        return logging.DEBUG
+    if any(w in text.lower() for w in ALARMING):
+        return logging.WARNING
+    return logging.DEBUG if ready else logging.INFO
+
+
 class EngineSupervisor:
     """Starts, watches and restarts one engine child for one model."""
 
@@ -189,9 +208,8 @@ class EngineSupervisor:
             if "Fallback to cpu" in text:
                 self.provider_in_use = "cpu"
                 log.warning("engine[%s]: CUDA requested but not available; running on CPU", pid)
-            # Start-up lines and anything alarming at INFO+; per-request chatter at DEBUG.
-            noisy = self.ready.is_set() and not any(w in text.lower() for w in ("error", "warn", "fail", "exception"))
-            log.log(logging.DEBUG if noisy else logging.INFO, "engine[%s] %s", pid, text)
+            log.log(engine_line_level(text, ready=self.ready.is_set(), closing=self._closing),
+                    "engine[%s] %s", pid, text)
 
     async def _reap_drains(self) -> None:
         for task in self._tasks:

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     setup_logging(os.environ.get("LOG_LEVEL", settings.log_level))
+    logging.getLogger("bridge.engine").setLevel(settings.engine_log_level.upper())
     if args.command == "models":
         return models_command(settings, args)
     catalog = Catalog.load(settings.catalog_file)

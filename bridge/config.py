@@ -23,6 +23,9 @@ class BridgeSettings(BaseSettings):
     bridge_host: str = "0.0.0.0"
     bridge_port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The engine child's own output: its per-connection lines and the noise of a clean stop are at
+    # debug; warnings and errors show at the default.
+    engine_log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Model and engine
     default_model: str = "moonshine-base-en"

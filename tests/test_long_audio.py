@@ -228,12 +228,19 @@ def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(default_tuning_
         time.sleep(0.1)
     assert not stop.is_set() and thread.is_alive()  # the stream is still going
 
-    # Fairness: a short request sent while the long one runs is not queued behind its pieces.
-    t = time.monotonic()
-    r = transcribe(bridge.url, beckett)
-    busy_latency = time.monotonic() - t
-    assert r.status_code == 200 and wer(BECKETT_TEXT, r.json()["text"]) <= 0.1
-    print(f"short request: idle {idle_latency:.2f} s, beside a 590 s request {busy_latency:.2f} s")
+    # Fairness: a short request sent while the long one runs is not queued behind its pieces. It is
+    # measured once the long request is under way (its decode and VAD scan, a few CPU-seconds on
+    # these 2 cores, are over), as the median of three like the idle figure.
+    time.sleep(2)
+    busy = []
+    for _ in range(3):
+        t = time.monotonic()
+        r = transcribe(bridge.url, beckett)
+        busy.append(time.monotonic() - t)
+        assert r.status_code == 200 and wer(BECKETT_TEXT, r.json()["text"]) <= 0.1
+    busy_latency = sorted(busy)[1]
+    assert thread.is_alive()  # the long request was running all along
+    print(f"short request: idle {idle_latency:.2f} s, beside a 590 s request {busy_latency:.2f} s ({busy})")
     assert busy_latency <= 3 * idle_latency
 
     stop.set()

@@ -3,6 +3,7 @@ with the bridge (no orphan)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -75,6 +76,22 @@ def test_sigterm_stops_the_engine_child_and_exits_cleanly(private_bridge):
     assert engine.ppid() == b.proc.pid
     assert b.stop(signal.SIGTERM) == 0
     assert not psutil.pid_exists(engine_pid) or engine.status() == psutil.STATUS_ZOMBIE
+    log = b.log()
+    assert "engine pid" in log and "stopped" in log
+    for noise in ("[fatal]", "Broken pipe", "[disconnect]", "Number of active connections"):
+        assert noise not in log, noise  # a clean stop is quiet (ENGINE_LOG_LEVEL=debug shows it)
+
+
+def test_engine_output_levels():
+    from adapters.managed_websocket import engine_line_level
+
+    fatal = "[2026-11-25 14:29:40] [fatal] handle_write_frame error: websocketpp.transport:2"
+    assert engine_line_level(fatal, ready=True, closing=False) == logging.DEBUG
+    assert engine_line_level("Listening on: 6006", ready=False, closing=False) == logging.INFO
+    assert engine_line_level("Number of active connections: 2", ready=True, closing=False) == logging.DEBUG
+    assert engine_line_level("Failed to load model encoder.onnx", ready=False, closing=False) == logging.WARNING
+    assert engine_line_level("CUDA error: out of memory", ready=True, closing=False) == logging.WARNING
+    assert engine_line_level("anything at all", ready=True, closing=True) == logging.DEBUG
 
 
 def test_engine_dies_with_a_killed_bridge(private_bridge):
