@@ -22,7 +22,6 @@ import contextlib
 import functools
 import shutil
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,8 +79,6 @@ class AudioStream:
         self._finished = asyncio.Event()
         self._on_abort: Callable[[], None] | None = None
         self._waiters: list[asyncio.Future[None]] = []
-        self.first_sample_at: float | None = None  # loop time of the first samples (instrumentation)
-        self.finished_at: float | None = None
 
     @classmethod
     def from_samples(cls, samples: np.ndarray) -> AudioStream:
@@ -112,8 +109,6 @@ class AudioStream:
                 self._buf = grown
             self._buf[self._n:end] = chunk
             self._n = end
-            if self.first_sample_at is None and end:
-                self.first_sample_at = _now()
             self._cond.notify_all()
         self._wake()
         return True
@@ -131,7 +126,6 @@ class AudioStream:
             error = AudioTooLong(self.max_seconds)
         self._done = True
         self._error = error
-        self.finished_at = _now()
         self._cond.notify_all()
         self._finished.set()
         self._wake()
@@ -231,10 +225,6 @@ class StreamWindow:
     def wait_samples(self, count: int, stop: threading.Event | None = None) -> int:
         self.stream.wait_samples(min(self.start + count, self.end), stop)
         return self.available
-
-
-def _now() -> float:
-    return time.monotonic()
 
 
 # -- the ffmpeg command line ------------------------------------------------------------------

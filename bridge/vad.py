@@ -25,7 +25,6 @@ log = logging.getLogger("bridge.vad")
 BUFFER_SECONDS = 60.0
 REGION_SECONDS = 60.0  # a long file is scanned in regions this long, side by side
 LEAD = 0.5  # seconds each region starts before its border
-WINDOW = 512  # Silero's window at 16 kHz
 MAX_IDLE = 8  # detectors kept for reuse
 
 
@@ -56,7 +55,8 @@ def lower_thread_priority() -> None:
 
 
 class SpeechDetector:
-    """Finds speech in 16 kHz audio. One detector object per call: the sherpa-onnx VAD is stateful."""
+    """Finds speech in 16 kHz audio. The sherpa-onnx VAD is stateful: each scan takes a detector of
+    its own from a small pool (``_acquire``), reset before reuse."""
 
     def __init__(self, model: Path, *, threshold: float = 0.5, min_silence: float = 0.25,
                  min_speech: float = 0.25) -> None:
@@ -67,6 +67,9 @@ class SpeechDetector:
         self.threshold = threshold
         self.min_silence = min_silence
         self.min_speech = min_speech
+        # The detector must be fed exactly one window at a time (longer chunks are not split into
+        # windows: checked, they give one segment for the whole file).
+        self.window = int(sherpa_onnx.VadModelConfig().silero_vad.window_size)
         # Loading the ONNX model costs ~40 ms: detectors are kept and reset between scans.
         self._idle: dict[float, list[Any]] = {}
         self._lock = threading.Lock()
@@ -165,9 +168,7 @@ class SpeechDetector:
 
     def _scan(self, vad: Any, stream: AudioStream | StreamWindow, stop: threading.Event | None
               ) -> Iterator[tuple[int, int]]:
-        # The detector must be fed exactly one window at a time (longer chunks are not split into
-        # windows: checked, they give one segment for the whole file).
-        window = WINDOW
+        window = self.window
         step = window * 32  # ~1 s of audio between hand-overs
 
         def drain() -> Iterator[tuple[int, int]]:

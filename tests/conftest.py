@@ -130,33 +130,30 @@ def bridge_env(models_dir: Path, catalog_file: Path, **extra: str) -> dict[str, 
     return env
 
 
-@pytest.fixture(scope="session")
-def bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[BridgeProcess]:
-    tmp = session_dir / "bridge-tmp"  # the bridge's TMPDIR: tests check that nothing is left there
+def session_bridge(models_dir: Path, catalog_file: Path, session_dir: Path, name: str,
+                   **env: str) -> Iterator[BridgeProcess]:
+    """A bridge kept for the whole session; its TMPDIR is its own (tests check nothing is left)."""
+    tmp = session_dir / f"{name}-tmp"
     tmp.mkdir(exist_ok=True)
-    proc = BridgeProcess(bridge_env(models_dir, catalog_file, TMPDIR=str(tmp)), session_dir / "bridge.log")
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, TMPDIR=str(tmp), **env), session_dir / f"{name}.log")
     proc.tmpdir = tmp
     try:
         proc.wait_ready()
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[BridgeProcess]:
+    yield from session_bridge(models_dir, catalog_file, session_dir, "bridge")
 
 
 @pytest.fixture(scope="session")
 def ffmpeg_bridge(models_dir: Path, catalog_file: Path, session_dir: Path) -> Iterator[BridgeProcess]:
     """A second bridge decoding with one ffmpeg process per request (``AUDIO_DECODER=ffmpeg``)."""
-    tmp = session_dir / "ffmpeg-bridge-tmp"
-    tmp.mkdir(exist_ok=True)
-    proc = BridgeProcess(bridge_env(models_dir, catalog_file, TMPDIR=str(tmp), AUDIO_DECODER="ffmpeg",
-                                    ENGINE_CONNECTIONS="2", SHERPA_NUM_THREADS="1"),
-                         session_dir / "ffmpeg-bridge.log")
-    proc.tmpdir = tmp
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()
+    yield from session_bridge(models_dir, catalog_file, session_dir, "ffmpeg-bridge", AUDIO_DECODER="ffmpeg",
+                              ENGINE_CONNECTIONS="2", SHERPA_NUM_THREADS="1")
 
 
 @pytest.fixture(params=["pyav", "ffmpeg"])
