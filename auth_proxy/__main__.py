@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import logging
 import sys
 
 from auth_proxy.config import ProxySettings, load_proxy_settings
 from auth_proxy.keys import KeyFileError, add_key, read_keys, revoke_key
+from common.logs import setup_logging
 from common.settings import SettingsError
 
 
@@ -57,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request is logged already
+    setup_logging(settings.log_level, settings.log_format)
     if args.command == "keys":
         return keys_command(settings, args)
     from auth_proxy.app import create_app

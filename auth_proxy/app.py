@@ -11,7 +11,6 @@ import asyncio
 import logging
 import tempfile
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -31,7 +30,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from auth_proxy.config import ProxySettings
 from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
 from auth_proxy.keys import ApiKey, KeyStore
+from auth_proxy.metrics import ROUTES, ProxyMetrics
 from auth_proxy.usage_store import UsageRecord, UsageStore
+from common.access import AccessMiddleware, access_record, key_hint, serve_metrics
 from common.errors import APIError, error_response
 
 log = logging.getLogger("auth_proxy")
@@ -46,6 +47,7 @@ class ProxyState:
     usage: UsageStore
     client: httpx.AsyncClient
     limiter: MovingWindowRateLimiter
+    metrics: ProxyMetrics
     in_flight: int = 0
     export_task: asyncio.Task[None] | None = None
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
@@ -62,10 +64,13 @@ def bearer_token(request: Request) -> str | None:
 def authenticate(state: ProxyState, request: Request) -> ApiKey:
     token = bearer_token(request)
     key = state.keys.authenticate(token) if token else None
+    record = access_record(request)
     if key is None:
+        record.key_hint = key_hint(token) if token else ""
         raise APIError(401, "Incorrect API key provided. Create one with: python -m auth_proxy keys add NAME"
                        if token else "Missing API key: send Authorization: Bearer <key>",
                        code="invalid_api_key", should_retry=False)
+    record.key = key.name
     return key
 
 
@@ -107,8 +112,19 @@ def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict
 
 
 def create_app(settings: ProxySettings) -> FastAPI:
+    metrics = ProxyMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop_metrics = None
+        if settings.auth_metrics_port:
+            host = settings.auth_metrics_host or settings.auth_host
+            try:
+                stop_metrics = serve_metrics(metrics.registry, host, settings.auth_metrics_port)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on {host}:{settings.auth_metrics_port} "
+                                   f"(AUTH_METRICS_PORT; 0 turns them off): {exc}") from exc
+            log.info("metrics at http://%s:%d/metrics", host, settings.auth_metrics_port)
         keys = KeyStore(settings.api_keys_file)
         if len(keys) == 0:
             log.warning("no API keys in %s: every request will get 401. Create one with: "
@@ -120,7 +136,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
                                 max_keepalive_connections=settings.max_in_flight),
         )
-        state = ProxyState(settings, keys, usage, client, MovingWindowRateLimiter(MemoryStorage()))
+        state = ProxyState(settings, keys, usage, client, MovingWindowRateLimiter(MemoryStorage()), metrics)
         app.state.proxy = state
         if settings.usage_json is not None:
             state.export_task = asyncio.create_task(export_loop(state))
@@ -135,6 +151,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
             if settings.usage_json is not None:
                 usage.export_json(settings.usage_json)
             usage.close()
+            if stop_metrics is not None:
+                stop_metrics()
             log.info("proxy stopped")
 
     app = FastAPI(title="mvp-auth", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
@@ -195,6 +213,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
                         "x-audio-seconds"],
         max_age=600,
     )
+    app.add_middleware(AccessMiddleware, logger="auth_proxy.access", routes=ROUTES, observe=metrics.observe_request)
     return app
 
 
@@ -256,10 +275,24 @@ async def spool_body(request: Request, cap: int) -> tuple[Any, int, str | None]:
     return file_chunks(tmp.name), size, tmp.name
 
 
+def record_usage(state: ProxyState, rec: UsageRecord) -> None:
+    """Write one usage record, timed; a failed write is logged and counted, never the request's end."""
+    started = time.monotonic()
+    try:
+        state.usage.record(rec)
+    except Exception:  # noqa: BLE001 - the answer is on its way; the log keeps the record
+        state.metrics.usage_write_errors.inc()
+        log.exception("usage record not written: %s", rec)
+        return
+    state.metrics.usage_write_seconds.observe(time.monotonic() - started)
+    state.dirty.set()
+
+
 async def forward_request(request: Request) -> Response:
     state: ProxyState = request.app.state.proxy
     settings = state.settings
-    request_id = request.headers.get("x-request-id", "")[:128] or uuid.uuid4().hex
+    record = access_record(request)
+    request_id = record.request_id
     started = time.monotonic()
     path = request.url.path
     key = authenticate(state, request)
@@ -267,17 +300,20 @@ async def forward_request(request: Request) -> Response:
         raise APIError(404, f"no route {path}", code="not_found", should_retry=False)
     is_transcription = path.startswith("/v1/audio/")
     if state.in_flight >= settings.max_in_flight:
+        state.metrics.refused.labels(key.name, "in_flight").inc()
         raise APIError(503, "too many requests in flight; retry shortly", code="overloaded", type="server_error",
                        retry_after=2)
     try:
         limit_headers = check_limits(state, key, is_transcription)
     except APIError as exc:  # refused requests are metered too (status 429, no audio)
-        state.usage.record(UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
-                                       route=path, status=exc.status, audio_seconds=0.0,
-                                       latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
-        log.info("%s key=%s %s %s %s (limit)", request_id, key.name, request.method, path, exc.status)
+        limit = "audio_quota" if exc.code == "insufficient_quota" else "rpm"
+        state.metrics.refused.labels(key.name, limit).inc()
+        record_usage(state, UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
+                                        route=path, status=exc.status, audio_seconds=0.0,
+                                        latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
         raise
     state.in_flight += 1
+    state.metrics.in_flight.inc()
     released = False
     spooled: str | None = None
 
@@ -287,6 +323,7 @@ async def forward_request(request: Request) -> Response:
             return
         released = True
         state.in_flight -= 1
+        state.metrics.in_flight.dec()
         if spooled is not None:
             import os
 
@@ -294,13 +331,11 @@ async def forward_request(request: Request) -> Response:
                 os.unlink(spooled)
             except FileNotFoundError:
                 pass
-        latency = (time.monotonic() - started) * 1000
-        state.usage.record(UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model=model,
-                                       route=path, status=status, audio_seconds=audio_seconds,
-                                       latency_ms=latency, created=time.time()))
-        state.dirty.set()
-        log.info("%s key=%s %s %s %s audio=%.2fs %.0f ms", request_id, key.name, request.method, path, status,
-                 audio_seconds, latency)
+        record.status, record.model = status, model
+        record.audio_seconds = audio_seconds if is_transcription else None
+        record_usage(state, UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model=model,
+                                        route=path, status=status, audio_seconds=audio_seconds,
+                                        latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
 
     try:
         body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024)
@@ -315,17 +350,16 @@ async def forward_request(request: Request) -> Response:
         raise
     except httpx.HTTPError as exc:
         finish(503, 0.0, "")
-        log.warning("%s bridge unreachable: %r", request_id, exc)
+        state.metrics.bridge_errors.labels("unreachable").inc()
+        log.warning("bridge unreachable: %r", exc)
         return error_response(503, "the transcription service is not reachable; retry shortly",
-                              code="bridge_unavailable", type="server_error", retry_after=5,
-                              headers={"x-request-id": request_id})
+                              code="bridge_unavailable", type="server_error", retry_after=5)
     except BaseException:
         finish(499, 0.0, "")
         raise
 
     headers = downstream_headers(upstream.headers)
     headers.update(limit_headers)
-    headers["x-request-id"] = request_id
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     scanner = SSEUsageScanner() if is_sse else None
 
@@ -337,7 +371,8 @@ async def forward_request(request: Request) -> Response:
                     scanner.feed(chunk)
                 yield chunk
         except httpx.HTTPError as exc:
-            log.warning("%s bridge stream broke: %r", request_id, exc)
+            state.metrics.bridge_errors.labels("stream_broken").inc()
+            log.warning("bridge stream broke: %r", exc)
             status = 502
         except BaseException:
             status = 499  # the client went away

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -28,7 +28,12 @@ class ProxySettings(BaseSettings):
     bridge_timeout: float = Field(900.0, gt=0)  # a 600 s file on a slow CPU takes a while
     default_rpm: int = Field(0, ge=0)  # per key, when the key sets none; 0 = unlimited
     default_audio_seconds_per_day: float = Field(0, ge=0)
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    # Prometheus metrics at http://AUTH_METRICS_HOST:AUTH_METRICS_PORT/metrics, never on the API port
+    # (compose does not publish this one); 0 = off. The host defaults to AUTH_HOST.
+    auth_metrics_port: int = Field(20301, ge=0, le=65535)
+    auth_metrics_host: str = ""
 
     _split = field_validator("cors_origins", mode="before")(split_comma_list)
 

@@ -5,21 +5,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 from bridge.catalog import Catalog
 from bridge.config import BridgeSettings, load_settings
 from bridge.model_store import ModelStore, ModelStoreError
+from common.logs import setup_logging
 from common.settings import SettingsError
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
 
 
 def serve(settings: BridgeSettings) -> int:
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    setup_logging(os.environ.get("LOG_LEVEL", settings.log_level))
+    setup_logging(settings.log_level, settings.log_format)
     logging.getLogger("bridge.engine").setLevel(settings.engine_log_level.upper())
     if args.command == "models":
         return models_command(settings, args)

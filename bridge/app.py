@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,6 +18,7 @@ from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
 from bridge.engine_factory import create_engine
 from bridge.engine_manager import EngineFactory, EngineManager
+from bridge.metrics import ROUTES, BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
 from bridge.pyav_decoder import DecoderPool
@@ -26,10 +26,10 @@ from bridge.routes import health, models, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
 from bridge.vad import SpeechDetector, find_vad_model
+from common.access import AccessMiddleware, serve_metrics
 from common.errors import APIError, error_response
 
 log = logging.getLogger("bridge")
-access_log = logging.getLogger("bridge.access")
 
 MULTIPART_OVERHEAD = 64 * 1024  # form fields and part headers around the file
 
@@ -87,49 +87,26 @@ class BodyLimitMiddleware:
                 await too_large(scope, receive, send)
 
 
-class RequestIdMiddleware:
-    """Keeps the proxy's X-Request-ID (or makes one), returns it, and logs one line per request."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        request_id = ""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                request_id = value.decode("latin-1")[:128]
-        request_id = request_id or uuid.uuid4().hex
-        started = time.monotonic()
-        status = 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            if scope["path"] != "/health":
-                access_log.info("%s %s %s %s %.0f ms", request_id, scope["method"], scope["path"], status,
-                                (time.monotonic() - started) * 1000)
-
-
 def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engine) -> FastAPI:
+    metrics = BridgeMetrics()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop_metrics = None
+        if settings.bridge_metrics_port:
+            host = settings.bridge_metrics_host or settings.bridge_host
+            try:
+                stop_metrics = serve_metrics(metrics.registry, host, settings.bridge_metrics_port)
+            except OSError as exc:
+                raise RuntimeError(f"cannot serve metrics on {host}:{settings.bridge_metrics_port} "
+                                   f"(BRIDGE_METRICS_PORT; 0 turns them off): {exc}") from exc
+            log.info("metrics at http://%s:%d/metrics", host, settings.bridge_metrics_port)
         catalog = Catalog.load(settings.catalog_file)
         if settings.default_model not in catalog:
             raise RuntimeError(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "
                                f"({', '.join(s.id for s in catalog.all())})")
         store = ModelStore(settings.models_dir)
-        engines = EngineManager(settings, catalog, store, factory)
+        engines = EngineManager(settings, catalog, store, factory, metrics)
         scheduler = FairScheduler(settings.engine_connections)
         log.info("engine tuning: %d connections (pieces in flight), %d threads per model run, %d engine work "
                  "threads, provider %s", settings.engine_connections, settings.sherpa_num_threads,
@@ -148,7 +125,7 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         else:
             log.info("audio decoder: one ffmpeg process per request")
         state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
-                            scheduler=scheduler, detector=detector, decoders=decoders)
+                            scheduler=scheduler, metrics=metrics, detector=detector, decoders=decoders)
         app.state.bridge = state
         try:
             load_seconds = await engines.load_initial(settings.default_model)
@@ -160,6 +137,8 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
             await engines.close()
             if decoders is not None:
                 await decoders.close()
+            if stop_metrics is not None:
+                stop_metrics()
             log.info("bridge stopped")
 
     app = FastAPI(title="mvp-bridge", version="0.1.0", lifespan=lifespan,
@@ -193,5 +172,6 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
         return error_response(500, "internal error; see the bridge log", code="internal_error")
 
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes + MULTIPART_OVERHEAD)
-    app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(AccessMiddleware, logger="bridge.access", routes=ROUTES, observe=metrics.observe_request)
+    metrics.watch(lambda: getattr(app.state, "bridge", None))
     return app

@@ -23,6 +23,11 @@ class BridgeSettings(BaseSettings):
     bridge_host: str = "0.0.0.0"
     bridge_port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
+    # Prometheus metrics at http://BRIDGE_METRICS_HOST:BRIDGE_METRICS_PORT/metrics, never on the API
+    # port; 0 = off. The host defaults to BRIDGE_HOST.
+    bridge_metrics_port: int = Field(8001, ge=0, le=65535)
+    bridge_metrics_host: str = ""
     # The engine child's own output: its per-connection lines and the noise of a clean stop are at
     # debug; warnings and errors show at the default.
     engine_log_level: Literal["debug", "info", "warning", "error"] = "info"

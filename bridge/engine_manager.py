@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings
+from bridge.metrics import BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.ports import EngineHealth, EngineModel, EngineUnavailable, ModelEngine
 from bridge.speed_check import SpeedCheck, run_speed_check
@@ -41,8 +42,9 @@ class SwitchResult:
 
 class EngineManager:
     def __init__(self, settings: BridgeSettings, catalog: Catalog, store: ModelStore,
-                 factory: EngineFactory) -> None:
+                 factory: EngineFactory, metrics: BridgeMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.catalog = catalog
         self.store = store
         self.factory = factory
@@ -54,6 +56,7 @@ class EngineManager:
         self._retiring_engines: list[ModelEngine] = []
         self.switching_to: str | None = None
         self._speed: dict[int, SpeedCheck] = {}  # by id(engine)
+        self.restarts_retired = 0  # engine restarts of the engines already closed (metrics)
 
     @property
     def model(self) -> EngineModel | None:
@@ -73,6 +76,7 @@ class EngineManager:
                     f"model {spec.id} is not in MODELS_DIR ({self.store.root}); "
                     f"run: python -m bridge models download {spec.id}"
                 )
+        started = time.monotonic()
         engine = self.factory(self.settings.engine_adapter, spec, self.store.path_for(spec.id), self.settings)
         try:
             await engine.start()
@@ -82,6 +86,8 @@ class EngineManager:
             self._speed.pop(id(engine), None)
             await engine.close()
             raise
+        if self.metrics is not None:
+            self.metrics.model_load_seconds.labels(spec.id).observe(time.monotonic() - started)
         return engine
 
     async def load_initial(self, model_id: str) -> float:
@@ -103,6 +109,8 @@ class EngineManager:
                 self.switching_to = None
             self.engine = new
             elapsed = time.monotonic() - started
+            if self.metrics is not None:
+                self.metrics.model_switch_seconds.labels(spec.id).observe(elapsed)
             log.info("switched model %s -> %s in %.2f s",
                      previous.spec.id if previous else None, spec.id, elapsed)
             if previous is not None:
@@ -118,6 +126,7 @@ class EngineManager:
             event = self._drained.setdefault(key, asyncio.Event())
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(event.wait(), self.settings.engine_request_timeout)
+        self.restarts_retired += engine.health().restarts
         await engine.close()
         self._retiring_engines.remove(engine)
         self._drained.pop(key, None)

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
 from bridge.engine_manager import EngineManager
+from bridge.metrics import BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.pyav_decoder import DecoderPool
 from bridge.scheduler import FairScheduler
@@ -23,6 +24,7 @@ class BridgeState:
     store: ModelStore
     engines: EngineManager
     scheduler: FairScheduler
+    metrics: BridgeMetrics
     detector: SpeechDetector | None = None
     decoders: DecoderPool | None = None  # None: AUDIO_DECODER=ffmpeg, a process per request
     started_at: float = field(default_factory=time.monotonic)

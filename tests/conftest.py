@@ -77,9 +77,12 @@ class BridgeProcess:
     def __init__(self, env: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = log_path
         self.tmpdir: Path | None = None
-        full_env = {**os.environ, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(self.port), **env}
+        full_env = {**os.environ, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(self.port),
+                    "BRIDGE_METRICS_PORT": str(self.metrics_port), **env}
         self._log = log_path.open("ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, env=full_env,
                                      stdout=self._log, stderr=subprocess.STDOUT)

@@ -19,10 +19,11 @@ def wer(reference: str | list[str], hypothesis: str | list[str]) -> float:
     return float(jiwer.wer([normalize(r) for r in refs], [normalize(h) for h in hyps]))
 
 
-def transcribe(url: str, path: Path, timeout: float = 120, **fields: str) -> httpx.Response:
+def transcribe(url: str, path: Path, timeout: float = 120, headers: dict[str, str] | None = None,
+               **fields: str) -> httpx.Response:
     with path.open("rb") as fh:
         return httpx.post(url + "/v1/audio/transcriptions", files={"file": (path.name, fh)},
-                          data=fields, timeout=timeout)
+                          data=fields, timeout=timeout, headers=headers)
 
 
 def assert_openai_error(response: httpx.Response, status: int, code: str | None = None) -> dict:

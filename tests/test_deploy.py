@@ -176,7 +176,7 @@ def entrypoint_env(models_dir: Path, **extra: str) -> dict[str, str]:
 def test_entrypoint_starts_the_bridge_with_a_prefilled_models_dir(models_dir, tmp_path):
     port = free_port()
     env = entrypoint_env(models_dir, DEFAULT_MODEL=MOONSHINE.id, SHERPA_PROVIDER="cpu", SHERPA_NUM_THREADS="2",
-                         BRIDGE_HOST="127.0.0.1", BRIDGE_PORT=str(port))
+                         BRIDGE_HOST="127.0.0.1", BRIDGE_PORT=str(port), BRIDGE_METRICS_PORT=str(free_port()))
     log = (tmp_path / "entry.log").open("wb")
     proc = subprocess.Popen(["bash", str(ROOT / "entrypoint.sh")], cwd=ROOT, env=env, stdout=log,
                             stderr=subprocess.STDOUT)

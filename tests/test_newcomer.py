@@ -29,7 +29,8 @@ def git_status() -> str:
 @pytest.fixture(scope="module")
 def local_stack():
     bridge_port, auth_port = free_port(), free_port()
-    env = {**os.environ, "BRIDGE_PORT": str(bridge_port), "AUTH_PORT": str(auth_port)}
+    env = {**os.environ, "BRIDGE_PORT": str(bridge_port), "AUTH_PORT": str(auth_port),
+           "BRIDGE_METRICS_PORT": str(free_port()), "AUTH_METRICS_PORT": str(free_port())}
     for name in ("API_KEYS_FILE", "USAGE_DB", "USAGE_JSON", "MODELS_DIR", "DEFAULT_MODEL"):
         env.pop(name, None)  # the defaults, as a newcomer has them
     proc = subprocess.Popen(["bash", "scripts/run-local.sh"], cwd=ROOT, env=env, start_new_session=True,

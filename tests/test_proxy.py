@@ -38,8 +38,11 @@ class ProxyProcess:
         self.db = work / "usage.db"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()
+        self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path = work / "proxy.log"
         full = {**os.environ, "AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(self.port), "BRIDGE_URL": bridge_url,
+                "AUTH_METRICS_PORT": str(self.metrics_port),
                 "API_KEYS_FILE": str(self.keys_file), "USAGE_DB": str(self.db),
                 "USAGE_JSON": str(work / "usage.json"), "CORS_ORIGINS": ALLOWED, "TMPDIR": str(work), **env}
         self._log = self.log_path.open("ab")

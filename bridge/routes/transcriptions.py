@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import functools
 import json
-import logging
 import shutil
 import tempfile
 import time
@@ -27,10 +26,10 @@ from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEn
 from bridge.state import BridgeState, get_state
 from bridge.transcript import build_transcript
 from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+from common.access import AccessRecord, access_record
 from common.errors import APIError
 
 router = APIRouter()
-log = logging.getLogger("bridge.api")
 
 
 def check_model(requested: str, loaded: EngineModel, state: BridgeState) -> None:
@@ -108,6 +107,7 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                        retry_after=2)
     state.in_flight += 1
     started = time.monotonic()
+    record = access_record(request)
     try:
         try:
             form = await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
@@ -119,10 +119,12 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             # The lease pins the engine this request is checked against and answered by, even if
             # the model is switched meanwhile (the old engine finishes its leases, then closes).
             engine = await stack.enter_async_context(state.engines.lease())
+            record.model = engine.spec.id
             check_model(params.model, engine.spec, state)
             language = check_language(params.language, engine.spec)
             folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
             try:
+                decode_started = time.monotonic()
                 audio, decoding = await start_decode(upload, state, folder)
                 # Decoding, cutting and the engine overlap: the first pieces are transcribed while the
                 # rest of the file is still decoded and scanned. The answer's status waits for the
@@ -134,6 +136,7 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
                 try:
                     await audio.wait_done()
+                    state.metrics.decode_seconds.observe(time.monotonic() - decode_started)
                 except BaseException as exc:
                     audio.abort()
                     await pieces.aclose()
@@ -153,7 +156,7 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             await form.close()
         if params.stream:
             return StreamingResponse(
-                stream_events(state, engine, audio, pieces, stack),
+                stream_events(state, engine, audio, pieces, stack, record, started),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
                 background=BackgroundTask(stack.aclose),
@@ -166,8 +169,8 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             transcript = build_transcript(results, audio.seconds, engine.spec.token_timestamps)
         model_id = engine.spec.id
         elapsed = time.monotonic() - started
-        log.info("transcribed %.2f s of audio with %s in %.3f s (%s)", audio.seconds, model_id, elapsed,
-                 params.response_format)
+        record.audio_seconds = audio.seconds
+        state.metrics.observe_transcription(model_id, audio.seconds, elapsed)
         headers = {
             "x-model-id": model_id,
             "x-audio-seconds": f"{audio.seconds:.3f}",
@@ -187,8 +190,9 @@ def _sse(event: dict[str, object]) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream,
-                        pieces: Prefetch, lease: contextlib.AsyncExitStack) -> AsyncIterator[bytes]:
+async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream, pieces: Prefetch,
+                        lease: contextlib.AsyncExitStack, record: AccessRecord,
+                        started: float) -> AsyncIterator[bytes]:
     """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``.
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
@@ -204,6 +208,9 @@ async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStr
                 yield _sse({"type": "transcript.text.delta", "delta": delta})
         except (EngineUnavailable, EngineRejected) as exc:
             err = engine_error(exc)
+            record.status = err.status  # the stream's 200 was sent already; the log says what happened
             yield _sse({"type": "error", "error": {"message": err.message, "type": err.type, "code": err.code}})
             return
+    record.audio_seconds = audio.seconds
+    state.metrics.observe_transcription(engine.spec.id, audio.seconds, time.monotonic() - started)
     yield _sse({"type": "transcript.text.done", "text": " ".join(texts), "usage": usage(audio.seconds)})
