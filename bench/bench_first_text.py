@@ -158,8 +158,8 @@ class Stack:
 
     def bridge(self, name: str, env: dict[str, str], tree: Path = ROOT) -> str:
         port = free_port()
-        proc = self.start([sys.executable, "-m", "bridge"], {**env, "BRIDGE_HOST": "127.0.0.1",
-                                                             "BRIDGE_PORT": str(port)}, f"{name}.log", cwd=tree)
+        env = {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port), "BRIDGE_METRICS_PORT": "0"}
+        proc = self.start([sys.executable, "-m", "bridge"], env, f"{name}.log", cwd=tree)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc)
         return url

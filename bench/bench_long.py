@@ -109,7 +109,7 @@ def main() -> int:
                               env={**os.environ, "MODELS_DIR": str(models_dir), "DEFAULT_MODEL": model_id,
                                    "SHERPA_PROVIDER": provider, "SHERPA_NUM_THREADS": str(args.threads),
                                    "ENGINE_CONNECTIONS": str(args.connections), "BRIDGE_HOST": "127.0.0.1",
-                                   "BRIDGE_PORT": str(bport), "LOG_LEVEL": "warning"})
+                                   "BRIDGE_PORT": str(bport), "BRIDGE_METRICS_PORT": "0", "LOG_LEVEL": "warning"})
     url = f"http://127.0.0.1:{bport}"
     try:
         wait_http(url + "/health", bridge)

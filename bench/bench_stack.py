@@ -131,7 +131,7 @@ def main() -> int:
     env = {**os.environ, "MODELS_DIR": str(models_dir), "DEFAULT_MODEL": model_id, "SHERPA_PROVIDER":
            os.environ.get("SHERPA_PROVIDER", "cpu"), "SHERPA_NUM_THREADS": str(args.threads),
            "ENGINE_CONNECTIONS": str(args.concurrency), "SHERPA_MAX_BATCH_SIZE": str(args.concurrency),
-           "LOG_LEVEL": "warning"}
+           "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "AUTH_METRICS_PORT": "0"}
     # The raw engine, started with exactly the flags the bridge gives its child.
     sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
                            provider=env["SHERPA_PROVIDER"], num_threads=args.threads, num_work_threads=3,

@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import BridgeProcess, bridge_env, free_port
 from tests.helpers import transcribe
+from tests.test_bench import parse_table, run_bench
 from tests.test_proxy import ProxyProcess, add_key
 
 PROMETHEUS = shutil.which("prometheus")
@@ -192,3 +193,16 @@ def canonical(series: str) -> str:
     """name{b="2",a="1"} -> name{a="1",b="2"}: one spelling for a series."""
     name, _, labels = series.partition("{")
     return f"{name}{{{','.join(sorted(labels.rstrip('}').split(',')))}}}" if labels else name
+
+
+def test_bench_measures_a_running_deployment(stack, tmp_path):
+    """``python -m bench --url --key``: the same audio and table against a deployment's proxy."""
+    proxy = stack["proxy"]
+    before = scrape(proxy.metrics_url)
+    rows = parse_table(run_bench(tmp_path, "--url", proxy.url, "--key", stack["key"]))
+    assert set(rows) == {("deployment (proxy)", c) for c in (1, 4, 8)}
+    assert all(row["p50 ms"] > 0 and row["audio s/s"] > 0 for row in rows.values())
+    # Every request really went through the deployment, with the key: the warm-up, the rows, the long one.
+    after = scrape(proxy.metrics_url)
+    name = canonical('stt_proxy_requests_total{route="/v1/audio/transcriptions",status="200",key="ops"}')
+    assert after[name] - before.get(name, 0) == 1 + sum(int(r["requests"]) for r in rows.values()) + 1
