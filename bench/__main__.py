@@ -134,7 +134,7 @@ def raw_target(url: str, samples: np.ndarray, proc: subprocess.Popen[bytes]) -> 
 
     def one() -> None:
         if getattr(local, "ws", None) is None:
-            local.ws = connect(url, max_size=None, compression=None)
+            local.ws = connect(url, max_size=None, compression=None).__enter__()  # open for the run
         for frame in utterance_frames(samples):
             local.ws.send(frame)
         parse_reply(local.ws.recv())
@@ -353,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         for target in targets:  # warm-up: first runs are slow (allocation, CUDA kernels)
             target.one()
         for c in LEVELS:
+            for target in targets:  # each path meets this concurrency once before it is measured
+                measure(target, c, c, sizes.clip_seconds)
             for target in targets:
                 rows.append(measure(target, c, sizes.requests[c], sizes.clip_seconds))
                 print(f"  {target.name} c={c}: p50 {rows[-1].p50_ms:.0f} ms", file=sys.stderr)

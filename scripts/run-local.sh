@@ -59,6 +59,7 @@ cat <<MSG
   curl http://127.0.0.1:${AUTH_PORT}/v1/audio/transcriptions \\
        -H "Authorization: Bearer ${KEY}" -F file=@your-recording.mp3
 
+  Metrics: http://127.0.0.1:${BRIDGE_METRICS_PORT:-8001}/metrics (bridge), http://127.0.0.1:${AUTH_METRICS_PORT:-20301}/metrics (proxy)
   Ctrl-C stops both services.
 MSG
 wait -n

@@ -131,9 +131,13 @@ def test_compose_properties():
     assert c["name"] == "mvp-stt-docker"
     bridge, auth = c["services"]["mvp-bridge"], c["services"]["mvp-auth"]
     assert auth["ports"] == ["${AUTH_PORT:-20300}:20300"]
-    assert "ports" not in bridge and bridge["expose"] == ["8000"]  # never published
+    assert "ports" not in bridge and bridge["expose"] == ["8000", "8001"]  # never published
     published = " ".join(str(p) for s in c["services"].values() for p in s.get("ports", []))
     assert "6006" not in published and "8000" not in published
+    # Metrics: each service on a port of its own, reachable on the compose network, never published.
+    assert bridge["environment"]["BRIDGE_METRICS_PORT"] == "8001"
+    assert auth["environment"]["AUTH_METRICS_PORT"] == "20301" and auth["expose"] == ["20301"]
+    assert "8001" not in published and "20301" not in published
     devices = bridge["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and "gpu" in devices[0]["capabilities"]
     assert "mvp-models:/models" in bridge["volumes"] and "mvp-models" in c["volumes"]
