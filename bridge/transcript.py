@@ -7,10 +7,20 @@ into segments at sentence ends, at pauses between words and before a segment gro
 ``MAX_SEGMENT_SECONDS``, so that subtitles get readable cues rather than one per piece (parakeet's
 pieces run up to two minutes). Models without token timestamps get one segment per piece; no time
 is ever invented.
+
+Models without token timestamps (Moonshine) get one segment per piece, and a piece runs up to 30 s:
+too long for a subtitle cue. For the timed formats the caller passes the speech spans the VAD
+finds inside each long piece (``speech``); the piece then becomes one cue per run of speech up to
+``CUE_SECONDS`` (a single span longer than that stays whole), with the cue times those of the
+speech. The piece's text, transcribed in one go (cutting the audio smaller costs the model
+context: 5-minute WER 2.7 % -> 4.4-9.3 % in pieces of 7 s), is shared over the cues in proportion
+to their speech time, moved to a sentence end when one is within two words. The times are real;
+which cue a word next to a pause lands in is an estimate.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from bridge.ports import EngineResult
@@ -20,6 +30,10 @@ TOKEN_FRAME_SECONDS = 0.08  # parakeet's encoder frame: fallback token length wh
 SENTENCE_ENDS = (".", "?", "!", "\u2026", "\u3002", "\uff1f", "\uff01")
 PAUSE_SECONDS = 1.0  # a silence this long between two words ends a segment
 MAX_SEGMENT_SECONDS = 15.0
+CUE_SECONDS = 7.0  # without token times: a piece longer than this is split at its pauses
+SNAP_WORDS = 2  # a cue boundary moves to a sentence end this close (in words)
+
+Spans = list[tuple[float, float]]
 
 
 @dataclass
@@ -101,10 +115,69 @@ def split_words(words: list[Word]) -> list[list[Word]]:
     return groups
 
 
+def cue_spans(speech: Spans, cue_seconds: float = CUE_SECONDS) -> list[tuple[float, float, float]]:
+    """Speech spans (in order) merged into cues while a cue stays within ``cue_seconds``:
+    (start, end, seconds of speech in it)."""
+    cues: list[tuple[float, float, float]] = []
+    for start, end in speech:
+        if cues and end - cues[-1][0] <= cue_seconds:
+            first, _, spoken = cues[-1]
+            cues[-1] = (first, end, spoken + end - start)
+        else:
+            cues.append((start, end, end - start))
+    return cues
+
+
+def share_text(text: str, weights: list[float]) -> list[str]:
+    """``text`` cut at spaces into ``len(weights)`` parts of about those shares of its characters;
+    a cut within ``SNAP_WORDS`` words of a sentence end moves to it. Parts may be empty."""
+    words = text.split()
+    total = sum(weights)
+    if not words or total <= 0:
+        return [text] + [""] * (len(weights) - 1)
+    lengths = [len(w) + 1 for w in words]
+    chars = sum(lengths)
+    cuts: list[int] = []  # index of the first word of each part after the first
+    seen, k, share = 0, 0, 0.0
+    for k_weight in weights[:-1]:
+        share += k_weight / total
+        while k < len(words) and (seen + lengths[k] / 2) / chars < share:
+            seen += lengths[k]
+            k += 1
+        cuts.append(k)
+    for i, cut in enumerate(cuts):
+        low = cuts[i - 1] if i else 0
+        high = cuts[i + 1] if i + 1 < len(cuts) else len(words)
+        ends = [j + 1 for j in range(max(low, cut - SNAP_WORDS - 1), min(high, cut + SNAP_WORDS))
+                if words[j].endswith(SENTENCE_ENDS) and low < j + 1 <= high]
+        if ends:
+            cuts[i] = min(ends, key=lambda j: abs(j - cut))
+    bounds = [0, *cuts, len(words)]
+    return [" ".join(words[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def split_at_pauses(start: float, end: float, text: str, speech: Spans) -> list[Segment]:
+    """One segment per cue of speech inside [start, end] (see the module's docstring)."""
+    cues = cue_spans([(max(a, start), min(b, end)) for a, b in speech if b > start and a < end])
+    if len(cues) < 2:
+        return [Segment(round(start, 3), round(end, 3), text)]
+    parts = share_text(text, [spoken for _, _, spoken in cues])
+    segments: list[Segment] = []
+    for (a, b, _), part in zip(cues, parts, strict=True):
+        if part:
+            segments.append(Segment(round(a, 3), round(b, 3), part))
+        elif segments:  # no words for this cue: its time joins the one before
+            segments[-1].end = round(b, 3)
+    return segments
+
+
 def build_transcript(
-    pieces: list[tuple[float, float, EngineResult | None]], duration: float, token_timestamps: bool
+    pieces: list[tuple[float, float, EngineResult | None]], duration: float, token_timestamps: bool,
+    speech: Callable[[float, float], Spans] | None = None,
 ) -> Transcript:
-    """``pieces``: (start s, end s, result or None for a skipped silent piece), in time order."""
+    """``pieces``: (start s, end s, result or None for a skipped silent piece), in time order.
+    ``speech(start, end)``: the speech spans in that stretch, for cutting pieces without token
+    times into cues (the timed formats); None keeps one segment per such piece."""
     segments: list[Segment] = []
     language = ""
     for start, end, result in pieces:
@@ -113,7 +186,10 @@ def build_transcript(
         language = language or result.language
         words = words_from_tokens(result, start) if token_timestamps else []
         if not words:
-            segments.append(Segment(round(start, 3), round(end, 3), result.text))
+            if speech is not None and end - start > CUE_SECONDS:
+                segments += split_at_pauses(start, end, result.text, speech(start, end))
+            else:
+                segments.append(Segment(round(start, 3), round(end, 3), result.text))
             continue
         for group in split_words(words):
             seg_start = max(start, min(group[0].start, end))

@@ -17,7 +17,7 @@ from bridge.cutting import plan_pieces, plan_speech_pieces, split_long
 from bridge.transcription import cut_pieces
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.conftest import BECKETT_TEXT, BridgeProcess, bridge_env
-from tests.helpers import transcribe, wer
+from tests.helpers import normalize, transcribe, wer
 from tests.speech import HARVARD, festival_wav, have_festival, read_wav16, write_wav16
 
 pytestmark = pytest.mark.skipif(not have_festival(), reason="festival/sox not installed")
@@ -256,3 +256,43 @@ def test_stream_delivers_early_and_a_disconnect_cancels_the_rest(default_tuning_
     heard = " ".join(deltas).split()
     reference = " ".join(s for s, _, _ in truth).split()[: len(heard)]
     assert heard and wer(" ".join(reference), " ".join(heard)) <= 0.2
+
+
+def test_subtitles_without_token_times_are_cut_at_pauses(bridge, work):
+    """Moonshine gives no token times: a 17 s two-speaker recording (one piece for the engine)
+    still becomes several cues, each starting and ending in speech, none longer than 10 s, with the
+    same words as the plain transcript."""
+    import subprocess
+
+    import srt
+
+    voices = []
+    for i, sentence in enumerate(HARVARD[:6]):
+        path = festival_wav(sentence)
+        if i % 2:  # the second speaker: the same voice, lower
+            low = work / f"low-{i}.wav"
+            subprocess.run(["sox", str(path), str(low), "pitch", "-600"], check=True)
+            path = low
+        voices.append(trim(read_wav16(path)))
+    parts, speech, pos = [], [], 0
+    for i, clip in enumerate(voices):
+        gap = np.zeros(int([0.7, 1.0, 0.6][i % 3] * 16000), dtype=np.float32)
+        speech.append((pos / 16000, (pos + len(clip)) / 16000))
+        parts += [clip, gap]
+        pos += len(clip) + len(gap)
+    path = write_wav16(work / "two-speakers.wav", np.concatenate(parts))
+    assert 15 < pos / 16000 < 20
+
+    plain = transcribe(bridge.url, path).json()["text"]
+    cues = list(srt.parse(transcribe(bridge.url, path, response_format="srt").text))
+    assert len(cues) >= 3, cues
+    for cue in cues:
+        start, end = cue.start.total_seconds(), cue.end.total_seconds()
+        assert end - start <= 10, cue
+        # Starts and ends inside the speech (the VAD's padding aside), not in a pause.
+        assert any(a - 0.35 <= start <= b for a, b in speech), (cue, speech)
+        assert any(a <= end <= b + 0.35 for a, b in speech), (cue, speech)
+    assert all(a.end <= b.start for a, b in zip(cues, cues[1:], strict=False))
+    assert normalize(" ".join(c.content for c in cues)) == normalize(plain)  # the same words
+    reference = " ".join(HARVARD[:6])
+    assert wer(reference, plain) <= 0.15

@@ -83,3 +83,17 @@ def test_speech_without_sentence_ends_or_pauses_is_cut_into_bounded_segments():
     assert len(t.segments) >= 4
     assert all(s.end - s.start <= MAX_SEGMENT_SECONDS for s in t.segments)
     assert " ".join(s.text for s in t.segments) == words and t.text == words
+
+
+def test_text_without_token_times_is_shared_over_cues_by_speech_time():
+    from bridge.transcript import share_text, split_at_pauses
+
+    # Shares by characters, moved to a sentence end two words away or less.
+    assert share_text("one two three. four five six seven eight. nine ten", [1, 1]) == [
+        "one two three.", "four five six seven eight. nine ten"]
+    assert share_text("a b c d e f g h", [1, 1, 2]) == ["a b", "c d", "e f g h"]
+    # Cue times are the speech's: runs of speech up to 7 s, never the pauses between them.
+    segs = split_at_pauses(0.0, 20.0, "First part here. Second part there. Third one.",
+                           [(0.5, 3.0), (3.4, 6.0), (8.0, 12.0), (12.3, 14.0), (16.0, 19.5)])
+    assert [(s.start, s.end) for s in segs] == [(0.5, 6.0), (8.0, 14.0), (16.0, 19.5)]
+    assert " ".join(s.text for s in segs) == "First part here. Second part there. Third one."

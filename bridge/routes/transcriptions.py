@@ -22,10 +22,11 @@ from starlette.responses import Response, StreamingResponse
 from bridge.api_types import parse_transcription_form
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.formats import render, usage
-from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
+from bridge.ports import SAMPLE_RATE, EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
-from bridge.transcript import build_transcript
+from bridge.transcript import Spans, build_transcript
 from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+from bridge.vad import SpeechDetector
 from common.access import AccessRecord, access_record
 from common.errors import APIError
 
@@ -72,6 +73,16 @@ async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> 
     task = asyncio.create_task(decoding)
     stream.on_abort(functools.partial(_cancel, task))
     return stream, task
+
+
+TIMED_FORMATS = ("srt", "vtt", "verbose_json")
+
+
+def speech_spans(detector: SpeechDetector, audio: AudioStream, start: float, end: float) -> Spans:
+    """Speech inside [start, end] s of the decoded audio, as (start, end) seconds on the file's time line."""
+    first = int(start * SAMPLE_RATE)
+    found = detector.speech_segments(audio.view(first, int(end * SAMPLE_RATE)))
+    return [((first + a) / SAMPLE_RATE, (first + b) / SAMPLE_RATE) for a, b in found]
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
@@ -166,7 +177,13 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 results = [piece async for piece in pieces]
             except (EngineUnavailable, EngineRejected) as exc:
                 raise engine_error(exc) from None
-            transcript = build_transcript(results, audio.seconds, engine.spec.token_timestamps)
+            speech = None
+            if (params.response_format in TIMED_FORMATS and not engine.spec.token_timestamps
+                    and state.detector is not None):
+                speech = functools.partial(speech_spans, state.detector, audio)
+            # With ``speech`` the VAD runs on long pieces (cue times): off the loop.
+            transcript = await asyncio.to_thread(build_transcript, results, audio.seconds,
+                                                 engine.spec.token_timestamps, speech)
         model_id = engine.spec.id
         elapsed = time.monotonic() - started
         record.audio_seconds = audio.seconds
