@@ -26,11 +26,13 @@ from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.websockets import WebSocket
 
 from auth_proxy.config import ProxySettings
 from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
 from auth_proxy.keys import ApiKey, KeyStore
 from auth_proxy.metrics import ROUTES, ProxyMetrics
+from auth_proxy.realtime import realtime_session
 from auth_proxy.usage_store import UsageRecord, UsageStore
 from common.access import AccessMiddleware, access_record, key_hint, serve_metrics
 from common.errors import APIError, error_response
@@ -49,6 +51,7 @@ class ProxyState:
     limiter: MovingWindowRateLimiter
     metrics: ProxyMetrics
     in_flight: int = 0
+    realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
     export_task: asyncio.Task[None] | None = None
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -195,6 +198,10 @@ def create_app(settings: ProxySettings) -> FastAPI:
         )
         return JSONResponse({"object": "usage", "since": since, "until": until, "totals": totals,
                              "records": records})
+
+    @app.websocket("/v1/realtime")
+    async def realtime(ws: WebSocket) -> None:
+        await realtime_session(ws, ws.app.state.proxy)
 
     @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
     async def forward(request: Request, path: str) -> Response:

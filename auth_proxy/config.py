@@ -28,6 +28,7 @@ class ProxySettings(BaseSettings):
     bridge_timeout: float = Field(900.0, gt=0)  # a 600 s file on a slow CPU takes a while
     default_rpm: int = Field(0, ge=0)  # per key, when the key sets none; 0 = unlimited
     default_audio_seconds_per_day: float = Field(0, ge=0)
+    realtime_sessions_per_key: int = Field(4, ge=0)  # live dictation sessions open at once per key
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
     # Prometheus metrics at http://AUTH_METRICS_HOST:AUTH_METRICS_PORT/metrics, never on the API port

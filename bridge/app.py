@@ -22,7 +22,7 @@ from bridge.metrics import ROUTES, BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
 from bridge.pyav_decoder import DecoderPool
-from bridge.routes import health, models, transcriptions
+from bridge.routes import health, models, realtime, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
 from bridge.vad import SpeechDetector, find_vad_model
@@ -146,6 +146,7 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
     app.include_router(health.router)
     app.include_router(models.router)
     app.include_router(transcriptions.router)
+    app.include_router(realtime.router)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:

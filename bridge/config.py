@@ -76,6 +76,14 @@ class BridgeSettings(BaseSettings):
     model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
     switch_wait_timeout: float = Field(30.0, ge=0)
 
+    # Live dictation (/v1/realtime): open sessions, their length, how long one may stay silent (no
+    # event from the client), and the most uncommitted audio held (a longer turn is committed as
+    # it stands).
+    realtime_max_sessions: int = Field(32, ge=0)
+    realtime_max_session_seconds: float = Field(3600.0, gt=0)
+    realtime_idle_seconds: float = Field(60.0, gt=0)
+    realtime_max_buffer_seconds: float = Field(120.0, ge=1, le=600)
+
     _split = field_validator("model_aliases", mode="before")(split_comma_list)
 
     @model_validator(mode="after")

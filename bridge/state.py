@@ -30,6 +30,7 @@ class BridgeState:
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0
+    realtime_sessions: int = 0
 
 
 def get_state(request: Request) -> BridgeState:

@@ -24,6 +24,17 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class QuietWebSocketLines(logging.Filter):
+    """uvicorn logs every WebSocket handshake and open/close at INFO; each service writes its own
+    line per session instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno > logging.INFO:
+            return True
+        message = record.getMessage()
+        return not (message in ("connection open", "connection closed") or '"WebSocket /' in message)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, request_id when there
     is one, the structured ``fields`` of an access line, and the exception as text."""
@@ -62,5 +73,6 @@ def setup_logging(level: str, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    logging.getLogger("uvicorn.error").addFilter(QuietWebSocketLines())
     # httpx logs every request at INFO; each service logs its own line per request already.
     logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -30,6 +30,7 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "switching_to": state.engines.switching_to,
         "uptime_s": round(time.monotonic() - state.started_at, 3),
         "requests_in_flight": state.in_flight,
+        "realtime_sessions": state.realtime_sessions,
         "pieces_waiting": state.scheduler.waiting,
         "pieces_running": state.scheduler.busy,
         "speed_check": state.engines.speed.as_dict() if state.engines.speed else None,

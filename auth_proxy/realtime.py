@@ -1,0 +1,214 @@
+"""Live dictation through the proxy: ``/v1/realtime`` WebSocket sessions, authenticated, limited and
+metered here, forwarded to the bridge, which owns the session (VAD, buffer, engine).
+
+Keys come from ``Authorization: Bearer`` or, from browsers (which cannot set headers), from the
+subprotocol ``openai-insecure-api-key.<key>``; the answer selects ``realtime`` when offered, as
+browsers require. A refused session is accepted, told why in an ``error`` event (the same codes as
+the HTTP API: ``invalid_api_key``, ``rate_limit_exceeded``, ``insufficient_quota``,
+``too_many_sessions``) and closed with 1008, so that a browser can show the reason. Each completed
+turn's audio seconds are recorded for the key as the turn completes: a dropped connection loses no
+completed turn's usage. Frames pass through as they are; the only state kept is the session count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from starlette.websockets import WebSocket, WebSocketDisconnect
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from auth_proxy.usage_store import UsageRecord
+from common.access import key_hint, request_id_from
+from common.errors import APIError
+from common.logs import request_id_var
+
+if TYPE_CHECKING:
+    from auth_proxy.app import ProxyState
+
+log = logging.getLogger("auth_proxy.realtime")
+access_log = logging.getLogger("auth_proxy.access")
+
+KEY_PROTOCOL = "openai-insecure-api-key."
+COMPLETED = "conversation.item.input_audio_transcription.completed"
+MAX_FRAME = 16 * 1024 * 1024  # OpenAI allows appends of up to 15 MiB
+
+
+def presented_key(ws: WebSocket) -> str | None:
+    auth = ws.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() == "bearer" and token.strip():
+        return token.strip()
+    for protocol in ws.scope.get("subprotocols") or []:
+        if protocol.startswith(KEY_PROTOCOL) and len(protocol) > len(KEY_PROTOCOL):
+            return str(protocol[len(KEY_PROTOCOL):])
+    return None
+
+
+def bridge_ws_url(bridge_url: str, query: str) -> str:
+    base = "ws" + bridge_url[4:] if bridge_url.startswith("http") else bridge_url
+    return f"{base}/v1/realtime" + (f"?{query}" if query else "")
+
+
+async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
+    from auth_proxy.app import check_limits, record_usage
+
+    settings = state.settings
+    request_id = request_id_from(ws.scope["headers"])
+    token_var = request_id_var.set(request_id)
+    started = time.monotonic()
+    offered = ws.scope.get("subprotocols") or []
+    await ws.accept(subprotocol="realtime" if "realtime" in offered else None,
+                    headers=[(b"x-request-id", request_id.encode())])
+    fields: dict[str, Any] = {"request_id": request_id, "method": "WS", "path": "/v1/realtime"}
+    outcome, audio_seconds, turns, model = "closed", 0.0, 0, ""
+    key = None
+
+    async def refuse(code: str, message: str, error_type: str = "invalid_request_error") -> None:
+        with contextlib.suppress(Exception):
+            await ws.send_text(json.dumps({"type": "error", "event_id": f"event_{request_id}", "error": {
+                "type": error_type, "code": code, "message": message, "param": None, "event_id": None}}))
+            await ws.close(1008, code)
+
+    try:
+        token = presented_key(ws)
+        key = state.keys.authenticate(token) if token else None
+        if key is None:
+            fields["key_hint"] = key_hint(token) if token else ""
+            outcome = "invalid_api_key"
+            await refuse("invalid_api_key", "Incorrect API key provided" if token else
+                         "Missing API key: send Authorization: Bearer <key>, or the subprotocol "
+                         "openai-insecure-api-key.<key>")
+            return
+        fields["key"] = key.name
+        try:
+            check_limits(state, key, is_transcription=True)
+        except APIError as exc:
+            outcome = exc.code or "limit"
+            state.metrics.refused.labels(key.name, "audio_quota" if exc.code == "insufficient_quota" else "rpm").inc()
+            await refuse(exc.code or "rate_limit_exceeded", exc.message, exc.type)
+            return
+        open_now = state.realtime_sessions.get(key.id, 0)
+        if open_now >= settings.realtime_sessions_per_key:
+            outcome = "too_many_sessions"
+            state.metrics.refused.labels(key.name, "sessions").inc()
+            await refuse("too_many_sessions", f"key {key.name!r} has {open_now} live sessions open, the most allowed "
+                         f"(REALTIME_SESSIONS_PER_KEY={settings.realtime_sessions_per_key})", "rate_limit_error")
+            return
+        state.realtime_sessions[key.id] = open_now + 1
+        try:
+            headers = {"x-request-id": request_id}
+            if ws.headers.get("openai-beta"):
+                headers["openai-beta"] = ws.headers["openai-beta"]
+            try:
+                upstream = await connect(bridge_ws_url(settings.bridge_url, ws.url.query), additional_headers=headers,
+                                         max_size=MAX_FRAME, compression=None, open_timeout=10)
+            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+                outcome = "bridge_unavailable"
+                state.metrics.bridge_errors.labels("unreachable").inc()
+                log.warning("bridge unreachable for a live session: %r", exc)
+                await refuse("bridge_unavailable", "the transcription service is not reachable; retry shortly",
+                             "server_error")
+                return
+            async with upstream:
+
+                async def client_to_bridge() -> None:
+                    while True:
+                        message = await ws.receive()
+                        if message["type"] == "websocket.disconnect":
+                            return
+                        if message.get("text") is not None:
+                            await upstream.send(message["text"])
+                        elif message.get("bytes") is not None:
+                            await upstream.send(message["bytes"])
+
+                async def bridge_to_client() -> None:
+                    nonlocal audio_seconds, turns, model
+                    async for frame in upstream:
+                        text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+                        if COMPLETED in text:
+                            seconds = turn_seconds(text)
+                            if seconds is not None:
+                                audio_seconds += seconds
+                                turns += 1
+                                record_usage(state, UsageRecord(
+                                    request_id=request_id, key_id=key.id, key_name=key.name, model=model,
+                                    route="/v1/realtime", status=200, audio_seconds=seconds,
+                                    latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
+                                state.metrics.audio_seconds.labels(key.name).inc(seconds)
+                                await ws.send_text(text)
+                                if over_quota(state, key):
+                                    raise QuotaUsedUp()
+                                continue
+                        await ws.send_text(text)
+
+                model = upstream.response.headers.get("x-model-id", "") if upstream.response else ""
+                tasks = [asyncio.create_task(client_to_bridge()), asyncio.create_task(bridge_to_client())]
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    for task in tasks:
+                        with contextlib.suppress(BaseException):
+                            await task
+                if tasks[1] in done and isinstance(tasks[1].exception(), QuotaUsedUp):
+                    outcome = "insufficient_quota"
+                    await refuse("insufficient_quota", f"daily audio quota used up for key {key.name!r}; it resets "
+                                 "at 00:00 UTC", "rate_limit_error")
+                elif tasks[1] in done:  # the bridge ended the session: pass its close on
+                    outcome = f"closed by bridge ({upstream.close_code})"
+                    with contextlib.suppress(Exception):
+                        await ws.close(upstream.close_code or 1000)
+                else:
+                    outcome = "closed by client"
+        finally:
+            state.realtime_sessions[key.id] -= 1
+            if not state.realtime_sessions[key.id]:
+                del state.realtime_sessions[key.id]
+    except (WebSocketDisconnect, ConnectionClosed):
+        outcome = "closed by client"
+    finally:
+        seconds = time.monotonic() - started
+        state.metrics.requests.labels("/v1/realtime", "101", key.name if key else "-").inc()
+        fields.update(status=101, outcome=outcome, latency_ms=round(seconds * 1000, 1), turns=turns,
+                      audio_seconds=round(audio_seconds, 3))
+        if model:
+            fields["model"] = model
+        who = f" key={key.name}" if key else (f" key_hint={fields['key_hint']}" if fields.get("key_hint") else "")
+        access_log.info("%s WS /v1/realtime %s %.0f ms%s turns=%d audio=%.2fs", request_id, outcome,
+                        seconds * 1000, who, turns, audio_seconds, extra={"fields": fields})
+        request_id_var.reset(token_var)
+
+
+class QuotaUsedUp(Exception):
+    pass
+
+
+def over_quota(state: ProxyState, key: Any) -> bool:
+    from auth_proxy.app import start_of_utc_day
+
+    quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
+        else state.settings.default_audio_seconds_per_day
+    if not quota:
+        return False
+    now = time.time()
+    return bool(state.usage.audio_seconds_since(key.id, start_of_utc_day(now)) >= quota)
+
+
+def turn_seconds(text: str) -> float | None:
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("type") != COMPLETED:
+        return None
+    try:
+        return float(event["usage"]["seconds"])
+    except (KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,419 @@
+"""Live dictation: one OpenAI realtime transcription session (``/v1/realtime?intent=transcription``).
+
+The client streams 24 kHz pcm16 in ``input_audio_buffer.append`` events. The audio is resampled to
+16 kHz as it comes (FFmpeg's resampler through PyAV, stateful across chunks) and kept in a buffer
+that never holds more than ``REALTIME_MAX_BUFFER_SECONDS`` of uncommitted audio. With server VAD
+(the default) a Silero detector of the session's own follows the audio: ``speech_started`` when
+speech begins (its start moved back by the prefix padding), and when it has been silent for
+``silence_duration_ms``, ``speech_stopped`` and ``committed``: that turn goes to the engine. With
+``turn_detection: null`` the client commits by hand. Turns are transcribed one after another, each
+like an upload (long turns cut at pauses, pieces through the fair scheduler) with a ``delta`` per
+piece and a ``completed`` with the turn's usage: the audio consumed since the turn before, so the
+turns of a session add up to the audio it sent (what followed the last turn aside).
+
+The transport (the WebSocket route) hands in client events with ``handle`` and sends what ``emit``
+gives it. The wire contract is in ``../shared/notes/REALTIME.md``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bridge.audio import AudioStream
+from bridge.ports import SAMPLE_RATE, EngineRejected, EngineUnavailable
+from bridge.state import BridgeState
+from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+
+log = logging.getLogger("bridge.realtime")
+
+INPUT_RATE = 24000  # pcm16 as OpenAI defines it for realtime sessions
+MIN_COMMIT_SECONDS = 0.1
+TRANSCRIPTION_SESSION = "realtime.transcription_session"
+
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:20]}"
+
+
+class RealtimeError(Exception):
+    """An ``error`` event for the client; the session goes on."""
+
+    def __init__(self, code: str, message: str, param: str | None = None,
+                 type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.code, self.message, self.param, self.type = code, message, param, type
+
+
+@dataclass
+class TurnDetection:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms}
+
+
+@dataclass
+class SessionConfig:
+    model: str = ""
+    language: str = ""
+    prompt: str = ""
+    turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+
+    def as_session(self, session_id: str, beta: bool) -> dict[str, Any]:
+        transcription = {"model": self.model, "language": self.language, "prompt": self.prompt}
+        detection = self.turn_detection.as_dict() if self.turn_detection else None
+        if beta:
+            return {"id": session_id, "object": TRANSCRIPTION_SESSION, "input_audio_format": "pcm16",
+                    "input_audio_transcription": transcription, "turn_detection": detection,
+                    "input_audio_noise_reduction": None}
+        return {"type": "transcription", "id": session_id, "object": TRANSCRIPTION_SESSION,
+                "audio": {"input": {"format": {"type": "audio/pcm", "rate": INPUT_RATE},
+                                    "transcription": transcription, "noise_reduction": None,
+                                    "turn_detection": detection}}}
+
+
+class Resampler:
+    """24 kHz pcm16 bytes in, 16 kHz float32 out, across chunks (an odd byte waits for its pair)."""
+
+    def __init__(self) -> None:
+        import av
+
+        self._av = av
+        self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+        self._odd = b""
+
+    def feed(self, pcm: bytes) -> np.ndarray:
+        pcm = self._odd + pcm
+        cut = len(pcm) - len(pcm) % 2
+        self._odd = pcm[cut:]
+        if not cut:
+            return np.zeros(0, dtype=np.float32)
+        samples = np.frombuffer(pcm[:cut], dtype="<i2").reshape(1, -1)
+        frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = INPUT_RATE
+        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, dtype=np.float32)
+
+
+class TurnDetector:
+    """Silero through sherpa-onnx, fed one window at a time, for one session."""
+
+    def __init__(self, model: str, config: TurnDetection, max_speech: float) -> None:
+        import sherpa_onnx
+
+        cfg = sherpa_onnx.VadModelConfig()
+        cfg.silero_vad.model = model
+        cfg.silero_vad.threshold = config.threshold
+        cfg.silero_vad.min_silence_duration = config.silence_duration_ms / 1000
+        cfg.silero_vad.min_speech_duration = 0.25
+        cfg.silero_vad.max_speech_duration = max_speech
+        cfg.sample_rate = SAMPLE_RATE
+        cfg.num_threads = 1
+        self.window = int(cfg.silero_vad.window_size)
+        self.vad = sherpa_onnx.VoiceActivityDetector(cfg, buffer_size_in_seconds=max_speech + 5)
+        self._carry = np.zeros(0, dtype=np.float32)
+        self._speaking = False
+
+    def feed(self, samples: np.ndarray) -> list[tuple[str, int, int]]:
+        """Events in order: ("started", start sample, 0) when speech begins and ("stopped", start,
+        end) for each segment the silence closed (sample counts since this detector began)."""
+        data = np.concatenate([self._carry, samples]) if len(self._carry) else samples
+        events: list[tuple[str, int, int]] = []
+        full = len(data) - len(data) % self.window
+        for offset in range(0, full, self.window):
+            self.vad.accept_waveform(data[offset:offset + self.window])
+            speaking = self.vad.is_speech_detected()
+            if speaking and not self._speaking:
+                events.append(("started", self._current_start(), 0))
+            self._speaking = speaking
+            while not self.vad.empty():
+                seg = self.vad.front
+                start = int(seg.start)
+                events.append(("stopped", start, start + len(seg.samples)))
+                self.vad.pop()
+        self._carry = data[full:].copy()
+        return events
+
+    def _current_start(self) -> int:
+        try:
+            return int(self.vad.current_segment.start)
+        except (AttributeError, RuntimeError):
+            return 0
+
+
+class RealtimeSession:
+    def __init__(self, state: BridgeState, emit: Emit, *, beta: bool = False) -> None:
+        self.state = state
+        self.settings = state.settings
+        self.emit = emit
+        self.beta = beta
+        self.id = new_id("sess")
+        self.config = SessionConfig()
+        self.resampler = Resampler()
+        self.detector: TurnDetector | None = None
+        self.received = 0  # 16 kHz samples appended so far (the session's time line)
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.buffer_start = 0  # time-line position of buffer[0]
+        self.consumed = 0  # end of what earlier turns were charged for
+        self.speech_item: str | None = None  # the turn the VAD has opened
+        self.previous_item: str | None = None
+        self.turns: asyncio.Queue[tuple[str, np.ndarray, float] | None] = asyncio.Queue()
+        self.worker = asyncio.create_task(self._transcribe_turns())
+        self.audio_seconds = 0.0
+        self.completed = 0
+        self.started = time.monotonic()
+        self._reset_detector()
+
+    # ------------------------------------------------------------------ client events
+
+    async def start(self) -> None:
+        kind = "transcription_session.created" if self.beta else "session.created"
+        await self.send(kind, session=self.config.as_session(self.id, self.beta))
+
+    async def handle(self, event: Any) -> None:
+        event_id = event.get("event_id") if isinstance(event, dict) else None
+        try:
+            if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+                raise RealtimeError("invalid_event", "an event is a JSON object with a string \"type\"")
+            kind = event["type"]
+            if kind in ("session.update", "transcription_session.update"):
+                await self._update(event.get("session"), beta=kind.startswith("transcription_session"))
+            elif kind == "input_audio_buffer.append":
+                await self._append(event.get("audio"))
+            elif kind == "input_audio_buffer.commit":
+                await self._commit_by_client()
+            elif kind == "input_audio_buffer.clear":
+                self._clear()
+                await self.send("input_audio_buffer.cleared")
+            else:
+                raise RealtimeError("unknown_event", f"unknown or unsupported event type {kind!r}", "type")
+        except RealtimeError as exc:
+            await self.error(exc, event_id)
+
+    async def error(self, exc: RealtimeError, event_id: Any = None) -> None:
+        await self.send("error", error={"type": exc.type, "code": exc.code, "message": exc.message,
+                                        "param": exc.param, "event_id": event_id})
+
+    async def send(self, kind: str, **fields: Any) -> None:
+        await self.emit({"type": kind, "event_id": new_id("event"), **fields})
+
+    async def _update(self, session: Any, *, beta: bool) -> None:
+        if not isinstance(session, dict):
+            raise RealtimeError("invalid_value", "session must be an object", "session")
+        if beta:
+            fmt = session.get("input_audio_format")
+            transcription = session.get("input_audio_transcription")
+            has_detection, detection = "turn_detection" in session, session.get("turn_detection")
+        else:
+            audio_in = (session.get("audio") or {}).get("input") or {}
+            fmt_obj = audio_in.get("format")
+            fmt = None if fmt_obj is None else (fmt_obj.get("type"), fmt_obj.get("rate", INPUT_RATE)) \
+                if isinstance(fmt_obj, dict) else fmt_obj
+            transcription = audio_in.get("transcription")
+            has_detection, detection = "turn_detection" in audio_in, audio_in.get("turn_detection")
+        if fmt is not None and fmt not in ("pcm16", ("audio/pcm", INPUT_RATE)):
+            raise RealtimeError("unsupported_format", f"input audio format {fmt!r} is not supported: send "
+                                "pcm16 (audio/pcm) at 24000 Hz", "session.audio.input.format")
+        config = SessionConfig(self.config.model, self.config.language, self.config.prompt,
+                               self.config.turn_detection)
+        if isinstance(transcription, dict):
+            config.model = str(transcription.get("model") or "")
+            config.language = str(transcription.get("language") or "")
+            config.prompt = str(transcription.get("prompt") or "")
+            self._check_model(config)
+        if has_detection:
+            config.turn_detection = self._turn_detection(detection)
+        changed = config.turn_detection != self.config.turn_detection
+        self.config = config
+        if changed:
+            self._reset_detector()
+        kind = "transcription_session.updated" if beta else "session.updated"
+        await self.send(kind, session=self.config.as_session(self.id, beta))
+
+    def _check_model(self, config: SessionConfig) -> None:
+        loaded = self.state.engines.model
+        if loaded is None:
+            return
+        if config.model and config.model != loaded.id and config.model not in self.settings.model_aliases:
+            raise RealtimeError("model_not_loaded", f"model {config.model!r} is not loaded; the loaded model is "
+                                f"{loaded.id!r} (or use one of its aliases)", "session.audio.input.transcription.model")
+        if config.language and config.language not in loaded.languages:
+            raise RealtimeError("unsupported_language", f"model {loaded.id} does not support language "
+                                f"{config.language!r}; it supports: {', '.join(loaded.languages)}",
+                                "session.audio.input.transcription.language")
+
+    @staticmethod
+    def _turn_detection(value: Any) -> TurnDetection | None:
+        if value is None:
+            return None
+        if not isinstance(value, dict) or value.get("type", "server_vad") not in ("server_vad", "semantic_vad"):
+            raise RealtimeError("invalid_value", "turn_detection must be null or {\"type\": \"server_vad\", ...}",
+                                "turn_detection")
+        try:
+            detection = TurnDetection(float(value.get("threshold", 0.5)), int(value.get("prefix_padding_ms", 300)),
+                                      int(value.get("silence_duration_ms", 500)))
+        except (TypeError, ValueError):
+            raise RealtimeError("invalid_value", "turn_detection values must be numbers", "turn_detection") from None
+        if not (0 < detection.threshold < 1 and 0 <= detection.prefix_padding_ms <= 2000
+                and 100 <= detection.silence_duration_ms <= 10000):
+            raise RealtimeError("invalid_value", "turn_detection: threshold in (0, 1), prefix_padding_ms in "
+                                "[0, 2000], silence_duration_ms in [100, 10000]", "turn_detection")
+        return detection
+
+    def _reset_detector(self) -> None:
+        detection = self.config.turn_detection
+        detector = self.state.detector
+        self.detector = None
+        if detection is not None and detector is not None:
+            self.detector = TurnDetector(str(detector.model), detection, self.settings.realtime_max_buffer_seconds)
+            self.detector_origin = self.received  # the detector counts samples from here
+
+    async def _append(self, audio: Any) -> None:
+        if not isinstance(audio, str):
+            raise RealtimeError("invalid_value", "audio must be a base64 string of pcm16", "audio")
+        try:
+            pcm = base64.b64decode(audio, validate=True)
+        except (binascii.Error, ValueError):
+            raise RealtimeError("invalid_value", "audio is not valid base64", "audio") from None
+        samples = self.resampler.feed(pcm)
+        if not len(samples):
+            return
+        self.buffer = np.concatenate([self.buffer, samples])
+        self.received += len(samples)
+        if self.detector is not None:
+            for kind, start, end in self.detector.feed(samples):
+                if kind == "started":
+                    await self._speech_started(self.detector_origin + start)
+                else:
+                    await self._speech_stopped(self.detector_origin + end)
+            if self.speech_item is None:
+                self._keep_tail(self._padding())
+        limit = int(self.settings.realtime_max_buffer_seconds * SAMPLE_RATE)
+        if len(self.buffer) > limit:  # a turn this long is committed as it stands
+            await self._commit(self.received, self.speech_item)
+
+    def _padding(self) -> int:
+        detection = self.config.turn_detection
+        return int((detection.prefix_padding_ms if detection else 0) * SAMPLE_RATE / 1000)
+
+    def _keep_tail(self, samples: int) -> None:
+        """Outside a turn only the prefix padding is kept."""
+        drop = len(self.buffer) - samples
+        if drop > 0:
+            self.buffer = self.buffer[drop:]
+            self.buffer_start += drop
+
+    async def _speech_started(self, position: int) -> None:
+        if self.speech_item is not None:
+            return
+        self.speech_item = new_id("item")
+        start = max(self.buffer_start, position - self._padding())
+        self._keep_tail(self.received - start)
+        await self.send("input_audio_buffer.speech_started", audio_start_ms=int(start * 1000 / SAMPLE_RATE),
+                        item_id=self.speech_item)
+
+    async def _speech_stopped(self, position: int) -> None:
+        item = self.speech_item or new_id("item")
+        if self.speech_item is None:
+            await self._speech_started(position)
+        end = min(self.received, position + SAMPLE_RATE // 10)  # a little tail, as for uploads
+        await self.send("input_audio_buffer.speech_stopped", audio_end_ms=int(end * 1000 / SAMPLE_RATE),
+                        item_id=item)
+        await self._commit(end, item)
+
+    async def _commit_by_client(self) -> None:
+        if len(self.buffer) < MIN_COMMIT_SECONDS * SAMPLE_RATE:
+            raise RealtimeError("input_audio_buffer_commit_empty", "buffer too small: at least 100 ms of audio "
+                                f"must be appended before a commit ({len(self.buffer) / SAMPLE_RATE * 1000:.0f} ms "
+                                "buffered)")
+        await self._commit(self.received, self.speech_item)
+        self._reset_detector()
+
+    async def _commit(self, end: int, item: str | None) -> None:
+        item = item or new_id("item")
+        cut = max(0, end - self.buffer_start)
+        samples, self.buffer = self.buffer[:cut].copy(), self.buffer[cut:]
+        self.buffer_start += cut
+        charged = max(0, end - self.consumed) / SAMPLE_RATE
+        self.consumed = max(self.consumed, end)
+        self.speech_item = None
+        await self.send("input_audio_buffer.committed", item_id=item, previous_item_id=self.previous_item)
+        self.previous_item = item
+        self.turns.put_nowait((item, samples, charged))
+
+    def _clear(self) -> None:
+        self.buffer = np.zeros(0, dtype=np.float32)
+        self.buffer_start = self.received
+        self.consumed = self.received  # cleared audio is not charged
+        self.speech_item = None
+        self._reset_detector()
+
+    # ------------------------------------------------------------------ turns
+
+    async def _transcribe_turns(self) -> None:
+        while True:
+            turn = await self.turns.get()
+            if turn is None:
+                return
+            item, samples, charged = turn
+            try:
+                text = await self._transcribe(item, samples)
+            except (EngineUnavailable, EngineRejected) as exc:
+                await self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
+                                error={"type": "server_error", "code": "engine_unavailable"
+                                       if isinstance(exc, EngineUnavailable) else "engine_error", "message": str(exc)})
+                continue
+            self.audio_seconds += charged
+            self.completed += 1
+            await self.send("conversation.item.input_audio_transcription.completed", item_id=item, content_index=0,
+                            transcript=text, usage={"type": "duration", "seconds": round(charged, 3)})
+
+    async def _transcribe(self, item: str, samples: np.ndarray) -> str:
+        state = self.state
+        texts: list[str] = []
+        if not len(samples):
+            return ""
+        async with state.engines.lease() as engine:
+            audio = AudioStream.from_samples(samples)
+            plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
+                              state.settings.piece_target_seconds, state.settings.stream_first_piece_seconds or None,
+                              vad_threads=1)
+            pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
+            try:
+                async for _start, _end, result in pieces:
+                    if result is None or not result.text:
+                        continue
+                    delta = result.text if not texts else " " + result.text
+                    texts.append(result.text)
+                    await self.send("conversation.item.input_audio_transcription.delta", item_id=item,
+                                    content_index=0, delta=delta)
+            finally:
+                await pieces.aclose()
+        return " ".join(texts)
+
+    async def finish(self, *, wait: bool) -> None:
+        """End the session: with ``wait``, the turns already committed are transcribed first."""
+        if wait:
+            self.turns.put_nowait(None)
+            with contextlib.suppress(Exception):
+                await self.worker
+        else:
+            self.worker.cancel()
+            with contextlib.suppress(BaseException):
+                await self.worker
