@@ -381,6 +381,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def start_raw_engine(services: Services, settings: BridgeSettings, spec: ModelSpec, model_dir: Path,
+                     env: dict[str, str]) -> tuple[int, subprocess.Popen[bytes]]:
+    """The sherpa-onnx WebSocket server with exactly the flags the bridge gives its child."""
+    sup = EngineSupervisor(spec.engine_model(model_dir), binary=find_binary(SERVER_BINARY, settings.engine_binary_dir),
+                           provider=settings.sherpa_provider, num_threads=settings.sherpa_num_threads,
+                           num_work_threads=settings.sherpa_num_work_threads,
+                           max_batch_size=settings.sherpa_max_batch_size,
+                           max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
+                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
+    port = free_port()
+    return port, services.start("raw-engine", sup.command(port), env)
+
+
 def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: bytes, long_wav: bytes,
                 header: list[str]) -> tuple[list[Target], Target]:
     settings = load_settings()
@@ -393,14 +406,7 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
     env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "AUTH_METRICS_PORT": "0",
            "MODELS_DIR": str(settings.models_dir), "DEFAULT_MODEL": spec.id}
 
-    sup = EngineSupervisor(spec.engine_model(model_dir), binary=find_binary(SERVER_BINARY, settings.engine_binary_dir),
-                           provider=settings.sherpa_provider, num_threads=settings.sherpa_num_threads,
-                           num_work_threads=settings.sherpa_num_work_threads,
-                           max_batch_size=settings.sherpa_max_batch_size,
-                           max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
-                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
-    raw_port = free_port()
-    raw = services.start("raw-engine", sup.command(raw_port), env)
+    raw_port, raw = start_raw_engine(services, settings, spec, model_dir, env)
 
     def bridge(name: str, extra: dict[str, str]) -> tuple[str, subprocess.Popen[bytes]]:
         port = free_port()
