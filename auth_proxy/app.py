@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mimetypes
 import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,7 +27,8 @@ from limits.strategies import MovingWindowRateLimiter
 from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
 from auth_proxy.config import ProxySettings
@@ -40,6 +43,8 @@ from common.errors import APIError, error_response
 log = logging.getLogger("auth_proxy")
 
 FORWARDED_PREFIXES = ("/v1/audio/", "/v1/models")
+STATIC = Path(__file__).resolve().parent / "static"
+mimetypes.add_type("text/javascript", ".mjs")  # module scripts need a JavaScript type (not every Python knows .mjs)
 
 
 @dataclass
@@ -164,6 +169,22 @@ def create_app(settings: ProxySettings) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:
         return exc.to_response()
+
+    # The toolbar page: static files, no key needed to load them; every call it makes sends the key
+    # typed in. It may talk to this origin only.
+    page_headers = {"Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
+                    "style-src 'self' 'unsafe-inline'; media-src 'self' blob:; frame-ancestors 'none'",
+                    "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+
+    @app.get("/")
+    async def toolbar() -> Response:
+        return FileResponse(STATIC / "index.html", headers=page_headers)
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/favicon.ico")
+    async def favicon() -> Response:
+        return Response(status_code=204)
 
     @app.get("/health")
     async def health(request: Request) -> Response:
