@@ -223,3 +223,49 @@ def test_a_client_that_vanishes_mid_turn_keeps_its_completed_turns(live, bridge,
     assert usage_seconds(live, key) == pytest.approx(completed["usage"]["seconds"], abs=0.01)
     # And the service goes on.
     assert transcribe(live.url, beckett, headers={"Authorization": f"Bearer {key}"}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def tight_bridge(models_dir, catalog_file, tmp_path_factory):
+    """A bridge of its own with small live-dictation limits."""
+    from tests.conftest import BridgeProcess, bridge_env
+
+    work = tmp_path_factory.mktemp("tight")
+    proc = BridgeProcess(bridge_env(models_dir, catalog_file, REALTIME_IDLE_SECONDS="1.5", REALTIME_MAX_SESSIONS="1",
+                                    REALTIME_MAX_BUFFER_SECONDS="2", ENGINE_CONNECTIONS="2",
+                                    SHERPA_NUM_THREADS="1"), work / "bridge.log")
+    try:
+        proc.wait_ready()
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_sessions_over_the_bridge_limits_are_ended_with_a_reason(tight_bridge, beckett):
+    url = tight_bridge.url.replace("http://", "ws://") + "/v1/realtime?intent=transcription"
+    with connect(url) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        # One session at most: the next is told so and closed.
+        with connect(url) as second:
+            event = json.loads(second.recv(timeout=10))
+            assert event["type"] == "error" and event["error"]["code"] == "too_many_sessions"
+            with pytest.raises(ConnectionClosed) as closed:
+                second.recv(timeout=10)
+            assert closed.value.rcvd.code == 1013
+        # More than 2 s of uncommitted audio (manual mode): committed as it stands, and transcribed.
+        ws.send(json.dumps({"type": "session.update", "session": {"audio": {"input": {"turn_detection": None}}}}))
+        events_until(ws, "session.updated")
+        pcm = pcm24(beckett, silence_after=0)[: 48000 * 3]
+        for i in range(0, len(pcm), CHUNK):
+            ws.send(append(pcm[i:i + CHUNK]))
+        done = events_until(ws, "conversation.item.input_audio_transcription.completed")
+        assert any(e["type"] == "input_audio_buffer.committed" for e in done)
+        assert done[-1]["usage"]["seconds"] == pytest.approx(2.0, abs=0.15) and done[-1]["transcript"]
+        # Silent for longer than REALTIME_IDLE_SECONDS: an error event that says why, then the close.
+        started = time.monotonic()
+        event = events_until(ws, "error", timeout=10)[-1]
+        assert event["error"]["code"] == "idle_expired" and "REALTIME_IDLE_SECONDS" in event["error"]["message"]
+        with pytest.raises(ConnectionClosed) as closed:
+            ws.recv(timeout=10)
+        assert closed.value.rcvd.code == 1008 and time.monotonic() - started < 5
+    assert tight_bridge.health()["realtime_sessions"] == 0
