@@ -21,6 +21,20 @@ REPLY = json.dumps({"text": "instant", "tokens": [" instant"], "timestamps": [0.
 
 
 DELAY = 0.0  # seconds per second of audio (--delay): a slow engine for tests
+FAIL_OVER = 0.0  # --fail-over: utterances longer than this get a broken answer (tests of bridge.guard)
+FAIL_MODE = "empty"  # or "loop": the two ways a model fails on noisy speech
+
+
+def reply(seconds: float) -> str:
+    """The fixed answer, or with --fail-over a broken one for long utterances, and otherwise a text
+    that says how long the utterance was (so a test can tell which piece said what)."""
+    if not FAIL_OVER:
+        return REPLY
+    if seconds > FAIL_OVER:
+        text = "" if FAIL_MODE == "empty" else " ".join(["again and again"] * int(seconds * 3))
+    else:
+        text = f"piece of {seconds:.2f} seconds"
+    return json.dumps({"text": text, "tokens": [], "timestamps": [], "lang": ""})
 
 
 async def handle(conn: ServerConnection) -> None:
@@ -37,7 +51,7 @@ async def handle(conn: ServerConnection) -> None:
                 buffer = buffer[8 + size:]
                 if DELAY:
                     await asyncio.sleep(DELAY * size / 4 / rate)
-                await conn.send(REPLY)
+                await conn.send(reply(size / 4 / rate))
     except ConnectionClosed:
         pass
 
@@ -55,9 +69,12 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=6006)
     ap.add_argument("--delay", type=float, default=0.0,
                     help="answer after this many seconds per second of audio (a slow engine)")
+    ap.add_argument("--fail-over", type=float, default=0.0,
+                    help="answer utterances longer than this many seconds wrongly (see --fail-mode)")
+    ap.add_argument("--fail-mode", choices=["empty", "loop"], default="empty")
     args = ap.parse_args()
-    global DELAY
-    DELAY = args.delay
+    global DELAY, FAIL_OVER, FAIL_MODE
+    DELAY, FAIL_OVER, FAIL_MODE = args.delay, args.fail_over, args.fail_mode
     asyncio.run(serve_forever(args.host, args.port))
 
 

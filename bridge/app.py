@@ -18,6 +18,7 @@ from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
 from bridge.engine_factory import create_engine
 from bridge.engine_manager import EngineFactory, EngineManager
+from bridge.guard import GuardLimits, PieceGuard
 from bridge.metrics import ROUTES, BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
@@ -124,8 +125,14 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
                      " ".join(map(str, decoders.pids)))
         else:
             log.info("audio decoder: one ffmpeg process per request")
+        guard = None
+        if settings.guard_pieces:
+            guard = PieceGuard(GuardLimits(settings.guard_max_words_per_second, settings.guard_max_compression_ratio,
+                                           settings.guard_min_words_per_speech_second,
+                                           settings.guard_min_piece_seconds), detector)
         state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
-                            scheduler=scheduler, metrics=metrics, detector=detector, decoders=decoders)
+                            scheduler=scheduler, metrics=metrics, detector=detector, decoders=decoders,
+                            guard=guard)
         app.state.bridge = state
         try:
             load_seconds = await engines.load_initial(settings.default_model)

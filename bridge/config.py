@@ -60,6 +60,13 @@ class BridgeSettings(BaseSettings):
     vad_threads: int = Field(0, ge=0, le=64)  # regions of a long file scanned side by side; 0 = auto
     piece_target_seconds: float | None = Field(None, gt=1)  # merge speech up to this; default: model's safe length
 
+    # Checking each piece's text, and transcribing failed pieces again in halves (bridge.guard).
+    guard_pieces: bool = True
+    guard_max_words_per_second: float = Field(5.0, gt=0)
+    guard_max_compression_ratio: float = Field(2.4, gt=1)
+    guard_min_words_per_speech_second: float = Field(0.3, ge=0)
+    guard_min_piece_seconds: float = Field(3.0, ge=0.5)
+
     # Requests
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     # Decoding: "pyav" = FFmpeg's libraries in decoder workers started once (bridge.pyav_decoder);

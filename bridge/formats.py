@@ -26,7 +26,7 @@ def _clock(seconds: float, sep: str) -> str:
 
 def to_srt(t: Transcript) -> str:
     blocks = []
-    for i, seg in enumerate(t.segments, start=1):
+    for i, seg in enumerate([seg for seg in t.segments if seg.text], start=1):  # no empty cues
         blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{seg.text}\n")
     return "\n".join(blocks)
 
@@ -34,6 +34,8 @@ def to_srt(t: Transcript) -> str:
 def to_vtt(t: Transcript) -> str:
     blocks = ["WEBVTT\n"]
     for seg in t.segments:
+        if not seg.text:
+            continue
         blocks.append(f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}\n{seg.text}\n")
     return "\n".join(blocks)
 
@@ -61,6 +63,9 @@ def to_verbose_json(t: Transcript, language: str, want_words: bool) -> dict[str,
                 "avg_logprob": 0.0,
                 "compression_ratio": _compression_ratio(seg.text),
                 "no_speech_prob": 0.0,
+                # Checks this segment's audio still failed after retries (bridge.guard): "empty",
+                # "too_long", "repetitive". Only on such segments.
+                **({"flags": seg.flags} if seg.flags else {}),
             }
             for i, seg in enumerate(t.segments)
         ],

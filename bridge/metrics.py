@@ -93,6 +93,21 @@ class _StateCollector(Collector):
                                        "Decoder worker processes replaced after dying or hanging")
         replaced.add_metric([], state.decoders.replaced if state.decoders else 0)
         yield replaced
+        guard = state.guard
+        if guard is not None:
+            failed = CounterMetricFamily("stt_bridge_piece_checks_failed", "Pieces whose text failed a check "
+                                         "(empty, too_long, repetitive), retries included", labels=["reason"])
+            for reason in ("empty", "too_long", "repetitive"):
+                failed.add_metric([reason], guard.failed[reason])
+            yield failed
+            for name, text, value in (
+                    ("stt_bridge_pieces_retried", "Pieces transcribed again in halves", guard.retried),
+                    ("stt_bridge_pieces_retry_kept", "Retried pieces whose halves were kept", guard.improved),
+                    ("stt_bridge_pieces_unreliable", "Pieces that still fail a check, kept with flags",
+                     guard.unreliable)):
+                family = CounterMetricFamily(name, text)
+                family.add_metric([], value)
+                yield family
         speed = state.engines.speed
         if speed is not None and model is not None:
             figure = GaugeMetricFamily("stt_bridge_speed_check_real_time_factor",

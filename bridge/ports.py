@@ -37,6 +37,7 @@ class EngineResult:
     timestamps: list[float] = field(default_factory=list)  # token start times, seconds
     durations: list[float] = field(default_factory=list)  # token durations (TDT), seconds
     language: str = ""
+    flags: list[str] = field(default_factory=list)  # checks this text still fails (bridge.guard)
 
 
 @dataclass

@@ -394,7 +394,7 @@ class RealtimeSession:
             plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
                               state.settings.piece_target_seconds, state.settings.stream_first_piece_seconds or None,
                               vad_threads=1)
-            pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
+            pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
             try:
                 async for _start, _end, result in pieces:
                     if result is None or not result.text:

@@ -10,6 +10,7 @@ from starlette.requests import Request
 from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
 from bridge.engine_manager import EngineManager
+from bridge.guard import PieceGuard
 from bridge.metrics import BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.pyav_decoder import DecoderPool
@@ -26,7 +27,8 @@ class BridgeState:
     scheduler: FairScheduler
     metrics: BridgeMetrics
     detector: SpeechDetector | None = None
-    decoders: DecoderPool | None = None  # None: AUDIO_DECODER=ffmpeg, a process per request
+    decoders: DecoderPool | None = None
+    guard: PieceGuard | None = None  # None: GUARD_PIECES=false  # None: AUDIO_DECODER=ffmpeg, a process per request
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0

@@ -17,6 +17,7 @@ import numpy as np
 
 from bridge.audio import AudioStream
 from bridge.cutting import PieceBuilder, is_silent, plan_pieces, split_long
+from bridge.guard import PieceGuard
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
 from bridge.transcript import Transcript, build_transcript
@@ -115,9 +116,11 @@ Plan = list[tuple[int, int]] | AsyncGenerator[tuple[int, int], None]
 
 
 async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
-                      plan: Plan | None = None) -> AsyncIterator[PieceResult]:
+                      plan: Plan | None = None, guard: PieceGuard | None = None) -> AsyncIterator[PieceResult]:
     """Each piece's result in time order. Pieces go to the scheduler as soon as the plan yields
-    them, so the engine works on the first ones while later ones are still being found."""
+    them, so the engine works on the first ones while later ones are still being found. With a
+    ``guard`` each result is checked, and a failed piece is transcribed again in halves through
+    the same request's queue (``bridge.guard``)."""
     stream = as_stream(audio)
     if plan is None:
         plan = cut_pieces(stream, engine.spec.max_piece_seconds, None)
@@ -125,9 +128,14 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
     queued: asyncio.Queue[tuple[int, int, asyncio.Future[EngineResult] | None] | None] = asyncio.Queue()
     futures: list[asyncio.Future[EngineResult]] = []
 
+    def run(samples: np.ndarray) -> asyncio.Future[EngineResult]:
+        return scheduler.submit(key, engine, samples)
+
     def submit(a: int, b: int) -> None:
         piece = stream.view(a, b)
-        future = None if is_silent(piece) else scheduler.submit(key, engine, piece)
+        future: asyncio.Future[EngineResult] | None = None
+        if not is_silent(piece):
+            future = run(piece) if guard is None else asyncio.ensure_future(guard.run(run, piece))
         if future is not None:
             futures.append(future)
         queued.put_nowait((a, b, future))

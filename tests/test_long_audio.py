@@ -60,6 +60,7 @@ def five_minutes(work):
 
 def test_five_minutes_cut_at_pauses(bridge, five_minutes):
     path, truth = five_minutes
+    guard_before = bridge.health()["guard"]
     one_by_one = {}
     for sentence in HARVARD:
         r = transcribe(bridge.url, festival_wav(sentence))
@@ -73,6 +74,10 @@ def test_five_minutes_cut_at_pauses(bridge, five_minutes):
     cut = wer(reference, body["text"])
     print(f"5 min: WER cut {cut:.3f}, one by one {baseline:.3f}, {len(body['segments'])} segments")
     assert cut <= baseline + 0.01
+    # Clean speech: no check fires, nothing is transcribed twice (bridge.guard).
+    guard_after = bridge.health()["guard"]
+    assert guard_after["failed_checks"] == guard_before["failed_checks"], guard_after
+    assert guard_after["retried"] == guard_before["retried"]
     assert body["duration"] == pytest.approx(300, abs=0.1)
     segments = body["segments"]
     assert all(a["end"] <= b["start"] + 1e-6 for a, b in zip(segments, segments[1:], strict=False))

@@ -34,6 +34,7 @@ async def health(state: BridgeState = Depends(get_state)) -> JSONResponse:
         "pieces_waiting": state.scheduler.waiting,
         "pieces_running": state.scheduler.busy,
         "speed_check": state.engines.speed.as_dict() if state.engines.speed else None,
+        "guard": state.guard.as_dict() if state.guard else None,
         "decoder": state.settings.audio_decoder,
         "decoder_workers": len(state.decoders.pids) if state.decoders else 0,
         "decoder_workers_replaced": state.decoders.replaced if state.decoders else 0,

@@ -144,7 +144,7 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
                                   state.settings.piece_target_seconds, first or None,
                                   vad_threads=state.settings.vad_threads)
-                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan))
+                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
                 try:
                     await audio.wait_done()
                     state.metrics.decode_seconds.observe(time.monotonic() - decode_started)
