@@ -69,11 +69,39 @@ def bearer_token(request: Request) -> str | None:
     return None
 
 
+def client_address(scope: Any) -> str:
+    """The peer's address: limits are keyed by it, never by a header the client sets."""
+    client = scope.get("client")
+    return str(client[0]) if client else "unknown"
+
+
+def check_guessing(state: ProxyState, address: str) -> None:
+    """An address with too many failed keys in the last minute is refused outright (429) until the
+    window moves on, valid key or not: key guessing cannot go on at full speed."""
+    per_minute = state.settings.auth_failures_per_minute
+    if not per_minute:
+        return
+    item = RateLimitItemPerMinute(per_minute)
+    if not state.limiter.test(item, "auth-failures", address):
+        reset = max(1.0, state.limiter.get_window_stats(item, "auth-failures", address).reset_time - time.time())
+        state.metrics.refused.labels("-", "auth_failures").inc()
+        raise APIError(429, f"too many requests with a wrong API key from this address; retry in {reset:.0f} s",
+                       code="too_many_auth_failures", type="rate_limit_error", retry_after=reset)
+
+
+def note_auth_failure(state: ProxyState, address: str) -> None:
+    if state.settings.auth_failures_per_minute:
+        state.limiter.hit(RateLimitItemPerMinute(state.settings.auth_failures_per_minute), "auth-failures", address)
+
+
 def authenticate(state: ProxyState, request: Request) -> ApiKey:
+    address = client_address(request.scope)
+    check_guessing(state, address)
     token = bearer_token(request)
     key = state.keys.authenticate(token) if token else None
     record = access_record(request)
     if key is None:
+        note_auth_failure(state, address)
         record.key_hint = key_hint(token) if token else ""
         raise APIError(401, "Incorrect API key provided. Create one with: python -m auth_proxy keys add NAME"
                        if token else "Missing API key: send Authorization: Bearer <key>",
@@ -224,7 +252,12 @@ def create_app(settings: ProxySettings) -> FastAPI:
     async def realtime(ws: WebSocket) -> None:
         await realtime_session(ws, ws.app.state.proxy)
 
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, "internal error; see the proxy log", code="internal_error", type="server_error")
+
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
     async def forward(request: Request, path: str) -> Response:
         return await forward_request(request)
 
@@ -257,7 +290,22 @@ async def export_loop(state: ProxyState) -> None:
         await asyncio.sleep(5)
 
 
-async def spool_body(request: Request, cap: int) -> tuple[Any, int, str | None]:
+async def body_chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that sends nothing for ``timeout`` seconds (a slow
+    upload holding a slot: slowloris) gets a 408."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body stalled: nothing arrived for {timeout:g} s (BODY_READ_TIMEOUT)",
+                           code="request_timeout") from None
+        yield chunk
+
+
+async def spool_body(request: Request, cap: int, timeout: float = 30.0) -> tuple[Any, int, str | None]:
     """Returns (body to forward, its length, temp path to delete).
 
     With Content-Length the body streams straight through (checked against the cap first). A
@@ -276,7 +324,7 @@ async def spool_body(request: Request, cap: int) -> tuple[Any, int, str | None]:
 
         async def counted() -> AsyncIterator[bytes]:
             seen = 0
-            async for chunk in request.stream():
+            async for chunk in body_chunks(request, timeout):
                 seen += len(chunk)
                 if seen > cap:
                     raise too_large
@@ -288,7 +336,7 @@ async def spool_body(request: Request, cap: int) -> tuple[Any, int, str | None]:
     tmp = tempfile.NamedTemporaryFile(prefix="auth-upload-", delete=False)
     size = 0
     try:
-        async for chunk in request.stream():
+        async for chunk in body_chunks(request, timeout):
             size += len(chunk)
             if size > cap:
                 raise too_large
@@ -324,8 +372,12 @@ async def forward_request(request: Request) -> Response:
     started = time.monotonic()
     path = request.url.path
     key = authenticate(state, request)
-    if not path.startswith(FORWARDED_PREFIXES):
+    segments = path.split("/")
+    if not path.startswith(FORWARDED_PREFIXES) or ".." in segments or "." in segments or "" in segments[1:]:
         raise APIError(404, f"no route {path}", code="not_found", should_retry=False)
+    if path == "/v1/models/switch" and not key.admin:
+        raise APIError(403, "switching the model changes it for every key: use an admin key "
+                       "(python -m auth_proxy keys add NAME --admin)", code="forbidden", should_retry=False)
     is_transcription = path.startswith("/v1/audio/")
     if state.in_flight >= settings.max_in_flight:
         state.metrics.refused.labels(key.name, "in_flight").inc()
@@ -366,7 +418,8 @@ async def forward_request(request: Request) -> Response:
                                         latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
 
     try:
-        body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024)
+        body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024,
+                                                 settings.body_read_timeout)
         upstream_request = state.client.build_request(
             request.method, path, params=request.query_params,
             headers=upstream_headers(request.headers.items(), request_id, length if request.method != "GET" else None),

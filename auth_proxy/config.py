@@ -29,6 +29,9 @@ class ProxySettings(BaseSettings):
     default_rpm: int = Field(0, ge=0)  # per key, when the key sets none; 0 = unlimited
     default_audio_seconds_per_day: float = Field(0, ge=0)
     realtime_sessions_per_key: int = Field(4, ge=0)  # live dictation sessions open at once per key
+    # Wrong keys from one address in a minute before it is refused outright (429); 0 = no limit.
+    auth_failures_per_minute: int = Field(30, ge=0)
+    body_read_timeout: float = Field(30.0, gt=0)  # seconds an upload may send nothing (408 after)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
     # Prometheus metrics at http://AUTH_METRICS_HOST:AUTH_METRICS_PORT/metrics, never on the API port

@@ -56,7 +56,7 @@ def bridge_ws_url(bridge_url: str, query: str) -> str:
 
 
 async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
-    from auth_proxy.app import check_limits, record_usage
+    from auth_proxy.app import check_guessing, check_limits, client_address, note_auth_failure, record_usage
 
     settings = state.settings
     request_id = request_id_from(ws.scope["headers"])
@@ -76,9 +76,17 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
             await ws.close(1008, code)
 
     try:
+        address = client_address(ws.scope)
+        try:
+            check_guessing(state, address)
+        except APIError as exc:
+            outcome = exc.code or "too_many_auth_failures"
+            await refuse(outcome, exc.message, exc.type)
+            return
         token = presented_key(ws)
         key = state.keys.authenticate(token) if token else None
         if key is None:
+            note_auth_failure(state, address)
             fields["key_hint"] = key_hint(token) if token else ""
             outcome = "invalid_api_key"
             await refuse("invalid_api_key", "Incorrect API key provided" if token else

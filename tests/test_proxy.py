@@ -111,7 +111,10 @@ def test_models_and_switch_through_the_client(proxy):
     c = client(proxy)
     ids = [m.id for m in c.models.list()]
     assert "moonshine-base-en" in ids
-    r = c.post("/models/switch", body={"model_id": "moonshine-base-en"}, cast_to=httpx.Response)
+    with pytest.raises(openai.PermissionDeniedError):  # a switch changes the model for every key
+        c.post("/models/switch", body={"model_id": "moonshine-base-en"}, cast_to=httpx.Response)
+    admin = client(proxy, proxy.keys["root"])
+    r = admin.post("/models/switch", body={"model_id": "moonshine-base-en"}, cast_to=httpx.Response)
     assert r.status_code == 200 and r.json()["model"] == "moonshine-base-en"
 
 

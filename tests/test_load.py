@@ -1,0 +1,129 @@
+"""Mixed load through the proxy: 16 clients for ``LOAD_SECONDS`` (20 s by default, 120 s with
+``--run-slow``) sending good uploads in several formats, streamed requests, bad files, wrong keys
+and a key over its rate limit. No unexpected 5xx, every kind answered as documented, memory and
+open files of the proxy, the bridge and the engine steady after warm-up, usage equal to what was
+answered."""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from tests.speech import ffmpeg_convert
+from tests.test_proxy import ProxyProcess, add_key
+
+CLIENTS = 16
+EXPECTED = {"upload": {200}, "stream": {200}, "bad_file": {400}, "wrong_key": {401}, "over_limit": {200, 429}}
+
+
+@pytest.fixture(scope="module")
+def clips(beckett, tmp_path_factory) -> dict[str, Path]:
+    work = tmp_path_factory.mktemp("load")
+    out = {"wav": beckett, "mp3": ffmpeg_convert(beckett, work / "b.mp3", "-b:a", "64k"),
+           "webm": ffmpeg_convert(beckett, work / "b.webm", "-c:a", "libopus", "-b:a", "32k"),
+           "short": ffmpeg_convert(beckett, work / "short.ogg", "-t", "3", "-c:a", "libopus")}
+    bad = work / "bad.mp3"
+    bad.write_bytes(random.Random(3).randbytes(40_000))
+    out["bad"] = bad
+    return out
+
+
+def tree(pid: int) -> tuple[float, int]:
+    """RSS (MB) and open file descriptors of one process (the engine child is watched on its own)."""
+    proc = psutil.Process(pid)
+    return proc.memory_info().rss / 2**20, proc.num_fds()
+
+
+def test_mixed_load_through_the_proxy(bridge, clips, tmp_path, request):
+    seconds = 120 if request.config.getoption("--run-slow") else float(os.environ.get("LOAD_SECONDS", "20"))
+    work = tmp_path / "proxy"
+    keys_file = work / "api-keys.json"
+    work.mkdir()
+    keys = {"user": add_key(keys_file, "user"), "limited": add_key(keys_file, "limited", "--rpm", "5")}
+    proxy = ProxyProcess(bridge.url, work, AUTH_FAILURES_PER_MINUTE="0")  # wrong keys are part of the mix
+    try:
+        data = {name: path.read_bytes() for name, path in clips.items()}
+        local = threading.local()
+        results: list[tuple[str, int, float]] = []
+        lock = threading.Lock()
+
+        def one(kind: str, rng: random.Random) -> tuple[str, int, float]:
+            client = getattr(local, "client", None) or httpx.Client(timeout=300)
+            local.client = client
+            key, fields = keys["user"], {}
+            name = rng.choice(["wav", "mp3", "webm", "short"])
+            if kind == "stream":
+                fields["stream"] = "true"
+            elif kind == "bad_file":
+                name = "bad"
+            elif kind == "wrong_key":
+                key = f"sk-mvp-{rng.getrandbits(160):040x}"
+            elif kind == "over_limit":
+                key = keys["limited"]
+            started = time.perf_counter()
+            r = client.post(proxy.url + "/v1/audio/transcriptions", files={"file": (f"a.{name}", data[name])},
+                            data=fields, headers={"Authorization": f"Bearer {key}"})
+            if kind == "stream" and r.status_code == 200:
+                assert "transcript.text.done" in r.text, r.text[-300:]
+            return kind, r.status_code, time.perf_counter() - started
+
+        kinds = ["upload"] * 5 + ["stream"] * 2 + ["bad_file", "wrong_key", "over_limit"]
+
+        def client_loop(seed: int, until: float) -> None:
+            rng = random.Random(seed)
+            while time.monotonic() < until:
+                outcome = one(rng.choice(kinds), rng)
+                with lock:
+                    results.append(outcome)
+
+        # Warm-up at the same concurrency, then the figures the run is compared with.
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(lambda i: one("upload", random.Random(i)), range(CLIENTS)))
+        engine_pid = bridge.health()["engine_pid"]
+        watched = {"proxy": proxy.proc.pid, "bridge": bridge.proc.pid, "engine": engine_pid}
+        before = {name: tree(pid) for name, pid in watched.items()}
+        until = time.monotonic() + seconds
+        with ThreadPoolExecutor(CLIENTS) as pool:
+            list(pool.map(lambda i: client_loop(i, until), range(CLIENTS)))
+        time.sleep(1)
+        after = {name: tree(pid) for name, pid in watched.items()}
+
+        by_kind: dict[str, list[tuple[int, float]]] = {}
+        for kind, status, latency in results:
+            by_kind.setdefault(kind, []).append((status, latency))
+        print(f"\n{len(results)} requests in {seconds:g} s from {CLIENTS} clients")
+        for kind, rows in sorted(by_kind.items()):
+            lat = sorted(latency for _, latency in rows)
+            p95 = lat[min(len(lat) - 1, int(0.95 * len(lat)))]
+            statuses = sorted({s for s, _ in rows})
+            print(f"  {kind:11} n={len(rows):4d} statuses={statuses} p50={statistics.median(lat) * 1000:7.0f} ms "
+                  f"p95={p95 * 1000:7.0f} ms")
+        for name in watched:
+            print(f"  {name:7} RSS {before[name][0]:7.1f} -> {after[name][0]:7.1f} MB, fds {before[name][1]} -> "
+                  f"{after[name][1]}")
+        unexpected = [(k, s) for k, s, _ in results if s not in EXPECTED[k]]
+        assert not unexpected, unexpected[:10]
+        assert set(by_kind) == set(EXPECTED) and len(results) >= 30
+        for name in watched:
+            rss0, fds0 = before[name]
+            rss1, fds1 = after[name]
+            assert rss1 <= rss0 * 1.2 + 20, f"{name} RSS grew from {rss0:.0f} to {rss1:.0f} MB"
+            assert fds1 <= fds0 * 1.2 + 4, f"{name} open files grew from {fds0} to {fds1}"
+        # Usage: one record per answered request of a valid key (refusals included), none lost.
+        answered = {"user": CLIENTS + sum(1 for k, _, _ in results if k in ("upload", "stream", "bad_file")),
+                    "limited": sum(1 for k, _, _ in results if k == "over_limit")}
+        for name, key in keys.items():
+            totals = httpx.get(proxy.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()["totals"]
+            assert sum(t["requests"] for t in totals) == answered[name], (name, totals)
+        assert bridge.health()["requests_in_flight"] == 0
+    finally:
+        proxy.stop()
