@@ -4,10 +4,12 @@ bridge keeps serving."""
 from __future__ import annotations
 
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import BECKETT_TEXT
@@ -82,9 +84,27 @@ def test_audio_longer_than_the_limit_is_refused_without_decoding_it_all(decoder_
     # A decompression bomb: an hour of silent Opus is small but would decode to ~230 MB.
     bomb = lavfi(work / "hour.ogg", "anullsrc=r=16000:cl=mono", 3600, "-c:a", "libopus", "-b:a", "6k")
     assert bomb.stat().st_size < 3_000_000
+    bridge = psutil.Process(decoder_bridge.proc.pid)
+    before, peak, done = bridge.memory_info().rss, 0, threading.Event()
+
+    def watch() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, bridge.memory_info().rss)
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
     started = time.monotonic()
-    assert_openai_error(transcribe(decoder_bridge.url, bomb), 400, "audio_too_long")
+    try:
+        assert_openai_error(transcribe(decoder_bridge.url, bomb), 400, "audio_too_long")
+    finally:
+        done.set()
+        watcher.join()
     assert time.monotonic() - started < 30
+    # What the cap protects: the bridge never holds the hour (230 MB of samples), at most the 600 s.
+    growth = (peak - before) / 2**20
+    assert growth < 100, f"the bridge grew by {growth:.0f} MB decoding a bomb"
 
 
 def test_oversized_bodies_get_413_before_forwarding(bridge):
