@@ -12,7 +12,7 @@ import logging
 import mimetypes
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -58,6 +58,8 @@ class ProxyState:
     in_flight: int = 0
     realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
     export_task: asyncio.Task[None] | None = None
+    retry_task: asyncio.Task[None] | None = None
+    unwritten: list[Callable[[], Any]] = field(default_factory=list)  # usage writes the store refused, in order
     dirty: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -176,6 +178,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
         app.state.proxy = state
         if settings.usage_json is not None:
             state.export_task = asyncio.create_task(export_loop(state))
+        state.retry_task = asyncio.create_task(retry_loop(state))
         log.info("proxy ready: forwarding to %s, %d key(s), usage in %s", settings.bridge_url, len(keys),
                  "PostgreSQL" if usage.postgres else settings.usage_db)
         try:
@@ -183,7 +186,13 @@ def create_app(settings: ProxySettings) -> FastAPI:
         finally:
             if state.export_task is not None:
                 state.export_task.cancel()
+            state.retry_task.cancel()
             await client.aclose()
+            while state.unwritten and write_usage(state, state.unwritten[0], "a record kept for later"):
+                state.unwritten.pop(0)
+            if state.unwritten:
+                log.error("%d usage writes could not be made before the stop (the store is down); see the "
+                          "warnings above for each", len(state.unwritten))
             if settings.usage_json is not None:
                 usage.export_json(settings.usage_json)
             usage.close()
@@ -285,8 +294,9 @@ async def export_loop(state: ProxyState) -> None:
         state.dirty.clear()
         try:
             await asyncio.to_thread(state.usage.export_json, state.settings.usage_json)
-        except Exception:  # noqa: BLE001 - the export is a convenience; the database is the record
-            log.exception("writing %s failed", state.settings.usage_json)
+        except Exception as exc:  # noqa: BLE001 - the export is a convenience; the database is the record
+            log.warning("writing %s failed: %s", state.settings.usage_json, exc)
+            state.dirty.set()  # again on the next round
         await asyncio.sleep(5)
 
 
@@ -351,17 +361,42 @@ async def spool_body(request: Request, cap: int, timeout: float = 30.0) -> tuple
     return file_chunks(tmp.name), size, tmp.name
 
 
-def record_usage(state: ProxyState, rec: UsageRecord) -> None:
-    """Write one usage record, timed; a failed write is logged and counted, never the request's end."""
+def usage_unavailable() -> APIError:
+    return APIError(503, "usage cannot be recorded right now, so nothing is served; retry shortly",
+                    code="usage_unavailable", type="server_error", retry_after=5)
+
+
+def write_usage(state: ProxyState, write: Callable[[], Any], what: object) -> bool:
+    """Run one usage write, timed and counted; False (logged) when the store refused it."""
     started = time.monotonic()
     try:
-        state.usage.record(rec)
-    except Exception:  # noqa: BLE001 - the answer is on its way; the log keeps the record
+        write()
+    except Exception as exc:  # noqa: BLE001 - the caller decides: refuse, or keep it for later
         state.metrics.usage_write_errors.inc()
-        log.exception("usage record not written: %s", rec)
-        return
+        log.warning("usage store unavailable (%s: %s) for %s", exc.__class__.__name__, exc, what)
+        return False
     state.metrics.usage_write_seconds.observe(time.monotonic() - started)
     state.dirty.set()
+    return True
+
+
+def record_usage(state: ProxyState, rec: UsageRecord) -> None:
+    """Write one usage record of something already served; kept in memory and written again later
+    (``retry_loop``) if the store refuses it now."""
+    if state.unwritten or not write_usage(state, lambda: state.usage.record(rec), rec):
+        state.unwritten.append(lambda: state.usage.record(rec))
+
+
+async def retry_loop(state: ProxyState) -> None:
+    """Writes what the store refused earlier, in order, once it takes writes again."""
+    while True:
+        await asyncio.sleep(2)
+        while state.unwritten:
+            if not await asyncio.to_thread(write_usage, state, state.unwritten[0], "a record kept for later"):
+                break
+            state.unwritten.pop(0)
+            if not state.unwritten:
+                log.info("usage store back: every record kept meanwhile is written")
 
 
 async def forward_request(request: Request) -> Response:
@@ -392,6 +427,15 @@ async def forward_request(request: Request) -> Response:
                                         route=path, status=exc.status, audio_seconds=0.0,
                                         latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
         raise
+    except Exception:  # the quota could not be read: the store is down
+        raise usage_unavailable() from None
+    # Metered before it is served: a request the store cannot record is refused, never served free.
+    pending = UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="", route=path, status=0,
+                          audio_seconds=0.0, latency_ms=0.0, created=time.time())
+    rows: list[int] = []
+    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):
+        raise usage_unavailable()
+    row = rows[0]
     state.in_flight += 1
     state.metrics.in_flight.inc()
     released = False
@@ -413,9 +457,14 @@ async def forward_request(request: Request) -> Response:
                 pass
         record.status, record.model = status, model
         record.audio_seconds = audio_seconds if is_transcription else None
-        record_usage(state, UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model=model,
-                                        route=path, status=status, audio_seconds=audio_seconds,
-                                        latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
+        latency_ms = (time.monotonic() - started) * 1000
+
+        def complete() -> None:
+            state.usage.complete(row, status=status, model=model, audio_seconds=audio_seconds, latency_ms=latency_ms)
+
+        # Synchronous: a cancelled task cannot await. If the store refuses it now, kept for later.
+        if state.unwritten or not write_usage(state, complete, pending):
+            state.unwritten.append(complete)
 
     try:
         body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024,

@@ -56,7 +56,14 @@ def bridge_ws_url(bridge_url: str, query: str) -> str:
 
 
 async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
-    from auth_proxy.app import check_guessing, check_limits, client_address, note_auth_failure, record_usage
+    from auth_proxy.app import (
+        check_guessing,
+        check_limits,
+        client_address,
+        note_auth_failure,
+        record_usage,
+        usage_unavailable,
+    )
 
     settings = state.settings
     request_id = request_id_from(ws.scope["headers"])
@@ -95,7 +102,12 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
             return
         fields["key"] = key.name
         try:
-            check_limits(state, key, is_transcription=True)
+            try:
+                check_limits(state, key, is_transcription=True)
+            except APIError:
+                raise
+            except Exception:  # the quota could not be read: the store is down
+                raise usage_unavailable() from None
         except APIError as exc:
             outcome = exc.code or "limit"
             state.metrics.refused.labels(key.name, "audio_quota" if exc.code == "insufficient_quota" else "rpm").inc()

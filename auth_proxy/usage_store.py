@@ -4,6 +4,11 @@
 replicas sharing one database). Each record is committed before the proxy finishes the response,
 so a proxy stopped with SIGTERM loses nothing it answered. ``usage.json`` is a human-readable
 summary written atomically from the database.
+
+A forwarded request is metered in two steps: ``begin`` writes its record (status 0, pending)
+before anything is forwarded, so that when the store cannot be written the proxy refuses the
+request (503) rather than serve it unmetered; ``complete`` fills in the outcome. A PostgreSQL
+connection that was lost is opened again on the next call.
 """
 
 from __future__ import annotations
@@ -73,16 +78,39 @@ class UsageStore:
     def _sql(self, sql: str) -> str:
         return sql.replace("?", self._param)
 
-    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+    def _execute(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        """Run one statement under the lock and return its rows; PostgreSQL: a lost connection is
+        opened again, once per call."""
         with self._lock:
-            cur = self._conn.execute(self._sql(sql), params)
-            return list(cur.fetchall())
+            try:
+                return _rows(self._conn.execute(self._sql(sql), params))
+            except Exception as exc:
+                if not self.postgres or (not self._conn.closed and not _connection_lost(exc)):
+                    raise
+                import psycopg
+
+                try:
+                    self._conn.close()
+                except Exception:  # noqa: BLE001 - it is gone already
+                    pass
+                self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=5)
+                return _rows(self._conn.execute(self._sql(sql), params))
+
+    def _query(self, sql: str, params: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+        return self._execute(sql, params)
+
+    def begin(self, rec: UsageRecord) -> int:
+        """Write a request's record before it is served (status 0 until ``complete``); its row id."""
+        rows = self._execute(f"INSERT INTO usage ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+                             tuple(asdict(rec).values()))
+        return int(rows[0][0])
+
+    def complete(self, row: int, *, status: int, model: str, audio_seconds: float, latency_ms: float) -> None:
+        self._execute("UPDATE usage SET status = ?, model = ?, audio_seconds = ?, latency_ms = ? WHERE id = ?",
+                      (status, model, audio_seconds, latency_ms, row))
 
     def record(self, rec: UsageRecord) -> None:
-        values = tuple(asdict(rec).values())
-        with self._lock:
-            self._conn.execute(self._sql(f"INSERT INTO usage ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"),
-                               values)
+        self._execute(f"INSERT INTO usage ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(asdict(rec).values()))
 
     @staticmethod
     def _where(key_id: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:
@@ -133,3 +161,15 @@ class UsageStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _connection_lost(exc: Exception) -> bool:
+    try:
+        import psycopg
+    except ImportError:
+        return False
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+
+
+def _rows(cursor: Any) -> list[tuple[Any, ...]]:
+    return list(cursor.fetchall()) if cursor.description else []

@@ -22,30 +22,51 @@ def _pg_bin() -> str | None:
     return os.path.dirname(found[-1]) if found else None
 
 
+class PostgresServer:
+    """A private PostgreSQL cluster on a free loopback port, run as the 'postgres' user; stop()
+    and start() it to play an outage."""
+
+    def __init__(self) -> None:
+        bindir = _pg_bin()
+        if bindir is None:
+            pytest.skip("PostgreSQL store NOT tested: no PostgreSQL server binaries (apt-get install postgresql)")
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("PostgreSQL store NOT tested: no 'postgres' system user to run the server as")
+        self.bindir = bindir
+        # Not under pytest's tmp root: that is private to root, and the server runs as 'postgres'.
+        self.base = Path(tempfile.mkdtemp(prefix="mvp-pg-"))
+        self.data = self.base / "data"
+        os.chmod(self.base, 0o777)
+        self.run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        subprocess.run([*self.run_as, f"{bindir}/initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres"],
+                       check=True, capture_output=True)
+        self.port = free_port()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.start()
+
+    def start(self) -> None:
+        subprocess.run([*self.run_as, f"{self.bindir}/pg_ctl", "-D", str(self.data), "-w", "-l",
+                        str(self.base / "pg.log"), "-o", f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1",
+                        "start"], check=True, capture_output=True)
+
+    def stop(self) -> None:
+        subprocess.run([*self.run_as, f"{self.bindir}/pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+
+    def remove(self) -> None:
+        self.stop()
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def postgres_url(tmp_path_factory):
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL store NOT tested: no PostgreSQL server binaries (apt-get install postgresql)")
+    server = PostgresServer()
     try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("PostgreSQL store NOT tested: no 'postgres' system user to run the server as")
-    # Not under pytest's tmp root: that is private to root, and the server runs as 'postgres'.
-    base = Path(tempfile.mkdtemp(prefix="mvp-pg-"))
-    data = base / "data"
-    os.chmod(base, 0o777)
-    run_as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    subprocess.run([*run_as, f"{bindir}/initdb", "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    port = free_port()
-    subprocess.run([*run_as, f"{bindir}/pg_ctl", "-D", str(data), "-w", "-l", str(base / "pg.log"), "-o",
-                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+        yield server.url
     finally:
-        subprocess.run([*run_as, f"{bindir}/pg_ctl", "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(base, ignore_errors=True)
+        server.remove()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
