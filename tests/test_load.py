@@ -127,3 +127,70 @@ def test_mixed_load_through_the_proxy(bridge, clips, tmp_path, request):
         assert bridge.health()["requests_in_flight"] == 0
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("fault", ["engine_kill", "key_file_churn"])
+def test_faults_during_load(bridge, clips, tmp_path, fault):
+    """Under 16 clients: the engine killed with SIGKILL (requests in flight get 503 with
+    Retry-After or succeed, none hangs, the engine is back within 5 s), or the key file rewritten
+    every second (valid keys keep working)."""
+    import signal
+
+    work = tmp_path / "proxy"
+    work.mkdir()
+    keys_file = work / "api-keys.json"
+    key = add_key(keys_file, "user")
+    proxy = ProxyProcess(bridge.url, work)
+    results: list[tuple[int, str | None]] = []
+    lock = threading.Lock()
+    data = {name: clips[name].read_bytes() for name in ("wav", "mp3", "short")}
+    until = time.monotonic() + 15
+    try:
+        def client_loop(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(timeout=60) as client:  # a hang fails the test
+                while time.monotonic() < until:
+                    name = rng.choice(list(data))
+                    r = client.post(proxy.url + "/v1/audio/transcriptions", files={"file": (f"a.{name}", data[name])},
+                                    headers={"Authorization": f"Bearer {key}"})
+                    with lock:
+                        results.append((r.status_code, r.headers.get("retry-after")))
+
+        recovered: list[float] = []
+
+        def inject() -> None:
+            time.sleep(4)
+            if fault == "engine_kill":
+                pid = bridge.health()["engine_pid"]
+                killed = time.monotonic()
+                os.kill(pid, signal.SIGKILL)
+                while time.monotonic() - killed < 30:
+                    health = bridge.health()
+                    if health["status"] == "ready" and health["engine_pid"] != pid:
+                        recovered.append(time.monotonic() - killed)
+                        return
+                    time.sleep(0.05)
+            else:
+                i = 0
+                while time.monotonic() < until:
+                    add_key(keys_file, f"churn-{i}")  # the file rewritten, the proxy reloads it
+                    i += 1
+                    time.sleep(1)
+                recovered.append(float(i))
+
+        with ThreadPoolExecutor(CLIENTS + 1) as pool:
+            injector = pool.submit(inject)
+            list(pool.map(client_loop, range(CLIENTS)))
+            injector.result()
+        statuses = sorted({s for s, _ in results})
+        print(f"\n{fault}: {len(results)} requests, statuses {statuses}, injector result {recovered}")
+        assert results and recovered
+        if fault == "engine_kill":
+            assert recovered[0] <= 5, f"the engine took {recovered[0]:.1f} s to come back"
+            assert set(statuses) <= {200, 503}
+            assert all(retry for status, retry in results if status == 503)  # each 503 says when to retry
+            assert results[-1][0] == 200 or any(s == 200 for s, _ in results[-CLIENTS:])
+        else:
+            assert statuses == [200] and recovered[0] >= 5
+    finally:
+        proxy.stop()
