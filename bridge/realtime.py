@@ -167,6 +167,7 @@ class RealtimeSession:
         self.config = SessionConfig()
         self.resampler = Resampler()
         self.detector: TurnDetector | None = None
+        self.detector_origin = 0  # where on the time line the detector began counting
         self.received = 0  # 16 kHz samples appended so far (the session's time line)
         self.buffer = np.zeros(0, dtype=np.float32)
         self.buffer_start = 0  # time-line position of buffer[0]
