@@ -154,15 +154,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop_metrics = None
-        if settings.auth_metrics_port:
-            host = settings.auth_metrics_host or settings.auth_host
-            try:
-                stop_metrics = serve_metrics(metrics.registry, host, settings.auth_metrics_port)
-            except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on {host}:{settings.auth_metrics_port} "
-                                   f"(AUTH_METRICS_PORT; 0 turns them off): {exc}") from exc
-            log.info("metrics at http://%s:%d/metrics", host, settings.auth_metrics_port)
+        stop_metrics = serve_metrics(metrics.registry, settings.auth_metrics_host or settings.auth_host,
+                                     settings.auth_metrics_port, "AUTH_METRICS_PORT")
         keys = KeyStore(settings.api_keys_file)
         if len(keys) == 0:
             log.warning("no API keys in %s: every request will get 401. Create one with: "

@@ -42,7 +42,7 @@ import psutil
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
-from bench.bench_stack import wait_http
+from bench.bench_stack import Services, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings, usable_cores
 from bridge.model_store import ModelStore
@@ -287,30 +287,6 @@ def ratio_lines(rows: list[Row], over: str, under: str, label: str) -> list[str]
             lines.append(f"- {label} at concurrency {c}: p50 latency {a.p50_ms / b.p50_ms:.3f}, "
                          f"throughput {a.audio_per_s / b.audio_per_s:.3f}")
     return lines
-
-
-class Services:
-    """Processes the bench started; all stopped at the end."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=(self.work / f"{name}.log").open("wb"),
-                                stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

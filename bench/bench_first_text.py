@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
 from bench.bench_long import speech  # noqa: E402
-from bench.bench_stack import raw_one, wait_http  # noqa: E402
+from bench.bench_stack import Services, raw_one, wait_http  # noqa: E402
 from bridge.audio import cap_samples  # noqa: E402
 from bridge.catalog import Catalog  # noqa: E402
 from bridge.config import load_settings, usable_cores  # noqa: E402
@@ -143,43 +143,24 @@ def interleaved(rounds: int, runs: dict[str, Callable[[], float]]) -> dict[str, 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-class Stack:
-    """Processes started for the run, stopped at the end."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, args: list[str], env: dict[str, str], log: str, cwd: Path = ROOT) -> subprocess.Popen[bytes]:
-        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=(self.work / log).open("wb"),
-                                stderr=subprocess.STDOUT)
-        self.procs.append(proc)
-        return proc
+class Stack(Services):
+    """Processes started for the run, stopped at the end; bridges from this or another tree."""
 
     def bridge(self, name: str, env: dict[str, str], tree: Path = ROOT) -> str:
         port = free_port()
         env = {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port), "BRIDGE_METRICS_PORT": "0"}
-        proc = self.start([sys.executable, "-m", "bridge"], env, f"{name}.log", cwd=tree)
+        proc = self.start(name, [sys.executable, "-m", "bridge"], env, cwd=tree)
         url = f"http://127.0.0.1:{port}"
         wait_http(url + "/health", proc)
         return url
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
 
 
 def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path | None) -> dict[str, object]:
     stack = Stack(work)
     try:
         port = free_port()
-        stack.start([sys.executable, "-m", "bench.instant_engine", "--port", str(port)], dict(os.environ),
-                    "instant-engine.log")
+        stack.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port)],
+                    dict(os.environ))
         # The stand-in is as fast as a GPU and takes no CPU: the VAD gets every core, as on CUDA.
         env = {**os.environ, "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{port}",
                "LOG_LEVEL": "warning", "DEFAULT_MODEL": "moonshine-base-en",
@@ -243,7 +224,7 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | 
                                max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120,
                                max_restarts=0, restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
         raw_port = free_port()
-        stack.start(sup.command(raw_port), dict(os.environ), "raw-engine.log")
+        stack.start("raw-engine", sup.command(raw_port), dict(os.environ))
         raw_url = f"ws://127.0.0.1:{raw_port}"
         clip = decoded(files["mp3_10s"])  # the very samples the bridge hands its engine
         deadline = time.monotonic() + 60

@@ -29,8 +29,8 @@ from websockets.sync.client import connect as sync_connect
 
 from adapters.managed_websocket import free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
-from bench.__main__ import Services, start_raw_engine
-from bench.bench_stack import wait_http
+from bench.__main__ import start_raw_engine
+from bench.bench_stack import Services, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.model_store import ModelStore

@@ -24,8 +24,7 @@ import httpx
 import numpy as np
 
 from adapters.managed_websocket import free_port
-from bench.__main__ import Services
-from bench.bench_stack import wait_http
+from bench.bench_stack import Services, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.model_store import ModelStore

@@ -56,6 +56,31 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
     raise TimeoutError(url)
 
 
+class Services:
+    """Processes the bench started; all stopped at the end."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, args: list[str], env: dict[str, str], cwd: Path = ROOT) -> subprocess.Popen[bytes]:
+        """Start ``args`` with its output in ``name``.log in the work folder."""
+        proc = subprocess.Popen(args, cwd=cwd, env=env, stdout=(self.work / f"{name}.log").open("wb"),
+                                stderr=subprocess.STDOUT)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
 async def raw_one(url: str, samples: np.ndarray) -> float:
     async with websockets.connect(url, max_size=None, compression=None) as ws:
         t = time.perf_counter()

@@ -93,15 +93,8 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        stop_metrics = None
-        if settings.bridge_metrics_port:
-            host = settings.bridge_metrics_host or settings.bridge_host
-            try:
-                stop_metrics = serve_metrics(metrics.registry, host, settings.bridge_metrics_port)
-            except OSError as exc:
-                raise RuntimeError(f"cannot serve metrics on {host}:{settings.bridge_metrics_port} "
-                                   f"(BRIDGE_METRICS_PORT; 0 turns them off): {exc}") from exc
-            log.info("metrics at http://%s:%d/metrics", host, settings.bridge_metrics_port)
+        stop_metrics = serve_metrics(metrics.registry, settings.bridge_metrics_host or settings.bridge_host,
+                                     settings.bridge_metrics_port, "BRIDGE_METRICS_PORT")
         catalog = Catalog.load(settings.catalog_file)
         if settings.default_model not in catalog:
             raise RuntimeError(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "

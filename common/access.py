@@ -154,12 +154,19 @@ class AccessMiddleware:
             request_id_var.reset(token)
 
 
-def serve_metrics(registry: Any, host: str, port: int) -> Callable[[], None]:
+def serve_metrics(registry: Any, host: str, port: int, setting: str) -> Callable[[], None] | None:
     """Serve ``registry`` at http://host:port/metrics from a thread (prometheus-client's own
-    server); returns the function that stops it. Raises OSError when the port is taken."""
+    server); returns the function that stops it, or None when ``port`` is 0 (off). A port that is
+    taken stops the start with a message naming ``setting``."""
     from prometheus_client import start_http_server
 
-    server, thread = start_http_server(port, addr=host, registry=registry)
+    if not port:
+        return None
+    try:
+        server, thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise RuntimeError(f"cannot serve metrics on {host}:{port} ({setting}; 0 turns them off): {exc}") from exc
+    logging.getLogger("common.metrics").info("metrics at http://%s:%d/metrics", host, port)
 
     def stop() -> None:
         server.shutdown()

@@ -119,6 +119,23 @@ class BridgeProcess:
         return self.proc.returncode
 
 
+def start_instant_engine(*args: str) -> tuple[subprocess.Popen, str]:
+    """``bench.instant_engine`` (a stand-in engine, see its flags) on a free port, once it answers;
+    returns the process and its ws:// URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "bench.instant_engine", "--port", str(port), *args], cwd=ROOT)
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return proc, f"ws://127.0.0.1:{port}"
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                proc.kill()
+                raise
+            time.sleep(0.1)
+
+
 def bridge_env(models_dir: Path, catalog_file: Path, **extra: str) -> dict[str, str]:
     env = {
         "MODELS_DIR": str(models_dir),

@@ -6,9 +6,6 @@ on long pieces the way Moonshine does on noisy speech (no model fails that way o
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -17,7 +14,7 @@ import pytest
 from bridge.guard import GuardLimits, PieceGuard, compression_ratio, quietest_point
 from bridge.ports import EngineResult
 from bridge.vad import SpeechDetector, find_vad_model
-from tests.conftest import ROOT, BridgeProcess, bridge_env, free_port
+from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.helpers import transcribe
 from tests.speech import HARVARD, festival_wav, have_festival, read_wav16, write_wav16
 
@@ -101,25 +98,10 @@ def test_a_piece_that_still_fails_is_kept_and_flagged(guard):
     assert result.text == "" and result.flags == ["empty"]
 
 
-def start_failing_engine(fail_over: float) -> tuple[subprocess.Popen, str]:
-    """``bench.instant_engine`` answering nothing for utterances over ``fail_over`` seconds."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.instant_engine", "--port", str(port),
-                             "--fail-over", str(fail_over), "--fail-mode", "empty"], cwd=ROOT)
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-    return proc, f"ws://127.0.0.1:{port}"
-
-
 @pytest.mark.parametrize("fail_over", [8.0, 1.0])
 def test_the_bridge_retries_failed_pieces_and_shows_what_still_fails(models_dir, catalog_file, tmp_path, fail_over):
-    engine, url = start_failing_engine(fail_over)
+    # A stand-in engine answering nothing for utterances over ``fail_over`` seconds.
+    engine, url = start_instant_engine("--fail-over", str(fail_over), "--fail-mode", "empty")
     bridge = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_ADAPTER="websocket", ENGINE_URL=url,
                                       SPEED_CHECK="false", PIECE_TARGET_SECONDS="20"), tmp_path / "bridge.log")
     try:

@@ -3,14 +3,9 @@ warning for an engine that reports CUDA and answers slowly (a stand-in: no GPU h
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import time
-
-import httpx
 import pytest
 
-from tests.conftest import ROOT, BridgeProcess, bridge_env, free_port
+from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 
 
 def test_health_shows_the_measured_speed_on_cpu(bridge):
@@ -29,18 +24,9 @@ def stand_in_engine():
     procs = []
 
     def start(delay: float) -> str:
-        port = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.instant_engine", "--port", str(port),
-                                       "--delay", str(delay)], cwd=ROOT))
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-                break
-            except httpx.HTTPError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
-        return f"ws://127.0.0.1:{port}"
+        proc, url = start_instant_engine("--delay", str(delay))
+        procs.append(proc)
+        return url
 
     yield start
     for proc in procs:

@@ -4,8 +4,6 @@ once the store is back, and the service resumes by itself."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -13,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.conftest import ROOT, BridgeProcess, bridge_env, free_port
+from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.test_proxy import ProxyProcess, add_key
 from tests.test_usage_store import PostgresServer
 
@@ -22,11 +20,9 @@ from tests.test_usage_store import PostgresServer
 def slow_bridge(models_dir, catalog_file, tmp_path_factory):
     """A bridge in front of a stand-in engine that takes 0.4 s per second of audio."""
     work = tmp_path_factory.mktemp("outage")
-    port = free_port()
-    engine = subprocess.Popen([sys.executable, "-m", "bench.instant_engine", "--port", str(port), "--delay", "0.4"],
-                              cwd=ROOT)
+    engine, url = start_instant_engine("--delay", "0.4")
     bridge = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_ADAPTER="websocket", SPEED_CHECK="false",
-                                      ENGINE_URL=f"ws://127.0.0.1:{port}"), work / "bridge.log")
+                                      ENGINE_URL=url), work / "bridge.log")
     try:
         bridge.wait_ready()
         yield bridge
