@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     from auth_proxy.app import create_app
     from common.serving import run_server
 
-    return run_server(create_app(settings), settings.auth_host, settings.auth_port)
+    return run_server(create_app(settings), settings.auth_host, settings.auth_port,
+                      header_timeout=settings.header_read_timeout)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ class ProxySettings(BaseSettings):
     # Wrong keys from one address in a minute before it is refused outright (429); 0 = no limit.
     auth_failures_per_minute: int = Field(30, ge=0)
     body_read_timeout: float = Field(30.0, gt=0)  # seconds an upload may send nothing (408 after)
+    header_read_timeout: float = Field(10.0, ge=0)  # seconds to send a request's head (closed after); 0 = none
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
     # Prometheus metrics at http://AUTH_METRICS_HOST:AUTH_METRICS_PORT/metrics, never on the API port

@@ -18,7 +18,8 @@ def serve(settings: BridgeSettings) -> int:
     from bridge.app import create_app
     from common.serving import run_server
 
-    return run_server(create_app(settings), settings.bridge_host, settings.bridge_port)
+    return run_server(create_app(settings), settings.bridge_host, settings.bridge_port,
+                      header_timeout=settings.header_read_timeout)
 
 
 def models_command(settings: BridgeSettings, args: argparse.Namespace) -> int:

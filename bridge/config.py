@@ -23,6 +23,7 @@ class BridgeSettings(BaseSettings):
     bridge_host: str = "0.0.0.0"
     bridge_port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    header_read_timeout: float = Field(10.0, ge=0)  # seconds to send a request's head (closed after); 0 = none
     log_format: Literal["text", "json"] = "text"  # json: one JSON object per line
     # Prometheus metrics at http://BRIDGE_METRICS_HOST:BRIDGE_METRICS_PORT/metrics, never on the API
     # port; 0 = off. The host defaults to BRIDGE_HOST.

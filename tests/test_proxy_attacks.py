@@ -21,7 +21,7 @@ def guarded(bridge, tmp_path_factory):
     keys_file = work / "api-keys.json"
     keys = {name: add_key(keys_file, name, *args) for name, args in {
         "alice": (), "bob": (), "root": ("--admin",)}.items()}
-    proxy = ProxyProcess(bridge.url, work, BODY_READ_TIMEOUT="2")
+    proxy = ProxyProcess(bridge.url, work, BODY_READ_TIMEOUT="2", HEADER_READ_TIMEOUT="2")
     proxy.keys = keys
     proxy.answers = []  # every body answered, scanned for keys and stack traces at the end
     yield proxy
@@ -103,6 +103,46 @@ def test_a_stalled_upload_is_cut_off(guarded):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer and time.monotonic() - started < 10
     assert not list(guarded.work.glob("auth-upload-*"))
+
+
+def test_slow_request_heads_are_cut_off(guarded):
+    """Slowloris on the head: 200 connections each sending its request line and headers a few
+    bytes at a time are all closed after HEADER_READ_TIMEOUT (2 s here), however much they still
+    trickle, and a normal request is answered meanwhile."""
+    head = b"POST /v1/audio/transcriptions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 400
+    socks = [socket.create_connection(("127.0.0.1", guarded.port), timeout=5) for _ in range(200)]
+    started = time.monotonic()
+    closed: dict[int, float] = {}
+    try:
+        sent = 0
+        while len(closed) < len(socks) and time.monotonic() - started < 8:
+            for i, sock in enumerate(socks):
+                if i in closed:
+                    continue
+                try:
+                    sock.sendall(head[sent:sent + 4])
+                except OSError:
+                    closed[i] = time.monotonic() - started
+            sent += 4
+            if sent == 40:  # trickling, not idle: the keep-alive timer alone would never fire
+                assert get(guarded, "/v1/models", guarded.keys["alice"]).status_code == 200
+            time.sleep(0.25)
+        for i, sock in enumerate(socks):  # a close seen as EOF rather than a failed send
+            if i not in closed:
+                sock.setblocking(False)
+                try:
+                    if sock.recv(1) == b"":
+                        closed[i] = time.monotonic() - started
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    closed[i] = time.monotonic() - started
+    finally:
+        for sock in socks:
+            sock.close()
+    assert len(closed) == len(socks), f"{len(socks) - len(closed)} slow connections still open after 8 s"
+    assert 1.5 <= min(closed.values()) and max(closed.values()) < 6, (min(closed.values()), max(closed.values()))
+    assert get(guarded, "/v1/models", guarded.keys["alice"]).status_code == 200
 
 
 def test_key_guessing_is_refused_after_a_few_tries(bridge, tmp_path):
