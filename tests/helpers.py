@@ -35,3 +35,69 @@ def assert_openai_error(response: httpx.Response, status: int, code: str | None 
     if code is not None:
         assert body["error"]["code"] == code, body
     return body["error"]
+
+
+class Watcher:
+    """Samples, every 20 ms in a thread, the RSS of process trees and the bytes of files under
+    folders, and keeps each one's peak: what a bound on memory and temporary disk is asserted on.
+
+    ``trees``: name -> (pid, pids to leave out, e.g. the engine child, whose memory is the model's)."""
+
+    def __init__(self, trees: dict[str, tuple[int, set[int]]], folders: dict[str, Path]) -> None:
+        import threading
+
+        self.trees, self.folders = trees, folders
+        self.start_rss = {name: self.rss(name) for name in trees}
+        self.peak_rss = dict(self.start_rss)
+        self.peak_bytes = {name: 0 for name in folders}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def rss(self, name: str) -> float:
+        import psutil
+
+        pid, skip = self.trees[name]
+        try:
+            root = psutil.Process(pid)
+            procs = [root] + [c for c in root.children(recursive=True) if c.pid not in skip]
+        except psutil.NoSuchProcess:
+            return 0.0
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total / 2**20
+
+    def folder_bytes(self, name: str) -> int:
+        import os
+
+        total = 0
+        for folder, _, files in os.walk(self.folders[name]):  # a folder deleted meanwhile is skipped
+            for file in files:
+                try:
+                    total += os.stat(os.path.join(folder, file)).st_size
+                except OSError:
+                    pass  # deleted while walking
+        return total
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            for name in self.trees:
+                self.peak_rss[name] = max(self.peak_rss[name], self.rss(name))
+            for name in self.folders:
+                self.peak_bytes[name] = max(self.peak_bytes[name], self.folder_bytes(name))
+            self._done.wait(0.02)
+
+    def growth(self, name: str) -> float:
+        """Peak RSS above the start, MB."""
+        return self.peak_rss[name] - self.start_rss[name]
+
+    def __enter__(self) -> Watcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
