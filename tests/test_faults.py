@@ -1,0 +1,227 @@
+"""Faults under load through the proxy, one at a time: the bridge stopped with SIGTERM and started
+again, and the usage store's disk filling up. (The engine killed with SIGKILL and the key file
+rewritten every second are in test_load.py; PostgreSQL stopped in test_usage_outage.py.)"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import BridgeProcess, bridge_env, free_port
+from tests.reliability import record
+from tests.speech import ffmpeg_convert
+from tests.test_proxy import ProxyProcess, add_key
+
+
+@dataclass
+class Outcome:
+    request_id: str
+    started: float
+    ended: float
+    status: int
+    code: str = ""
+    retry_after: str | None = None
+
+
+class Load:
+    """``clients`` threads posting uploads (some streamed) through a proxy until stopped; every
+    answer kept with its times. A request that hangs past 60 s fails the test."""
+
+    def __init__(self, url: str, key: str, clips: list[bytes], clients: int) -> None:
+        self.url, self.key, self.clips = url, key, clips
+        self.outcomes: list[Outcome] = []
+        self.errors: list[BaseException] = []
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(clients)
+        self._futures = [self._pool.submit(self._client, i) for i in range(clients)]
+
+    def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        with httpx.Client(timeout=60) as client:
+            while not self._stop.is_set():
+                request_id = f"load-{uuid.uuid4().hex[:12]}"
+                started = time.monotonic()
+                data = {"stream": "true"} if rng.random() < 0.25 else {}
+                try:
+                    r = client.post(self.url + "/v1/audio/transcriptions", data=data,
+                                    files={"file": ("a.mp3", rng.choice(self.clips))},
+                                    headers={"Authorization": f"Bearer {self.key}", "x-request-id": request_id})
+                except httpx.HTTPError as exc:  # a hang or a dropped connection: both fail the test
+                    with self._lock:
+                        self.errors.append(exc)
+                    continue
+                code = ""
+                if r.status_code != 200:
+                    code = r.json().get("error", {}).get("code", "")
+                elif data and "transcript.text.done" not in r.text:
+                    code = "stream_incomplete"
+                with self._lock:
+                    self.outcomes.append(Outcome(request_id, started, time.monotonic(), r.status_code, code,
+                                                 r.headers.get("retry-after")))
+                if r.status_code == 503:  # as the SDKs do, though sooner than Retry-After asks
+                    time.sleep(0.2)
+
+    def stop(self) -> list[Outcome]:
+        self._stop.set()
+        for future in self._futures:
+            future.result()
+        self._pool.shutdown()
+        return self.outcomes
+
+
+def served_ids(db: Path, want: set[str], timeout: float = 20) -> dict[str, dict]:
+    """The usage store's records (status 200) of ``want``, read from the proxy's SQLite file,
+    waiting for writes kept during an outage to land."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+            rows = conn.execute("SELECT request_id, status, audio_seconds FROM usage WHERE status = 200").fetchall()
+        found = {rid: {"status": status, "audio_seconds": seconds} for rid, status, seconds in rows if rid in want}
+        if set(found) == want or time.monotonic() > deadline:
+            return found
+        time.sleep(0.5)
+
+
+def mp3_clips(beckett: Path, work: Path) -> list[bytes]:
+    return [ffmpeg_convert(beckett, work / "b.mp3", "-b:a", "64k").read_bytes(),
+            ffmpeg_convert(beckett, work / "short.mp3", "-t", "3", "-b:a", "64k").read_bytes()]
+
+
+def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett, tmp_path):
+    """The bridge gets SIGTERM under 8 clients: requests in flight finish, the bridge exits 0, the
+    proxy answers 503 bridge_unavailable with Retry-After while it is gone, none hangs, and a new
+    bridge on the same address is used again as soon as it is ready."""
+    port = free_port()
+    env = bridge_env(models_dir, catalog_file, TMPDIR=str(tmp_path))
+    first = BridgeProcess(env, tmp_path / "bridge-1.log", port=port)
+    first.wait_ready()
+    key = add_key(tmp_path / "proxy" / "api-keys.json", "user")
+    proxy = ProxyProcess(first.url, tmp_path / "proxy")
+    second: BridgeProcess | None = None
+    load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=8)
+    try:
+        time.sleep(4)
+        term = time.monotonic()
+        in_flight = first.health()["requests_in_flight"]
+        rc = first.stop(signal.SIGTERM)
+        exited = time.monotonic() - term
+        time.sleep(1)  # the proxy meets an address with nothing behind it
+        second = BridgeProcess(env, tmp_path / "bridge-2.log", port=port)
+        second.wait_ready()
+        ready = time.monotonic()
+        time.sleep(6)
+        outcomes = load.stop()
+        served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200}, timeout=5)
+    finally:
+        load.stop()
+        proxy.stop()
+        if second is not None:
+            second.stop()
+        first.stop()
+    assert not load.errors, load.errors[:3]
+    assert rc == 0 and exited < 30, (rc, exited)
+    statuses = sorted({o.status for o in outcomes})
+    across = [o for o in outcomes if o.started < term < o.ended]
+    after = [o for o in outcomes if o.started > ready + 0.5]
+    print(f"\n{len(outcomes)} requests, statuses {statuses}; {in_flight} in flight at SIGTERM, exit after "
+          f"{exited:.1f} s; {len(across)} spanning it: {sorted(o.status for o in across)}; back "
+          f"{ready - term:.1f} s after SIGTERM; {len(after)} after, {sorted({o.status for o in after})}")
+    assert set(statuses) <= {200, 503}
+    refused = [o for o in outcomes if o.status == 503]
+    assert refused and all(o.retry_after and o.code in ("bridge_unavailable", "engine_unavailable")
+                           for o in refused)
+    assert not [o for o in outcomes if o.code == "stream_incomplete"]
+    assert any(o.status == 200 for o in across), "requests in flight at SIGTERM should have finished"
+    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
+    # Every answered request is in the usage store once, as what it was.
+    assert len(served) == sum(1 for o in outcomes if o.status == 200), [
+        o for o in outcomes if o.status == 200 and o.request_id not in served][:4]
+    record("Bridge SIGTERM and restart under load", "faults",
+           "requests in flight finished (200), the bridge exited 0; while it was gone the proxy answered 503 "
+           "bridge_unavailable with Retry-After; no request hung; the new bridge was used as soon as it was ready",
+           clients=8, requests=len(outcomes), in_flight_at_sigterm=in_flight, exit_seconds=round(exited, 1),
+           refused_503=len(refused), spanning_sigterm_ok=sum(o.status == 200 for o in across),
+           back_after_seconds=round(ready - term, 1))
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path) -> Iterator[tuple[Callable[[], None], Callable[[], None]]]:
+    """A 16 MiB tmpfs at ``folder`` whose space can be used up (writes then fail with ENOSPC, as on a
+    full disk) and freed again; yields ``(fill, free)``. Needs root allowed to mount."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(folder)], capture_output=True,
+                           text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
+    filler = folder / "filler"
+
+    def fill() -> None:
+        with filler.open("wb") as fh, contextlib.suppress(OSError):
+            while True:
+                fh.write(b"\0" * 65536)
+                fh.flush()
+
+    try:
+        yield fill, filler.unlink
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
+    """The disk under the SQLite usage store fills up under 6 clients: requests are refused with 503
+    usage_unavailable and Retry-After, never forwarded unmetered; requests already being served are
+    written once there is room again; the proxy takes requests again by itself."""
+    key = add_key(tmp_path / "proxy" / "api-keys.json", "user")
+    with small_disk(tmp_path / "usage-disk") as (fill, free):
+        proxy = ProxyProcess(bridge.url, tmp_path / "proxy", USAGE_DB=str(tmp_path / "usage-disk" / "usage.db"))
+        proxy.db = tmp_path / "usage-disk" / "usage.db"
+        load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=6)
+        try:
+            time.sleep(3)
+            full = time.monotonic()
+            fill()
+            time.sleep(4)
+            freed = time.monotonic()
+            free()
+            time.sleep(5)
+            outcomes = load.stop()
+            bridge_log = bridge.log()
+            served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200})
+        finally:
+            load.stop()
+            proxy.stop()
+    assert not load.errors, load.errors[:3]
+    refused = [o for o in outcomes if o.status != 200]
+    during = [o for o in outcomes if full + 0.5 < o.started < freed]
+    spanning = [o for o in outcomes if o.started < full < o.ended and o.status == 200]
+    back = [o for o in outcomes if o.started > freed + 0.5]
+    print(f"\nusage disk full: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started while full "
+          f"({sorted({o.status for o in during})}), {len(spanning)} served across the fill, {len(back)} after")
+    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
+    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
+    assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
+    assert back and all(o.status == 200 for o in back), "the proxy should take requests again by itself"
+    # Every request served, those in flight when the disk filled included, is in the store as served.
+    missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
+    assert not missing, f"{len(missing)} served requests not metered"
+    assert all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    record("Usage disk full under load", "faults",
+           "503 usage_unavailable with Retry-After while the store could not be written, no refused request "
+           "forwarded; requests in flight metered once there was room; service back by itself",
+           how="16 MiB tmpfs filled (ENOSPC)",
+           clients=6, requests=len(outcomes), refused_503=len(refused), served_across_the_fill=len(spanning),
+           metered=len(served))
