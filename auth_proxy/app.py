@@ -21,6 +21,8 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from limits import RateLimitItemPerMinute
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
@@ -39,6 +41,8 @@ from auth_proxy.realtime import realtime_session
 from auth_proxy.usage_store import UsageRecord, UsageStore
 from common.access import AccessMiddleware, access_record, key_hint, serve_metrics
 from common.errors import APIError, error_response
+from common.openapi import error as openapi_error
+from common.openapi import proxy_schema
 
 log = logging.getLogger("auth_proxy")
 
@@ -200,23 +204,43 @@ def create_app(settings: ProxySettings) -> FastAPI:
     async def _api_error(request: Request, exc: APIError) -> Response:
         return exc.to_response()
 
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(part) for part in first.get("loc", ())[1:])
+        return error_response(400, f"invalid {where or 'request'}: {first.get('msg', exc)}", param=where or None,
+                              code="invalid_value")
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> Response:
+        # The audio API's contract (common.openapi) behind a key, and the proxy's own routes.
+        if app.openapi_schema is None:
+            own = get_openapi(title=app.title, version=app.version, routes=app.routes)["paths"]
+            usage = own["/v1/usage"]["get"]
+            usage.update(security=[{"bearer": []}], responses={
+                "200": {"description": "usage totals and records", "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["object", "totals", "records"]}}}},
+                **{str(s): openapi_error(s) for s in (400, 401, 403, 429, 503)}})
+            app.openapi_schema = proxy_schema(app.title, app.version, {"/v1/usage": {"get": usage}})
+        return JSONResponse(app.openapi_schema)
+
     # The toolbar page: static files, no key needed to load them; every call it makes sends the key
     # typed in. It may talk to this origin only.
     page_headers = {"Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:; "
                     "style-src 'self' 'unsafe-inline'; media-src 'self' blob:; frame-ancestors 'none'",
                     "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
 
-    @app.get("/")
+    @app.get("/", include_in_schema=False)
     async def toolbar() -> Response:
         return FileResponse(STATIC / "index.html", headers=page_headers)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    @app.get("/favicon.ico")
+    @app.get("/favicon.ico", include_in_schema=False)
     async def favicon() -> Response:
         return Response(status_code=204)
 
-    @app.get("/health")
+    @app.get("/health", include_in_schema=False)
     async def health(request: Request) -> Response:
         state: ProxyState = request.app.state.proxy
         try:
@@ -259,7 +283,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error; see the proxy log", code="internal_error", type="server_error")
 
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST"])
+    @app.api_route("/v1/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def forward(request: Request, path: str) -> Response:
         return await forward_request(request)
 
@@ -462,8 +486,15 @@ async def forward_request(request: Request) -> Response:
     try:
         body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024,
                                                  settings.body_read_timeout)
+        # The path as the client encoded it (the checks above read it decoded): "%2F" stays one
+        # segment, and bytes that are no URL's are never re-encoded into something else.
+        raw_path = request.scope.get("raw_path") or path.encode()
+        try:
+            target = httpx.URL(raw_path.decode("latin-1"))
+        except httpx.InvalidURL:
+            raise APIError(400, "the request path is not a valid URL path", code="invalid_request") from None
         upstream_request = state.client.build_request(
-            request.method, path, params=request.query_params,
+            request.method, target, params=request.query_params,
             headers=upstream_headers(request.headers.items(), request_id, length if request.method != "GET" else None),
             content=body if request.method != "GET" else None,
         )

@@ -6,9 +6,11 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -29,6 +31,7 @@ from bridge.state import BridgeState
 from bridge.vad import SpeechDetector, find_vad_model
 from common.access import AccessMiddleware, serve_metrics
 from common.errors import APIError, error_response
+from common.openapi import document_bridge
 
 log = logging.getLogger("bridge")
 
@@ -147,6 +150,15 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
     app.include_router(models.router)
     app.include_router(transcriptions.router)
     app.include_router(realtime.router)
+
+    def openapi() -> dict[str, Any]:
+        # The routes read their bodies by hand; the contract (common.openapi) documents them.
+        if app.openapi_schema is None:
+            app.openapi_schema = document_bridge(get_openapi(title=app.title, version=app.version,
+                                                             description=app.description, routes=app.routes))
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> Response:

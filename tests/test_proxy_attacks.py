@@ -80,6 +80,11 @@ def test_paths_and_methods_outside_the_api_are_never_forwarded(guarded, bridge):
         assert answer.startswith(b"HTTP/1.1 404"), (raw_path, answer[:200])
     time.sleep(0.3)
     assert marker not in bridge.log()  # none of it reached the bridge
+    # Encoded bytes are forwarded as the client encoded them (found by fuzzing: a control character
+    # in a model id was a 500): the bridge answers for the model it was asked about.
+    for raw_path in ("/v1/models/%11x%C3%A7", "/v1/models/a%2Fb"):
+        r = get(guarded, raw_path, key)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (raw_path, r.text)
 
 
 def test_oversized_headers_are_refused_and_the_proxy_goes_on(guarded):
