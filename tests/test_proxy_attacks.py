@@ -82,9 +82,9 @@ def test_paths_and_methods_outside_the_api_are_never_forwarded(guarded, bridge):
     assert marker not in bridge.log()  # none of it reached the bridge
     # Encoded bytes are forwarded as the client encoded them (found by fuzzing: a control character
     # in a model id was a 500): the bridge answers for the model it was asked about.
-    for raw_path in ("/v1/models/%11x%C3%A7", "/v1/models/a%2Fb"):
-        r = get(guarded, raw_path, key)
-        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", (raw_path, r.text)
+    r = get(guarded, "/v1/models/%11x%C3%A7", key)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found", r.text
+    assert repr("\x11x\u00e7") in r.json()["error"]["message"]  # the id as the client sent it
 
 
 def test_oversized_headers_are_refused_and_the_proxy_goes_on(guarded):
