@@ -24,8 +24,6 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from limits import RateLimitItemPerMinute
-from limits.storage import MemoryStorage
-from limits.strategies import MovingWindowRateLimiter
 from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -36,6 +34,7 @@ from starlette.websockets import WebSocket
 from auth_proxy.config import ProxySettings
 from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
 from auth_proxy.keys import ApiKey, KeyStore
+from auth_proxy.limiter import Limiter
 from auth_proxy.metrics import ROUTES, ProxyMetrics
 from auth_proxy.realtime import realtime_session
 from auth_proxy.usage_store import UsageRecord, UsageStore
@@ -57,7 +56,7 @@ class ProxyState:
     keys: KeyStore
     usage: UsageStore
     client: httpx.AsyncClient
-    limiter: MovingWindowRateLimiter
+    limiter: Limiter
     metrics: ProxyMetrics
     in_flight: int = 0
     realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
@@ -81,33 +80,34 @@ def client_address(scope: Any) -> str:
     return str(client[0]) if client else "unknown"
 
 
-def check_guessing(state: ProxyState, address: str) -> None:
+async def check_guessing(state: ProxyState, address: str) -> None:
     """An address with too many failed keys in the last minute is refused outright (429) until the
     window moves on, valid key or not: key guessing cannot go on at full speed."""
     per_minute = state.settings.auth_failures_per_minute
     if not per_minute:
         return
     item = RateLimitItemPerMinute(per_minute)
-    if not state.limiter.test(item, "auth-failures", address):
-        reset = max(1.0, state.limiter.get_window_stats(item, "auth-failures", address).reset_time - time.time())
+    if not await state.limiter.test(item, "auth-failures", address):
+        reset = max(1.0, (await state.limiter.window(item, "auth-failures", address)).reset_time - time.time())
         state.metrics.refused.labels("-", "auth_failures").inc()
         raise APIError(429, f"too many requests with a wrong API key from this address; retry in {reset:.0f} s",
                        code="too_many_auth_failures", type="rate_limit_error", retry_after=reset)
 
 
-def note_auth_failure(state: ProxyState, address: str) -> None:
+async def note_auth_failure(state: ProxyState, address: str) -> None:
     if state.settings.auth_failures_per_minute:
-        state.limiter.hit(RateLimitItemPerMinute(state.settings.auth_failures_per_minute), "auth-failures", address)
+        item = RateLimitItemPerMinute(state.settings.auth_failures_per_minute)
+        await state.limiter.hit(item, "auth-failures", address)
 
 
-def authenticate(state: ProxyState, request: Request) -> ApiKey:
+async def authenticate(state: ProxyState, request: Request) -> ApiKey:
     address = client_address(request.scope)
-    check_guessing(state, address)
+    await check_guessing(state, address)
     token = bearer_token(request)
     key = state.keys.authenticate(token) if token else None
     record = access_record(request)
     if key is None:
-        note_auth_failure(state, address)
+        await note_auth_failure(state, address)
         record.key_hint = key_hint(token) if token else ""
         raise APIError(401, "Incorrect API key provided. Create one with: python -m auth_proxy keys add NAME"
                        if token else "Missing API key: send Authorization: Bearer <key>",
@@ -121,14 +121,14 @@ def start_of_utc_day(now: float) -> float:
     return day.timestamp()
 
 
-def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict[str, str]:
+async def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict[str, str]:
     """Raises 429 when the key is over a limit; returns the x-ratelimit-* headers."""
     headers: dict[str, str] = {}
     rpm = key.rpm if key.rpm is not None else state.settings.default_rpm
     if rpm:
         item = RateLimitItemPerMinute(rpm)
-        allowed = state.limiter.hit(item, key.id)
-        stats = state.limiter.get_window_stats(item, key.id)
+        allowed = await state.limiter.hit(item, key.id)
+        stats = await state.limiter.window(item, key.id)
         reset = max(0.0, stats.reset_time - time.time())
         headers = {
             "x-ratelimit-limit-requests": str(rpm),
@@ -171,7 +171,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
             limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
                                 max_keepalive_connections=settings.max_in_flight),
         )
-        state = ProxyState(settings, keys, usage, client, MovingWindowRateLimiter(MemoryStorage()), metrics)
+        limiter = Limiter(settings.rate_limit_storage, on_fallback=metrics.limits_local.set)
+        state = ProxyState(settings, keys, usage, client, limiter, metrics)
         app.state.proxy = state
         if settings.usage_json is not None:
             state.export_task = asyncio.create_task(export_loop(state))
@@ -257,7 +258,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
     async def usage(request: Request, since: float | None = None, until: float | None = None,
                     key: str | None = None, limit: int = 100) -> Response:
         state: ProxyState = request.app.state.proxy
-        caller = authenticate(state, request)
+        caller = await authenticate(state, request)
         key_id: str | None = caller.id
         if caller.admin:
             key_id = None
@@ -423,7 +424,7 @@ async def forward_request(request: Request) -> Response:
     request_id = record.request_id
     started = time.monotonic()
     path = request.url.path
-    key = authenticate(state, request)
+    key = await authenticate(state, request)
     segments = path.split("/")
     if not path.startswith(FORWARDED_PREFIXES) or ".." in segments or "." in segments or "" in segments[1:]:
         raise APIError(404, f"no route {path}", code="not_found", should_retry=False)
@@ -436,7 +437,7 @@ async def forward_request(request: Request) -> Response:
         raise APIError(503, "too many requests in flight; retry shortly", code="overloaded", type="server_error",
                        retry_after=2)
     try:
-        limit_headers = check_limits(state, key, is_transcription)
+        limit_headers = await check_limits(state, key, is_transcription)
     except APIError as exc:  # refused requests are metered too (status 429, no audio)
         limit = "audio_quota" if exc.code == "insufficient_quota" else "rpm"
         state.metrics.refused.labels(key.name, limit).inc()

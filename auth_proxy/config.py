@@ -31,6 +31,9 @@ class ProxySettings(BaseSettings):
     realtime_sessions_per_key: int = Field(4, ge=0)  # live dictation sessions open at once per key
     # Wrong keys from one address in a minute before it is refused outright (429); 0 = no limit.
     auth_failures_per_minute: int = Field(30, ge=0)
+    # Where requests-per-minute counters live: memory:// (this proxy) or redis://host:6379/0, shared by
+    # every proxy replica. Redis unreachable: counted in memory meanwhile (auth_proxy/limiter.py).
+    rate_limit_storage: str = "memory://"
     body_read_timeout: float = Field(30.0, gt=0)  # seconds an upload may send nothing (408 after)
     header_read_timeout: float = Field(10.0, ge=0)  # seconds to send a request's head (closed after); 0 = none
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -50,6 +53,14 @@ class ProxySettings(BaseSettings):
                 raise ValueError("list origins explicitly; '*' is not allowed")
             if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
+        return value
+
+    @field_validator("rate_limit_storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        value = value.strip() or "memory://"
+        if value != "memory://" and not value.startswith(("redis://", "rediss://", "redis+unix://")):
+            raise ValueError("must be memory:// or a redis:// URL")
         return value
 
     @field_validator("bridge_url")

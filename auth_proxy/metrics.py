@@ -36,6 +36,8 @@ class ProxyMetrics:
         self.bridge_errors = Counter("stt_proxy_bridge_errors", "Failures talking to the bridge, by kind "
                                      "(unreachable, stream_broken)", ["kind"], registry=r)
         self.in_flight = Gauge("stt_proxy_requests_in_flight", "Requests being forwarded to the bridge", registry=r)
+        self.limits_local = Gauge("stt_proxy_rate_limits_local", "1 while the shared rate-limit storage (Redis) is "
+                                  "unreachable and limits are counted in this proxy only", registry=r)
 
     def observe_request(self, record: AccessRecord) -> None:
         key = record.key or NO_KEY

@@ -85,7 +85,7 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
     try:
         address = client_address(ws.scope)
         try:
-            check_guessing(state, address)
+            await check_guessing(state, address)
         except APIError as exc:
             outcome = exc.code or "too_many_auth_failures"
             await refuse(outcome, exc.message, exc.type)
@@ -93,7 +93,7 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
         token = presented_key(ws)
         key = state.keys.authenticate(token) if token else None
         if key is None:
-            note_auth_failure(state, address)
+            await note_auth_failure(state, address)
             fields["key_hint"] = key_hint(token) if token else ""
             outcome = "invalid_api_key"
             await refuse("invalid_api_key", "Incorrect API key provided" if token else
@@ -103,7 +103,7 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
         fields["key"] = key.name
         try:
             try:
-                check_limits(state, key, is_transcription=True)
+                await check_limits(state, key, is_transcription=True)
             except APIError:
                 raise
             except Exception:  # the quota could not be read: the store is down

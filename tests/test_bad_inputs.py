@@ -14,6 +14,7 @@ import pytest
 
 from tests.conftest import BECKETT_TEXT
 from tests.helpers import assert_openai_error, transcribe, wer
+from tests.reliability import record
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +106,9 @@ def test_audio_longer_than_the_limit_is_refused_without_decoding_it_all(decoder_
     # What the cap protects: the bridge never holds the hour (230 MB of samples), at most the 600 s.
     growth = (peak - before) / 2**20
     assert growth < 100, f"the bridge grew by {growth:.0f} MB decoding a bomb"
+    record(f"Decompression bomb ({decoder_bridge.health()['decoder']} decoder)", "bounds",
+           "400 audio_too_long; decoding stops at the cap", upload_mb=round(bomb.stat().st_size / 1e6, 1),
+           bridge_rss_growth_mb=round(growth, 1), seconds=round(time.monotonic() - started, 1))
 
 
 def test_oversized_bodies_get_413_before_forwarding(bridge):

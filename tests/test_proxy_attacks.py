@@ -12,6 +12,7 @@ import httpx
 import pytest
 from websockets.sync.client import connect
 
+from tests.reliability import record
 from tests.test_proxy import ProxyProcess, add_key
 
 
@@ -57,6 +58,8 @@ def test_usage_of_other_keys_is_for_admins_only(guarded, beckett):
         r["key_name"] == "bob" for r in own["records"])
     everyone = get(guarded, "/v1/usage", root).json()
     assert any(t["key_name"] == "bob" for t in everyone["totals"])
+    record("Reading another key's usage", "attacks", "403 for a plain key; its own view holds only its own "
+           "records; an admin key sees all")
 
 
 def test_a_model_switch_needs_an_admin_key(guarded):
@@ -64,6 +67,7 @@ def test_a_model_switch_needs_an_admin_key(guarded):
     r = get(guarded, "/v1/models/switch", guarded.keys["alice"], method="POST", json=body)
     assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
     assert get(guarded, "/v1/models/switch", guarded.keys["root"], method="POST", json=body).status_code == 200
+    record("Model switch by a plain key", "attacks", "403 forbidden; an admin key may switch")
 
 
 def test_paths_and_methods_outside_the_api_are_never_forwarded(guarded, bridge):
@@ -80,6 +84,8 @@ def test_paths_and_methods_outside_the_api_are_never_forwarded(guarded, bridge):
         assert answer.startswith(b"HTTP/1.1 404"), (raw_path, answer[:200])
     time.sleep(0.3)
     assert marker not in bridge.log()  # none of it reached the bridge
+    record("Methods and paths outside the API", "attacks", "PUT/DELETE/TRACE 405, unknown paths 404, dot and "
+           "empty segments 404; none forwarded to the bridge")
     # Encoded bytes are forwarded as the client encoded them (found by fuzzing: a control character
     # in a model id was a 500): the bridge answers for the model it was asked about.
     r = get(guarded, "/v1/models/%11x%C3%A7", key)
@@ -91,6 +97,8 @@ def test_oversized_headers_are_refused_and_the_proxy_goes_on(guarded):
     answer = raw_request(guarded, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n")
     assert answer.split(b" ")[1] in (b"400", b"431"), answer[:100]
     assert get(guarded, "/v1/models", guarded.keys["alice"]).status_code == 200
+    record("A 200 kB header", "attacks", f"answered {answer.split(b' ')[1].decode()} by the HTTP server; the "
+           "proxy went on")
 
 
 def test_a_stalled_upload_is_cut_off(guarded):
@@ -108,6 +116,8 @@ def test_a_stalled_upload_is_cut_off(guarded):
     assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
     assert b"request_timeout" in answer and time.monotonic() - started < 10
     assert not list(guarded.work.glob("auth-upload-*"))
+    record("Slow upload body (slowloris)", "bounds", "408 request_timeout after BODY_READ_TIMEOUT, no temporary "
+           "file left", body_read_timeout_s=2, answered_after_s=round(time.monotonic() - started, 1))
 
 
 def test_slow_request_heads_are_cut_off(guarded):
@@ -148,6 +158,9 @@ def test_slow_request_heads_are_cut_off(guarded):
     assert len(closed) == len(socks), f"{len(socks) - len(closed)} slow connections still open after 8 s"
     assert 1.5 <= min(closed.values()) and max(closed.values()) < 6, (min(closed.values()), max(closed.values()))
     assert get(guarded, "/v1/models", guarded.keys["alice"]).status_code == 200
+    record("Slow request heads (slowloris), 200 connections", "bounds", "every connection closed after "
+           "HEADER_READ_TIMEOUT while still trickling; normal requests answered meanwhile", header_read_timeout_s=2,
+           closed_between_s=f"{min(closed.values()):.1f}-{max(closed.values()):.1f}")
 
 
 def test_key_guessing_is_refused_after_a_few_tries(bridge, tmp_path):
@@ -167,6 +180,9 @@ def test_key_guessing_is_refused_after_a_few_tries(bridge, tmp_path):
                      subprotocols=["realtime", f"openai-insecure-api-key.{good}"]) as ws:
             assert json.loads(ws.recv(timeout=10))["error"]["code"] == "too_many_auth_failures"
         assert good not in proxy.log_path.read_text()
+        record("Key guessing", "attacks", "after AUTH_FAILURES_PER_MINUTE wrong keys the address is refused (429 "
+               "too_many_auth_failures, uploads and live sessions), even with the right key; keys compared "
+               "with hmac.compare_digest", auth_failures_per_minute=5)
     finally:
         proxy.stop()
 
@@ -180,3 +196,5 @@ def test_no_stack_trace_and_no_key_anywhere(guarded):
         assert key not in guarded.log_path.read_text() and key.encode() not in stored
         assert not any(key in answer for answer in guarded.answers)
     assert not any("Traceback" in answer or 'File "' in answer for answer in guarded.answers)
+    record("Keys and stack traces in logs, answers and the usage store", "attacks", "none found",
+           answers_scanned=len(guarded.answers))

@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
+from tests.reliability import record
 from tests.test_proxy import ProxyProcess, add_key
 from tests.test_usage_store import PostgresServer
 
@@ -75,6 +76,10 @@ def test_postgres_outage_fails_closed_and_loses_nothing(slow_bridge, beckett, tm
         assert {"before-outage", "during-outage", "after-outage"} <= set(served), usage["records"]
         assert served["during-outage"]["audio_seconds"] == pytest.approx(9.96, abs=0.05)
         assert not any(rec["request_id"] == refused_id for rec in usage["records"])
+        record("PostgreSQL stopped and started under the proxy", "faults",
+               "503 usage_unavailable with Retry-After while down, the refused request never reached the bridge; "
+               "the request being served across the outage was metered once the store was back; reconnected "
+               "by itself", during_outage_audio_seconds=served["during-outage"]["audio_seconds"])
     finally:
         proxy.stop()
         pg.remove()
