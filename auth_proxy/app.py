@@ -31,10 +31,11 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from auth_proxy.bridges import Bridge, BridgePool, answer_from_pool
 from auth_proxy.config import ProxySettings
-from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, upstream_headers
+from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, form_field, upstream_headers
 from auth_proxy.keys import ApiKey, KeyStore
-from auth_proxy.limiter import Limiter
+from auth_proxy.limiter import Limiter, redact
 from auth_proxy.metrics import ROUTES, ProxyMetrics
 from auth_proxy.realtime import realtime_session
 from auth_proxy.usage_store import UsageRecord, UsageStore
@@ -58,6 +59,7 @@ class ProxyState:
     client: httpx.AsyncClient
     limiter: Limiter
     metrics: ProxyMetrics
+    pool: BridgePool | None = None  # several bridges (BRIDGE_URLS); None: the one BRIDGE_URL
     in_flight: int = 0
     realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
     export_task: asyncio.Task[None] | None = None
@@ -165,20 +167,28 @@ def create_app(settings: ProxySettings) -> FastAPI:
             log.warning("no API keys in %s: every request will get 401. Create one with: "
                         "python -m auth_proxy keys add NAME", settings.api_keys_file)
         usage = UsageStore(settings.usage_db)
-        client = httpx.AsyncClient(
-            base_url=settings.bridge_url,
-            timeout=httpx.Timeout(connect=5.0, read=settings.bridge_timeout, write=60.0, pool=10.0),
-            limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
-                                max_keepalive_connections=settings.max_in_flight),
-        )
+        def bridge_client(url: str) -> httpx.AsyncClient:
+            return httpx.AsyncClient(
+                base_url=url,
+                timeout=httpx.Timeout(connect=5.0, read=settings.bridge_timeout, write=60.0, pool=10.0),
+                limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
+                                    max_keepalive_connections=settings.max_in_flight),
+            )
+
+        client = bridge_client(settings.bridge_url)
         limiter = Limiter(settings.rate_limit_storage, on_fallback=metrics.limits_local.set)
         state = ProxyState(settings, keys, usage, client, limiter, metrics)
+        if settings.bridge_urls:
+            state.pool = BridgePool(settings.bridge_urls, poll_seconds=settings.bridge_poll_seconds,
+                                    make_client=bridge_client)
+            await state.pool.start()
         app.state.proxy = state
         if settings.usage_json is not None:
             state.export_task = asyncio.create_task(export_loop(state))
         state.retry_task = asyncio.create_task(retry_loop(state))
-        log.info("proxy ready: forwarding to %s, %d key(s), usage in %s", settings.bridge_url, len(keys),
-                 "PostgreSQL" if usage.postgres else settings.usage_db)
+        log.info("proxy ready: forwarding to %s, %d key(s), usage in %s, rate limits in %s",
+                 ", ".join(settings.bridge_urls) if settings.bridge_urls else settings.bridge_url, len(keys),
+                 "PostgreSQL" if usage.postgres else settings.usage_db, redact(settings.rate_limit_storage))
         try:
             yield
         finally:
@@ -186,6 +196,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
                 state.export_task.cancel()
             state.retry_task.cancel()
             await client.aclose()
+            if state.pool is not None:
+                await state.pool.close()
             while state.unwritten and write_usage(state, state.unwritten[0], "a record kept for later"):
                 state.unwritten.pop(0)
             if state.unwritten:
@@ -244,6 +256,11 @@ def create_app(settings: ProxySettings) -> FastAPI:
     @app.get("/health", include_in_schema=False)
     async def health(request: Request) -> Response:
         state: ProxyState = request.app.state.proxy
+        if state.pool is not None:
+            ready = bool(state.pool.ready())
+            body = {"status": "ready" if ready else "not_ready", "models": state.pool.loaded_models(),
+                    "bridges": [b.describe() for b in state.pool.bridges.values() if not b.gone]}
+            return JSONResponse(body, status_code=200 if ready else 503, headers={} if ready else {"Retry-After": "5"})
         try:
             r = await state.client.get("/health", timeout=5.0)
             bridge = r.json()
@@ -333,12 +350,14 @@ async def body_chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
         yield chunk
 
 
-async def spool_body(request: Request, cap: int, timeout: float = 30.0) -> tuple[Any, int, str | None]:
+async def spool_body(request: Request, cap: int, timeout: float = 30.0,
+                     spool: bool = False) -> tuple[Any, int, str | None]:
     """Returns (body to forward, its length, temp path to delete).
 
-    With Content-Length the body streams straight through (checked against the cap first). A
-    chunked body is spooled to a temporary file while counting, so an oversized one is refused
-    before anything reaches the bridge."""
+    With Content-Length the body streams straight through (checked against the cap first), unless
+    ``spool``. A chunked body, or any body with ``spool`` (several bridges: the body is read for
+    its model and may be sent to a second bridge), is spooled to a temporary file while counting,
+    so an oversized one is refused before anything reaches a bridge."""
     declared = request.headers.get("content-length")
     too_large = APIError(413, f"request body larger than {cap // (1024 * 1024)} MiB", code="file_too_large",
                          param="file", should_retry=False)
@@ -350,6 +369,8 @@ async def spool_body(request: Request, cap: int, timeout: float = 30.0) -> tuple
         if length > cap:
             raise too_large
 
+    if declared is not None and not spool:
+
         async def counted() -> AsyncIterator[bytes]:
             seen = 0
             async for chunk in body_chunks(request, timeout):
@@ -359,7 +380,7 @@ async def spool_body(request: Request, cap: int, timeout: float = 30.0) -> tuple
                 yield chunk
 
         return counted(), length, None
-    if request.method in ("GET", "DELETE"):
+    if request.method in ("GET", "DELETE") and declared is None:
         return b"", 0, None
     tmp = tempfile.NamedTemporaryFile(prefix="auth-upload-", delete=False)
     size = 0
@@ -458,6 +479,7 @@ async def forward_request(request: Request) -> Response:
     state.metrics.in_flight.inc()
     released = False
     spooled: str | None = None
+    chosen: Bridge | None = None  # with several bridges: the one serving this request
 
     def finish(status: int, audio_seconds: float, model: str) -> None:
         nonlocal released
@@ -466,6 +488,8 @@ async def forward_request(request: Request) -> Response:
         released = True
         state.in_flight -= 1
         state.metrics.in_flight.dec()
+        if chosen is not None:
+            chosen.in_flight -= 1
         if spooled is not None:
             import os
 
@@ -486,7 +510,7 @@ async def forward_request(request: Request) -> Response:
 
     try:
         body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024,
-                                                 settings.body_read_timeout)
+                                                 settings.body_read_timeout, spool=state.pool is not None)
         # The path as the client encoded it (the checks above read it decoded): "%2F" stays one
         # segment, and bytes that are no URL's are never re-encoded into something else.
         raw_path = request.scope.get("raw_path") or path.encode()
@@ -494,12 +518,43 @@ async def forward_request(request: Request) -> Response:
             target = httpx.URL(raw_path.decode("latin-1"))
         except httpx.InvalidURL:
             raise APIError(400, "the request path is not a valid URL path", code="invalid_request") from None
-        upstream_request = state.client.build_request(
-            request.method, target, params=request.query_params,
-            headers=upstream_headers(request.headers.items(), request_id, length if request.method != "GET" else None),
-            content=body if request.method != "GET" else None,
-        )
-        upstream = await state.client.send(upstream_request, stream=True)
+
+        def build(client: httpx.AsyncClient, content: Any) -> httpx.Request:
+            return client.build_request(
+                request.method, target, params=request.query_params,
+                headers=upstream_headers(request.headers.items(), request_id,
+                                         length if request.method != "GET" else None),
+                content=content if request.method != "GET" else None,
+            )
+
+        if state.pool is None:
+            upstream = await state.client.send(build(state.client, body), stream=True)
+        else:
+            local = await answer_from_pool(state.pool, request, path, spooled, request_id)
+            if local is not None:
+                finish(local.status_code, 0.0, "")
+                return local
+            model = ""
+            if is_transcription and spooled is not None:
+                named: str | None = await asyncio.to_thread(form_field, spooled,
+                                                            request.headers.get("content-type", ""), "model")
+                model = named or ""
+            tried: set[str] = set()
+            while True:
+                bridge = state.pool.choose(model, tried)
+                bridge.in_flight += 1
+                chosen = bridge
+                try:
+                    content = file_chunks(spooled) if spooled is not None else b""
+                    upstream = await bridge.client.send(build(bridge.client, content), stream=True)
+                    break
+                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                    # Never reached that bridge: the body is on disk, so another one gets it.
+                    bridge.in_flight -= 1
+                    chosen = None
+                    state.metrics.bridge_errors.labels("unreachable").inc()
+                    state.pool.failed(bridge, exc)
+                    tried.add(bridge.url)
     except APIError as exc:
         finish(exc.status, 0.0, "")
         raise

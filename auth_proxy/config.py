@@ -17,6 +17,10 @@ class ProxySettings(BaseSettings):
     auth_host: str = "0.0.0.0"
     auth_port: int = Field(20300, ge=1, le=65535)
     bridge_url: str = "http://127.0.0.1:8000"
+    # Several bridges (comma-separated URLs; a DNS name stands for all its addresses, as a Kubernetes
+    # headless Service gives): requests are routed by model and load (auth_proxy/bridges.py).
+    bridge_urls: Annotated[list[str], NoDecode] = []
+    bridge_poll_seconds: float = Field(2.0, gt=0, le=60)  # how often each bridge's /health is read
     # The local stack's key file (scripts/run-local.sh serves it too). The repository's ./api-keys.json
     # is an example, mounted as the key file by compose (API_KEYS_FILE=/config/api-keys.json there).
     api_keys_file: Path = Path("./data/api-keys.json")
@@ -43,7 +47,7 @@ class ProxySettings(BaseSettings):
     auth_metrics_port: int = Field(20301, ge=0, le=65535)
     auth_metrics_host: str = ""
 
-    _split = field_validator("cors_origins", mode="before")(split_comma_list)
+    _split = field_validator("cors_origins", "bridge_urls", mode="before")(split_comma_list)
 
     @field_validator("cors_origins")
     @classmethod
@@ -69,6 +73,11 @@ class ProxySettings(BaseSettings):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("bridge_urls")
+    @classmethod
+    def _http_urls(cls, value: list[str]) -> list[str]:
+        return [cls._http_url(url) for url in value]
 
 
 def load_proxy_settings(**overrides: object) -> ProxySettings:

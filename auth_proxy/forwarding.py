@@ -4,6 +4,7 @@ included; hop-by-hop headers and the client's credentials never reach the bridge
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 
@@ -60,3 +61,55 @@ async def file_chunks(path: str, size: int = 1 << 16) -> AsyncIterator[bytes]:
     async with await anyio.open_file(path, "rb") as fh:
         while chunk := await fh.read(size):
             yield chunk
+
+
+def form_field(path: str, content_type: str, name: str, limit: int = 256) -> str | None:
+    """The value of the plain field ``name`` in a multipart/form-data body saved at ``path`` (the
+    model a request names, read before it is routed); None when absent or not multipart. The
+    file's bytes pass through the parser and are dropped; only the field's first ``limit``
+    bytes are kept."""
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    kind, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if kind != b"multipart/form-data" or not boundary:
+        return None
+    state: dict[str, Any] = {"field": b"", "value": b"", "headers": {}, "current": None, "found": None}
+
+    def on_part_begin() -> None:
+        state["headers"], state["value"], state["current"] = {}, b"", None
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        state["field"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        key = state["field"].lower()
+        state["headers"][key] = state["headers"].get(key, b"") + data[start:end]
+
+    def on_header_end() -> None:
+        state["field"] = b""
+
+    def on_headers_finished() -> None:
+        _, disposition = parse_options_header(state["headers"].get(b"content-disposition", b""))
+        if disposition.get(b"name") == name.encode() and b"filename" not in disposition:
+            state["current"] = name
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if state["current"] is not None and len(state["value"]) < limit:
+            state["value"] += data[start:min(end, start + limit - len(state["value"]))]
+
+    def on_part_end() -> None:
+        if state["current"] is not None and state["found"] is None:
+            state["found"] = state["value"].decode("utf-8", "replace")
+
+    parser = MultipartParser(boundary, {  # type: ignore[arg-type]
+        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+        "on_part_end": on_part_end})
+    try:
+        with open(path, "rb") as fh:
+            while state["found"] is None and (chunk := fh.read(1 << 16)):
+                parser.write(chunk)
+    except Exception:  # noqa: BLE001 - a malformed body: the bridge says what is wrong with it
+        return state["found"]
+    return state["found"]

@@ -126,9 +126,12 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
             if ws.headers.get("openai-beta"):
                 headers["openai-beta"] = ws.headers["openai-beta"]
             try:
-                upstream = await connect(bridge_ws_url(settings.bridge_url, ws.url.query), additional_headers=headers,
+                bridge_url = settings.bridge_url
+                if state.pool is not None:  # several bridges: the least busy ready one (a session picks its model)
+                    bridge_url = state.pool.choose("").url
+                upstream = await connect(bridge_ws_url(bridge_url, ws.url.query), additional_headers=headers,
                                          max_size=MAX_FRAME, compression=None, open_timeout=10)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            except (OSError, InvalidHandshake, asyncio.TimeoutError, APIError) as exc:
                 outcome = "bridge_unavailable"
                 state.metrics.bridge_errors.labels("unreachable").inc()
                 log.warning("bridge unreachable for a live session: %r", exc)

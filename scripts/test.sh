@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in ffmpeg sox text2wave shellcheck pg_ctlcluster prometheus chromium; do
+for tool in ffmpeg sox text2wave shellcheck pg_ctlcluster prometheus chromium redis-server; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need_apt=1
@@ -13,9 +13,9 @@ if [ "$need_apt" = 1 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql prometheus chromium >/dev/null
+            ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql prometheus chromium redis-server >/dev/null
     else
-        echo "missing system packages; run as root or: sudo apt-get install ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql prometheus chromium" >&2
+        echo "missing system packages; run as root or: sudo apt-get install ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql prometheus chromium redis-server" >&2
         exit 1
     fi
 fi
