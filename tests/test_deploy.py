@@ -88,6 +88,9 @@ class _Reset:
 
 
 _ComposeLoader.add_constructor("!reset", lambda loader, node: _Reset())
+# !override replaces instead of merging: what the merge below does with lists anyway.
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node, deep=True)
+                               if isinstance(node, yaml.SequenceNode) else loader.construct_mapping(node, deep=True))
 
 
 def load_compose(*names: str) -> dict:
@@ -107,6 +110,12 @@ def load_compose(*names: str) -> dict:
     merged: dict = {}
     for name in names:
         merged = merge(merged, yaml.load((ROOT / name).read_text(), Loader=_ComposeLoader))
+    for service in merged.get("services", {}).values():  # `extends` of a service in a file of the project
+        if "extends" in service:
+            ext = service.pop("extends")
+            base = load_compose(ext["file"])["services"][ext["service"]] if "file" in ext else \
+                merged["services"][ext["service"]]
+            service.update(merge(base, dict(service)))
     return merged
 
 
@@ -124,6 +133,29 @@ def test_compose_files_match_the_compose_specification():
     schema = compose_schema()
     jsonschema.validate(load_compose("docker-compose.yml"), schema)
     jsonschema.validate(load_compose("docker-compose.yml", "docker-compose.cpu.yml"), schema)
+    jsonschema.validate(load_compose("docker-compose.yml", "docker-compose.gpus.yml"), schema)
+    raw = yaml.load((ROOT / "docker-compose.gpus.yml").read_text(), Loader=_ComposeLoader)
+    jsonschema.validate(raw, schema)  # the override file as written, extends included
+
+
+def test_two_gpus_under_compose():
+    """docker-compose.gpus.yml: a bridge on GPU 0 and one on GPU 1, both only on the compose network,
+    and the proxy given both (BRIDGE_URLS) to route between by model and load."""
+    c = load_compose("docker-compose.yml", "docker-compose.gpus.yml")["services"]
+    bridges = {name: svc for name, svc in c.items() if name.startswith("mvp-bridge")}
+    assert set(bridges) == {"mvp-bridge", "mvp-bridge-2"}
+    gpus = {name: svc["deploy"]["resources"]["reservations"]["devices"] for name, svc in bridges.items()}
+    assert {name: d[0]["device_ids"] for name, d in gpus.items()} == {"mvp-bridge": ["0"], "mvp-bridge-2": ["1"]}
+    assert all(len(d) == 1 and "count" not in d[0] and d[0]["driver"] == "nvidia" for d in gpus.values())
+    for svc in bridges.values():
+        assert "ports" not in svc and svc["expose"] == ["8000", "8001"] and "mvp-models:/models" in svc["volumes"]
+        assert svc["healthcheck"]["test"][0] == "CMD"
+    assert bridges["mvp-bridge-2"]["environment"]["DEFAULT_MODEL"] == "${BRIDGE_2_MODEL:-parakeet-tdt-0.6b-v3-int8}"
+    auth = c["mvp-auth"]
+    urls = auth["environment"]["BRIDGE_URLS"].split(",")
+    assert urls == ["http://mvp-bridge:8000", "http://mvp-bridge-2:8000"]
+    assert {u.split("//")[1].split(":")[0] for u in urls} == set(bridges)
+    assert {name for name, dep in auth["depends_on"].items() if dep["condition"] == "service_healthy"} == set(bridges)
 
 
 def test_compose_properties():
