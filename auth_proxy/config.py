@@ -25,7 +25,7 @@ class ProxySettings(BaseSettings):
     # is an example, mounted as the key file by compose (API_KEYS_FILE=/config/api-keys.json there).
     api_keys_file: Path = Path("./data/api-keys.json")
     usage_db: str = "./data/usage.db"  # SQLite path, or a postgresql:// URL shared by replicas
-    usage_json: Path | None = Path("./data/usage.json")  # human-readable summary export
+    usage_json: Path | None = Path("./data/usage.json")  # human-readable summary export; empty: none
     cors_origins: Annotated[list[str], NoDecode] = []
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(64, ge=1)  # requests forwarded at once; beyond: 503 + Retry-After
@@ -58,6 +58,11 @@ class ProxySettings(BaseSettings):
             if not origin.startswith(("http://", "https://")) or origin.endswith("/"):
                 raise ValueError(f"{origin!r} is not an origin like https://app.example.com")
         return value
+
+    @field_validator("usage_json", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("rate_limit_storage")
     @classmethod

@@ -151,6 +151,9 @@ def proxy_schema(title: str, version: str, extra_paths: dict[str, Any]) -> dict[
             op["responses"].setdefault(str(status), error(status))
         op["security"] = [{"bearer": []}]
         paths.setdefault(path, {})[method] = op
+    # With several bridges (BRIDGE_URLS) a switch loads the model on one bridge or on all of them.
+    paths["/v1/models/switch"]["post"]["parameters"] = [
+        {"name": "bridges", "in": "query", "required": False, "schema": {"type": "string", "enum": ["one", "all"]}}]
     if ("/v1/models/{model_id}", "get") in OPERATIONS:
         paths["/v1/models/{model_id}"]["get"]["parameters"] = [
             {"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]

@@ -145,6 +145,19 @@ def test_each_request_goes_to_a_bridge_holding_its_model_and_load_spreads(cluste
            copy_model_requests=len(where[COPY_ID]), twins=str(spread))
 
 
+def test_a_live_session_opens_through_a_proxy_with_several_bridges(cluster):
+    import json
+
+    from websockets.sync.client import connect
+
+    proxy, key = cluster["proxies"][1], cluster["keys"]["user"]
+    with connect(proxy.url.replace("http", "ws") + "/v1/realtime?intent=transcription",
+                 additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+    time.sleep(0.3)
+    assert sum(b.health()["realtime_sessions"] == 0 for b in cluster["bridges"].values()) == 3
+
+
 def test_a_rate_limit_holds_across_both_proxies(cluster):
     """6 requests a minute for the key, sent alternately to the two proxies: 6 answered in all."""
     key = cluster["keys"]["limited"]

@@ -72,3 +72,23 @@ def test_batch_size_reaches_only_models_the_engine_batches(tmp_path):
     # size above 1 a newcomer's piece could wait inside the engine behind a long request's piece.
     assert batch_flag("moonshine-base-en") == "--max-batch-size=1"
     assert batch_flag("parakeet-tdt-0.6b-v3-int8") == "--max-batch-size=8"
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("BRIDGE_URLS", "http://a:8000,mvp-bridge:8000"),
+    ("RATE_LIMIT_STORAGE", "memcached://x:11211"),
+    ("BRIDGE_POLL_SECONDS", "0"),
+])
+def test_bad_proxy_value_names_the_variable(name, value):
+    run = subprocess.run([sys.executable, "-m", "auth_proxy"], cwd=ROOT, env={**os.environ, name: value},
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert name in run.stderr
+
+
+def test_proxy_lists_and_empty_values():
+    from auth_proxy.config import load_proxy_settings
+
+    s = load_proxy_settings(bridge_urls="http://a:8000/, http://b:8000", usage_json="", rate_limit_storage="")
+    assert s.bridge_urls == ["http://a:8000", "http://b:8000"]
+    assert s.usage_json is None and s.rate_limit_storage == "memory://"
