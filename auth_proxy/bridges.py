@@ -170,7 +170,7 @@ class BridgePool:
             return ready
         return [b for b in ready if b.model == model]
 
-    def choose(self, model: str, exclude: set[str] = frozenset()) -> Bridge:  # type: ignore[assignment]
+    def choose(self, model: str, exclude: set[str] | frozenset[str] = frozenset()) -> Bridge:
         """The least busy ready bridge serving ``model`` (not in ``exclude``); APIError if none."""
         pool = [b for b in self.serving(model) if b.url not in exclude]
         if not pool:

@@ -100,7 +100,7 @@ def form_field(path: str, content_type: str, name: str, limit: int = 256) -> str
 
     def on_part_end() -> None:
         if state["current"] is not None and state["found"] is None:
-            state["found"] = state["value"].decode("utf-8", "replace")
+            state["found"] = str(state["value"], "utf-8", "replace")
 
     parser = MultipartParser(boundary, {  # type: ignore[arg-type]
         "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
