@@ -11,16 +11,19 @@ import pytest
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize(("name", "value"), [
-    ("SHERPA_PROVIDER", "tpu"),
-    ("SHERPA_NUM_THREADS", "many"),
-    ("SHERPA_MAX_UTTERANCE", "-5"),
-    ("ENGINE_ADAPTER", "grpc"),
-    ("BRIDGE_PORT", "99999"),
-    ("ENGINE_URL", "http://x"),
+@pytest.mark.parametrize(("service", "name", "value"), [
+    ("bridge", "SHERPA_PROVIDER", "tpu"),
+    ("bridge", "SHERPA_NUM_THREADS", "many"),
+    ("bridge", "SHERPA_MAX_UTTERANCE", "-5"),
+    ("bridge", "ENGINE_ADAPTER", "grpc"),
+    ("bridge", "BRIDGE_PORT", "99999"),
+    ("bridge", "ENGINE_URL", "http://x"),
+    ("auth_proxy", "BRIDGE_URLS", "http://a:8000,mvp-bridge:8000"),
+    ("auth_proxy", "RATE_LIMIT_STORAGE", "memcached://x:11211"),
+    ("auth_proxy", "BRIDGE_POLL_SECONDS", "0"),
 ])
-def test_bad_value_names_the_variable(name, value):
-    run = subprocess.run([sys.executable, "-m", "bridge"], cwd=ROOT, env={**os.environ, name: value},
+def test_bad_value_names_the_variable(service, name, value):
+    run = subprocess.run([sys.executable, "-m", service], cwd=ROOT, env={**os.environ, name: value},
                          capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert name in run.stderr
@@ -72,18 +75,6 @@ def test_batch_size_reaches_only_models_the_engine_batches(tmp_path):
     # size above 1 a newcomer's piece could wait inside the engine behind a long request's piece.
     assert batch_flag("moonshine-base-en") == "--max-batch-size=1"
     assert batch_flag("parakeet-tdt-0.6b-v3-int8") == "--max-batch-size=8"
-
-
-@pytest.mark.parametrize(("name", "value"), [
-    ("BRIDGE_URLS", "http://a:8000,mvp-bridge:8000"),
-    ("RATE_LIMIT_STORAGE", "memcached://x:11211"),
-    ("BRIDGE_POLL_SECONDS", "0"),
-])
-def test_bad_proxy_value_names_the_variable(name, value):
-    run = subprocess.run([sys.executable, "-m", "auth_proxy"], cwd=ROOT, env={**os.environ, name: value},
-                         capture_output=True, text=True, timeout=30)
-    assert run.returncode == 2
-    assert name in run.stderr
 
 
 def test_proxy_lists_and_empty_values():
