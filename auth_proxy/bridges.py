@@ -186,8 +186,8 @@ class BridgePool:
         loaded = ", ".join(self.loaded_models()) or "none"
         coming = [b for b in self.bridges.values() if not b.gone and (b.model == model or b.switching_to == model)]
         if coming:
-            return APIError(503, f"model {model!r} is loaded on no bridge that is ready now (it is on "
-                            f"{len(coming)} being started or switched); retry shortly", param="model",
+            return APIError(503, f"model {model!r} is loaded on no bridge that is ready now (the {len(coming)} "
+                            "holding it are restarting, switching or unreachable); retry shortly", param="model",
                             code="model_unavailable", type="server_error", retry_after=5)
         if any(card.get("id") == model for b in self.ready() for card in b.catalog):
             return APIError(400, f"model {model!r} is not loaded on any bridge; loaded: {loaded}. Load it with "

@@ -188,7 +188,7 @@ class Watch:
         return times
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.05):
+        while True:  # a sample at once: a block shorter than one period has a peak too
             rss = 0
             for p in self._tree():
                 try:
@@ -196,6 +196,8 @@ class Watch:
                 except psutil.Error:
                     pass
             self.peak = max(self.peak, rss)
+            if self._stop.wait(0.05):
+                return
 
     def __enter__(self) -> Watch:
         self._before = self._cpu()

@@ -256,6 +256,40 @@ def test_redis_outage_limits_each_proxy_on_its_own_then_shares_again(cluster):
            "stt_proxy_rate_limits_local=1; shared again once Redis was back (6 of 12 in all)")
 
 
+def test_switches_over_several_bridges(cluster):
+    """Runs after a1 was killed: a2 holds the Moonshine id, b the copy. ``bridges=one`` changes
+    nothing when a ready bridge holds the model, else loads it on one bridge whose model another
+    also serves; ``bridges=all`` switches every ready bridge."""
+    proxy, admin, key, clip = cluster["proxies"][0], cluster["keys"]["admin"], cluster["keys"]["user"], cluster["clip"]
+    a2, b = cluster["bridges"]["a2"].url, cluster["bridges"]["b"].url
+
+    def switch(model: str, scope: str | None = None) -> httpx.Response:
+        return httpx.post(proxy.url + "/v1/models/switch" + (f"?bridges={scope}" if scope else ""),
+                          json={"model_id": model}, headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+
+    def loaded_on() -> dict[str, list[str]]:
+        models = httpx.get(proxy.url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).json()
+        return {card["id"]: sorted(card["loaded_on"]) for card in models["data"] if card["loaded_on"]}
+
+    r = switch(COPY_ID)
+    assert r.status_code == 200 and r.json()["switched"] is False and r.json()["bridges"] == [b]
+    r = switch(COPY_ID, "all")
+    assert r.status_code == 200 and sorted(r.json()["bridges"]) == sorted([a2, b]), r.text
+    assert loaded_on() == {COPY_ID: sorted([a2, b])}
+    # No ready bridge holds it now; the killed a1 did, and may come back: retry later.
+    r = post(proxy, key, clip, MOONSHINE.id)
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unavailable" and r.headers["retry-after"]
+    r = switch(MOONSHINE.id)  # one of the two copies gives way; the copy stays loaded on the other
+    assert r.status_code == 200 and r.json()["switched"] is True and len(r.json()["bridges"]) == 1, r.text
+    assert sorted(loaded_on()) == sorted([MOONSHINE.id, COPY_ID])
+    for model in (MOONSHINE.id, COPY_ID):
+        r = post(proxy, key, clip, model)
+        assert r.status_code == 200 and r.headers["x-model-id"] == model
+    r = switch("moonshine-broken", "sideways")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "bridges"
+    assert switch("no-such-model").status_code == 404
+
+
 def test_a_dns_name_stands_for_all_its_addresses(monkeypatch):
     """A headless Service's name resolves to every bridge; DNS with several addresses for one name
     does not exist on this machine, so the resolver's answer is given."""
