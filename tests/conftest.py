@@ -193,3 +193,22 @@ def beckett() -> Path:
 
 
 BECKETT_TEXT = "Ever tried ever failed, no matter try again fail again fail better."
+
+
+@pytest.fixture(scope="session")
+def five_minutes(session_dir: Path) -> tuple[Path, list[tuple[str, float, float]]]:
+    """Five minutes of Festival sentences with pauses, and where each sentence is."""
+    from tests.test_long_audio import PAUSES, build
+
+    return build(300, lambda i: PAUSES[i % len(PAUSES)], session_dir / "five-minutes.wav")
+
+
+@pytest.fixture(scope="session")
+def five_minutes_answer(bridge: BridgeProcess, five_minutes) -> dict:
+    """The session bridge's verbose_json answer for ``five_minutes``, transcribed once for the tests
+    that compare with it, with the bridge's piece-guard counts before and after."""
+    guard_before = bridge.health()["guard"]
+    r = httpx.post(bridge.url + "/v1/audio/transcriptions", files={"file": five_minutes[0].open("rb")},
+                   data={"response_format": "verbose_json"}, timeout=600)
+    assert r.status_code == 200, r.text
+    return {"body": r.json(), "guard_before": guard_before, "guard_after": bridge.health()["guard"]}

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import ROOT
 
 PATHS = ["in-process OfflineRecognizer", "raw sherpa-onnx WebSocket", "bridge", "proxy + bridge",
@@ -35,6 +37,7 @@ def run_bench(out: Path, *args: str, **env: str) -> str:
     return files[0].read_text()
 
 
+@pytest.mark.slow  # over 2 minutes on 2 cores (8 in-process recognizers); the --url path runs by default
 def test_python_m_bench_quick_prints_and_writes_one_table(tmp_path, models_dir):
     text = run_bench(tmp_path, MODELS_DIR=str(models_dir), DEFAULT_MODEL="moonshine-base-en")
     rows = parse_table(text)

@@ -84,7 +84,7 @@ def test_a_25_mib_upload_holds_bounded_memory_and_disk(bounded, bridge, tmp_path
 
 
 def test_64_uploads_at_once_are_bounded_and_the_caps_answer_503(bounded, bridge, beckett, tmp_path):
-    clip = ffmpeg_convert(beckett, tmp_path / "b.mp3", "-b:a", "64k").read_bytes()
+    clip = ffmpeg_convert(beckett, tmp_path / "b.mp3", "-t", "4", "-b:a", "64k").read_bytes()
     auth = {"Authorization": f"Bearer {bounded.key}"}
     start = threading.Barrier(64)
 

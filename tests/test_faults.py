@@ -114,7 +114,7 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
     second: BridgeProcess | None = None
     load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=8)
     try:
-        time.sleep(4)
+        time.sleep(3)
         term = time.monotonic()
         in_flight = first.health()["requests_in_flight"]
         rc = first.stop(signal.SIGTERM)
@@ -123,7 +123,7 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
         second = BridgeProcess(env, tmp_path / "bridge-2.log", port=port)
         second.wait_ready()
         ready = time.monotonic()
-        time.sleep(6)
+        time.sleep(4)
         outcomes = load.stop()
         served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200}, timeout=5)
     finally:
@@ -191,13 +191,13 @@ def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
         proxy.db = tmp_path / "usage-disk" / "usage.db"
         load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=6)
         try:
-            time.sleep(3)
+            time.sleep(2)
             full = time.monotonic()
             fill()
-            time.sleep(4)
+            time.sleep(3)
             freed = time.monotonic()
             free()
-            time.sleep(5)
+            time.sleep(4)
             outcomes = load.stop()
             bridge_log = bridge.log()
             served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200})

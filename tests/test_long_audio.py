@@ -53,14 +53,8 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("long")
 
 
-@pytest.fixture(scope="module")
-def five_minutes(work):
-    return build(300, lambda i: PAUSES[i % len(PAUSES)], work / "five-minutes.wav")
-
-
-def test_five_minutes_cut_at_pauses(bridge, five_minutes):
+def test_five_minutes_cut_at_pauses(bridge, five_minutes, five_minutes_answer):
     path, truth = five_minutes
-    guard_before = bridge.health()["guard"]
     one_by_one = {}
     for sentence in HARVARD:
         r = transcribe(bridge.url, festival_wav(sentence))
@@ -68,14 +62,12 @@ def test_five_minutes_cut_at_pauses(bridge, five_minutes):
     reference = " ".join(s for s, _, _ in truth)
     baseline = wer(reference, " ".join(one_by_one[s] for s, _, _ in truth))
 
-    r = transcribe(bridge.url, path, timeout=600, response_format="verbose_json")
-    assert r.status_code == 200, r.text
-    body = r.json()
+    body = five_minutes_answer["body"]
     cut = wer(reference, body["text"])
     print(f"5 min: WER cut {cut:.3f}, one by one {baseline:.3f}, {len(body['segments'])} segments")
     assert cut <= baseline + 0.01
     # Clean speech: no check fires, nothing is transcribed twice (bridge.guard).
-    guard_after = bridge.health()["guard"]
+    guard_before, guard_after = five_minutes_answer["guard_before"], five_minutes_answer["guard_after"]
     assert guard_after["failed_checks"] == guard_before["failed_checks"], guard_after
     assert guard_after["retried"] == guard_before["retried"]
     assert body["duration"] == pytest.approx(300, abs=0.1)
