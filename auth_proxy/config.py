@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from auth_proxy.limiter import SHARED_SCHEMES
 from common.settings import SettingsError, format_validation_error, split_comma_list
 
 
@@ -68,7 +69,7 @@ class ProxySettings(BaseSettings):
     @classmethod
     def _storage(cls, value: str) -> str:
         value = value.strip() or "memory://"
-        if value != "memory://" and not value.startswith(("redis://", "rediss://", "redis+unix://")):
+        if value != "memory://" and not value.startswith(SHARED_SCHEMES):
             raise ValueError("must be memory:// or a redis:// URL")
         return value
 

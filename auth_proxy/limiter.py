@@ -28,12 +28,14 @@ RETRY_SECONDS = 5.0
 T = TypeVar("T")
 
 
+# What RATE_LIMIT_STORAGE may name besides memory:// (checked by the settings, auth_proxy/config.py).
+SHARED_SCHEMES = ("redis://", "rediss://", "redis+unix://")
+
+
 def shared_storage(uri: str) -> Storage | None:
     """The storage a ``RATE_LIMIT_STORAGE`` value names; None for this process's memory."""
     if uri in ("", "memory://"):
         return None
-    if not uri.startswith(("redis://", "rediss://", "redis+unix://")):
-        raise ValueError(f"RATE_LIMIT_STORAGE: {uri!r} is not memory:// or a redis:// URL")
     storage = storage_from_string(f"async+{uri}", implementation="redispy", socket_timeout=1.0,
                                   socket_connect_timeout=1.0)
     assert isinstance(storage, Storage)
@@ -53,10 +55,6 @@ class Limiter:
         self._retry_at = 0.0
         self.degraded = False
         self._on_fallback = on_fallback
-
-    @property
-    def shared(self) -> bool:
-        return self._shared is not None
 
     async def _run(self, call: Callable[[MovingWindowRateLimiter], Awaitable[T]]) -> T:
         if self._shared is not None and time.monotonic() >= self._retry_at:
