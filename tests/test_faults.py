@@ -5,6 +5,7 @@ rewritten every second are in test_load.py; PostgreSQL stopped in test_usage_out
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import signal
 import sqlite3
@@ -170,10 +171,14 @@ def small_disk(folder: Path) -> Iterator[tuple[Callable[[], None], Callable[[], 
     filler = folder / "filler"
 
     def fill() -> None:
-        with filler.open("wb") as fh, contextlib.suppress(OSError):
-            while True:
-                fh.write(b"\0" * 65536)
-                fh.flush()
+        # Unbuffered: a buffered file would raise ENOSPC again from close(), flushing what it kept.
+        fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, b"\0" * 65536)
+        finally:
+            os.close(fd)
 
     try:
         yield fill, filler.unlink
