@@ -8,6 +8,16 @@ the HTTP API: ``invalid_api_key``, ``rate_limit_exceeded``, ``insufficient_quota
 ``too_many_sessions``) and closed with 1008, so that a browser can show the reason. Each completed
 turn's audio seconds are recorded for the key as the turn completes: a dropped connection loses no
 completed turn's usage. Frames pass through as they are; the only state kept is the session count.
+
+With several bridges (``BRIDGE_URLS``) a session opens on the least busy ready bridge serving the
+URL's ``model`` (older clients), or any. Its model is usually named later, in a ``session.update``;
+until the first audio, a session.update naming a model that bridge does not serve moves the session
+to one that does (the least busy): the proxy opens a session there, replays the client's earlier
+session.update events, drops the answers the client already had (session.created and one per
+replayed update), forwards the new update and closes the first session. The client sees one
+session throughout, except that later events carry the new bridge's session id. A model no ready
+bridge serves is answered with an ``error`` event in the bridge's own form (model_not_loaded naming
+the loaded models, model_unavailable, model_not_found), and the session stays where it is.
 """
 
 from __future__ import annotations
@@ -30,6 +40,7 @@ from common.logs import request_id_var
 
 if TYPE_CHECKING:
     from auth_proxy.app import ProxyState
+    from auth_proxy.bridges import Bridge, BridgePool
 
 log = logging.getLogger("auth_proxy.realtime")
 access_log = logging.getLogger("auth_proxy.access")
@@ -37,6 +48,32 @@ access_log = logging.getLogger("auth_proxy.access")
 KEY_PROTOCOL = "openai-insecure-api-key."
 COMPLETED = "conversation.item.input_audio_transcription.completed"
 MAX_FRAME = 16 * 1024 * 1024  # OpenAI allows appends of up to 15 MiB
+
+
+UPDATES = ("session.update", "transcription_session.update")
+MODEL_PARAM = "session.audio.input.transcription.model"
+
+
+def update_model(text: str) -> tuple[bool, str, Any]:
+    """``(is_update, model, event_id)`` for a client frame: whether it is a session.update (GA or
+    beta), the transcription model it names ("" for none) and its event id."""
+    if not any(kind in text for kind in UPDATES):
+        return False, "", None
+    try:
+        event = json.loads(text)
+    except ValueError:
+        return False, "", None
+    if not isinstance(event, dict) or event.get("type") not in UPDATES:
+        return False, "", None
+    def part(parent: dict[str, Any], name: str) -> dict[str, Any]:
+        value = parent.get(name)
+        return value if isinstance(value, dict) else {}
+
+    session = part(event, "session")
+    transcription = part(session, "input_audio_transcription") if event["type"] == "transcription_session.update" \
+        else part(part(part(session, "audio"), "input"), "transcription")
+    model = transcription.get("model")
+    return True, model if isinstance(model, str) else "", event.get("event_id")
 
 
 def presented_key(ws: WebSocket) -> str | None:
@@ -125,52 +162,112 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
             headers = {"x-request-id": request_id}
             if ws.headers.get("openai-beta"):
                 headers["openai-beta"] = ws.headers["openai-beta"]
+            pool = state.pool
+
+            async def open_on(url: str) -> Any:
+                return await connect(bridge_ws_url(url, ws.url.query), additional_headers=headers,
+                                     max_size=MAX_FRAME, compression=None, open_timeout=10)
+
+            bridge: Bridge | None = None
             try:
-                bridge_url = settings.bridge_url
-                if state.pool is not None:  # several bridges: the least busy ready one (a session picks its model)
-                    bridge_url = state.pool.choose("").url
-                upstream = await connect(bridge_ws_url(bridge_url, ws.url.query), additional_headers=headers,
-                                         max_size=MAX_FRAME, compression=None, open_timeout=10)
-            except (OSError, InvalidHandshake, asyncio.TimeoutError, APIError) as exc:
+                if pool is None:
+                    upstream = await open_on(settings.bridge_url)
+                else:  # several bridges: the least busy ready one serving the URL's model, if it names one
+                    bridge, upstream = await open_in_pool(pool, ws.query_params.get("model", ""), open_on)
+            except APIError as exc:
+                outcome = exc.code or "bridge_unavailable"
+                if outcome == "bridge_unavailable":
+                    state.metrics.bridge_errors.labels("unreachable").inc()
+                await refuse(outcome, exc.message, exc.type)
+                return
+            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 outcome = "bridge_unavailable"
                 state.metrics.bridge_errors.labels("unreachable").inc()
                 log.warning("bridge unreachable for a live session: %r", exc)
                 await refuse("bridge_unavailable", "the transcription service is not reachable; retry shortly",
                              "server_error")
                 return
-            async with upstream:
+            model = upstream.response.headers.get("x-model-id", "") if upstream.response else ""
+            try:
+
+                async def move(target: Bridge, replay: list[str]) -> None:
+                    """Reopen the session on ``target`` (see the module's docstring); where that fails
+                    the session stays where it is (and that bridge answers the update)."""
+                    nonlocal upstream, bridge, model
+                    assert pool is not None
+                    try:
+                        fresh = await open_on(target.url)
+                    except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+                        pool.failed(target, exc)
+                        return
+                    try:
+                        await asyncio.wait_for(fresh.recv(), 10)  # its session.created: the client has one
+                        for frame in replay:
+                            await fresh.send(frame)
+                            await asyncio.wait_for(fresh.recv(), 10)  # the answer the client already had
+                    except (ConnectionClosed, asyncio.TimeoutError) as exc:
+                        log.warning("could not move a live session to %s: %r", target.url, exc)
+                        await fresh.close()
+                        return
+                    old, upstream, bridge = upstream, fresh, target
+                    model = fresh.response.headers.get("x-model-id", "") if fresh.response else ""
+                    log.info("live session moved to %s for model %s", target.url, model)
+                    await old.close()  # the reader goes on with the new one
 
                 async def client_to_bridge() -> None:
+                    placing = pool is not None  # until the first audio the session may move
+                    replay: list[str] = []
                     while True:
                         message = await ws.receive()
                         if message["type"] == "websocket.disconnect":
                             return
-                        if message.get("text") is not None:
-                            await upstream.send(message["text"])
+                        text = message.get("text")
+                        if placing and text is not None:
+                            is_update, wanted, event_id = update_model(text)
+                            placing = is_update
+                            if is_update and wanted and pool is not None and bridge not in pool.serving(wanted):
+                                try:
+                                    target = pool.choose(wanted)
+                                except APIError as exc:  # what a bridge would answer, naming all bridges' models
+                                    await ws.send_text(json.dumps({
+                                        "type": "error", "event_id": f"event_{request_id}",
+                                        "error": {"type": exc.type, "code": exc.code, "message": exc.message,
+                                                  "param": MODEL_PARAM, "event_id": event_id}}))
+                                    continue
+                                await move(target, replay)
+                            if is_update:
+                                replay.append(text)
+                        elif message.get("bytes") is not None:
+                            placing = False
+                        if text is not None:
+                            await upstream.send(text)
                         elif message.get("bytes") is not None:
                             await upstream.send(message["bytes"])
 
                 async def bridge_to_client() -> None:
-                    nonlocal audio_seconds, turns, model
-                    async for frame in upstream:
-                        text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
-                        if COMPLETED in text:
-                            seconds = turn_seconds(text)
-                            if seconds is not None:
-                                audio_seconds += seconds
-                                turns += 1
-                                record_usage(state, UsageRecord(
-                                    request_id=request_id, key_id=key.id, key_name=key.name, model=model,
-                                    route="/v1/realtime", status=200, audio_seconds=seconds,
-                                    latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
-                                state.metrics.audio_seconds.labels(key.name).inc(seconds)
-                                await ws.send_text(text)
-                                if over_quota(state, key):
-                                    raise QuotaUsedUp()
-                                continue
-                        await ws.send_text(text)
+                    nonlocal audio_seconds, turns
+                    while True:
+                        reading = upstream
+                        async for frame in reading:
+                            text = frame if isinstance(frame, str) else frame.decode("utf-8", "replace")
+                            if COMPLETED in text:
+                                seconds = turn_seconds(text)
+                                if seconds is not None:
+                                    audio_seconds += seconds
+                                    turns += 1
+                                    record_usage(state, UsageRecord(
+                                        request_id=request_id, key_id=key.id, key_name=key.name, model=model,
+                                        route="/v1/realtime", status=200, audio_seconds=seconds,
+                                        latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
+                                    state.metrics.audio_seconds.labels(key.name).inc(seconds)
+                                    await ws.send_text(text)
+                                    if over_quota(state, key):
+                                        raise QuotaUsedUp()
+                                    continue
+                            await ws.send_text(text)
+                        if reading is upstream:  # the bridge ended the session (not a move)
+                            return
 
-                model = upstream.response.headers.get("x-model-id", "") if upstream.response else ""
                 tasks = [asyncio.create_task(client_to_bridge()), asyncio.create_task(bridge_to_client())]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -190,6 +287,8 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
                         await ws.close(upstream.close_code or 1000)
                 else:
                     outcome = "closed by client"
+            finally:
+                await upstream.close()
         finally:
             state.realtime_sessions[key.id] -= 1
             if not state.realtime_sessions[key.id]:
@@ -211,6 +310,19 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
 
 class QuotaUsedUp(Exception):
     pass
+
+
+async def open_in_pool(pool: BridgePool, model: str, open_on: Any) -> tuple[Bridge, Any]:
+    """A live session on the least busy ready bridge serving ``model`` (any for ""), trying the next
+    when one cannot be reached; APIError when none is left."""
+    tried: set[str] = set()
+    while True:
+        bridge = pool.choose(model, tried)
+        try:
+            return bridge, await open_on(bridge.url)
+        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+            pool.failed(bridge, exc)
+            tried.add(bridge.url)
 
 
 def over_quota(state: ProxyState, key: Any) -> bool:

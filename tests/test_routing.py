@@ -8,6 +8,8 @@ bridge is tested everywhere else."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import shutil
 import signal
 import subprocess
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from auth_proxy import bridges
 from auth_proxy.limiter import RETRY_SECONDS
@@ -145,17 +148,94 @@ def test_each_request_goes_to_a_bridge_holding_its_model_and_load_spreads(cluste
            copy_model_requests=len(where[COPY_ID]), twins=str(spread))
 
 
-def test_a_live_session_opens_through_a_proxy_with_several_bridges(cluster):
-    import json
+def live_counts(cluster, want: dict[str, int]) -> dict[str, int]:
+    """Each bridge's open live sessions, once they read ``want`` (the bridges count a session
+    closed by the proxy as its handler ends, a moment later)."""
+    deadline = time.monotonic() + 10
+    while True:
+        counts = {name: b.health()["realtime_sessions"] for name, b in cluster["bridges"].items()}
+        if counts == want or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.05)
 
+
+def ga_update(model: str, event_id: str = "u1") -> str:
+    return json.dumps({"type": "session.update", "event_id": event_id, "session": {
+        "type": "transcription", "audio": {"input": {"transcription": {"model": model}}}}})
+
+
+def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, beckett):
+    """A live session opens on any bridge; the session.update naming its model moves it, before any
+    audio, to a bridge holding that model, invisibly to the client: three sessions naming the
+    copy's id all end on bridge b (ties would have put two on the twins), answer its updates and
+    carry a turn to it. The beta form and the URL's ``model`` route alike; a model loaded nowhere
+    is an error event naming the loaded ones, and the session goes on."""
     from websockets.sync.client import connect
 
-    proxy, key = cluster["proxies"][1], cluster["keys"]["user"]
-    with connect(proxy.url.replace("http", "ws") + "/v1/realtime?intent=transcription",
-                 additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+    from tests.test_realtime import append, events_until, pcm24
+
+    proxy, key = cluster["proxies"][0], cluster["keys"]["user"]
+    url = proxy.url.replace("http", "ws") + "/v1/realtime?intent=transcription"
+    auth = {"Authorization": f"Bearer {key}"}
+    pcm = pcm24(beckett, silence_after=0)[: 48000 * 2]
+    with contextlib.ExitStack() as stack:
+        sessions = []
+        for _ in range(3):
+            ws = stack.enter_context(connect(url, additional_headers=auth))
+            created = json.loads(ws.recv(timeout=10))
+            assert created["type"] == "session.created"
+            # An update without a model first: replayed on the bridge the session moves to.
+            ws.send(json.dumps({"type": "session.update", "event_id": "u0", "session": {
+                "type": "transcription", "audio": {"input": {"turn_detection": None}}}}))
+            assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+            ws.send(ga_update(COPY_ID))
+            updated = json.loads(ws.recv(timeout=10))
+            assert updated["type"] == "session.updated", updated
+            assert updated["session"]["audio"]["input"]["transcription"]["model"] == COPY_ID
+            assert updated["session"]["audio"]["input"]["turn_detection"] is None  # the replayed update held
+            sessions.append(ws)
+        assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 3}) == {"a1": 0, "a2": 0, "b": 3}
+        ws = sessions[0]
+        for i in range(0, len(pcm), 4800):
+            ws.send(append(pcm[i:i + 4800]))
+        ws.send(json.dumps({"type": "input_audio_buffer.commit"}))
+        done = events_until(ws, "conversation.item.input_audio_transcription.completed", 30)[-1]
+        assert done["transcript"] == "instant" and done["usage"]["seconds"] == pytest.approx(2.0, abs=0.01)
+        # Once audio has gone, the session stays put: a later update naming the twins' model is b's to answer.
+        ws.send(ga_update(MOONSHINE.id, "late"))
+        late = events_until(ws, "error", 10)[-1]["error"]
+        assert late["code"] == "model_not_loaded" and late["event_id"] == "late"
+        assert f"the loaded model is {COPY_ID!r}" in late["message"]  # b's own answer
+    assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 0})["b"] == 0
+
+    # The beta form, the URL's model, and a model loaded nowhere.
+    with connect(url, additional_headers={**auth, "openai-beta": "realtime=v1"}) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "transcription_session.created"
+        ws.send(json.dumps({"type": "transcription_session.update", "session": {
+            "input_audio_transcription": {"model": COPY_ID}}}))
+        assert json.loads(ws.recv(timeout=10))["type"] == "transcription_session.updated"
+        assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 1})["b"] == 1
+    with connect(url + f"&model={COPY_ID}", additional_headers=auth) as ws:
         assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
-    time.sleep(0.3)
-    assert sum(b.health()["realtime_sessions"] == 0 for b in cluster["bridges"].values()) == 3
+        assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 1})["b"] == 1
+    with connect(url, additional_headers=auth) as ws:
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.created"
+        ws.send(ga_update("moonshine-broken", "nowhere"))
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["error"]["code"] == "model_not_loaded", error
+        assert error["error"]["event_id"] == "nowhere"
+        assert MOONSHINE.id in error["error"]["message"] and COPY_ID in error["error"]["message"]
+        ws.send(ga_update(MOONSHINE.id))
+        assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+    with connect(url + "&model=moonshine-broken", additional_headers=auth) as ws:
+        error = json.loads(ws.recv(timeout=10))
+        assert error["type"] == "error" and error["error"]["code"] == "model_not_loaded"
+        with pytest.raises(ConnectionClosed):
+            ws.recv(timeout=10)
+    assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 0}) == {"a1": 0, "a2": 0, "b": 0}
+    record("Live sessions routed by the model they name", "load", "three sessions naming the copy's model "
+           "all moved, before audio, to the one bridge holding it and carried a turn there; a model loaded "
+           "nowhere is an error event naming the loaded models", sessions=3)
 
 
 def test_a_rate_limit_holds_across_both_proxies(cluster):
