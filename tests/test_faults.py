@@ -84,13 +84,20 @@ class Load:
         return self.outcomes
 
 
-def served_ids(db: Path, want: set[str], timeout: float = 20) -> dict[str, dict]:
-    """The usage store's records (status 200) of ``want``, read from the proxy's SQLite file,
-    waiting for writes kept during an outage to land."""
+def served_ids(db: Path | str, want: set[str], timeout: float = 20) -> dict[str, dict]:
+    """The usage store's records (status 200) of ``want``, read from the proxy's SQLite file (or its
+    PostgreSQL URL), waiting for writes kept during an outage to land."""
     deadline = time.monotonic() + timeout
+    query = "SELECT request_id, status, audio_seconds FROM usage WHERE status = 200"
     while True:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
-            rows = conn.execute("SELECT request_id, status, audio_seconds FROM usage WHERE status = 200").fetchall()
+        if str(db).startswith("postgresql://"):
+            import psycopg
+
+            with psycopg.connect(str(db)) as pg:
+                rows = pg.execute(query).fetchall()
+        else:
+            with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+                rows = conn.execute(query).fetchall()
         found = {rid: {"status": status, "audio_seconds": seconds} for rid, status, seconds in rows if rid in want}
         if set(found) == want or time.monotonic() > deadline:
             return found

@@ -1,27 +1,25 @@
-"""The usage store goes away under the proxy (PostgreSQL stopped, then started again): requests are
-refused with a clear 503 rather than served unmetered, a request already being served is metered
-once the store is back, and the service resumes by itself."""
+"""The usage store goes away under the proxy while 6 clients send uploads (PostgreSQL stopped, then
+started again): requests are refused with a clear 503 rather than served unmetered, requests being
+served across the outage are metered once the store is back, and the service resumes by itself."""
 
 from __future__ import annotations
 
-import threading
 import time
-import uuid
 
-import httpx
 import pytest
 
 from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.reliability import record
+from tests.test_faults import Load, mp3_clips, served_ids
 from tests.test_proxy import ProxyProcess, add_key
 from tests.test_usage_store import PostgresServer
 
 
 @pytest.fixture(scope="module")
 def slow_bridge(models_dir, catalog_file, tmp_path_factory):
-    """A bridge in front of a stand-in engine that takes 0.4 s per second of audio."""
+    """A bridge in front of a stand-in engine that takes 0.2 s per second of audio."""
     work = tmp_path_factory.mktemp("outage")
-    engine, url = start_instant_engine("--delay", "0.4")
+    engine, url = start_instant_engine("--delay", "0.2")
     bridge = BridgeProcess(bridge_env(models_dir, catalog_file, ENGINE_ADAPTER="websocket", SPEED_CHECK="false",
                                       ENGINE_URL=url), work / "bridge.log")
     try:
@@ -33,53 +31,50 @@ def slow_bridge(models_dir, catalog_file, tmp_path_factory):
         engine.wait(10)
 
 
-def test_postgres_outage_fails_closed_and_loses_nothing(slow_bridge, beckett, tmp_path):
+def test_postgres_outage_under_load_fails_closed_and_loses_nothing(slow_bridge, beckett, tmp_path):
     pg = PostgresServer()
     key = add_key(tmp_path / "api-keys.json", "metered")
     proxy = ProxyProcess(slow_bridge.url, tmp_path, USAGE_DB=pg.url)
-    auth = {"Authorization": f"Bearer {key}"}
-
-    def post(request_id: str) -> httpx.Response:
-        with beckett.open("rb") as fh:
-            return httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": fh}, timeout=60,
-                              headers={**auth, "x-request-id": request_id})
-
+    load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=6)
     try:
-        assert post("before-outage").status_code == 200
-        # A request being served when the store goes away (the stand-in takes ~4 s for 10 s of audio).
-        during: dict[str, httpx.Response] = {}
-        worker = threading.Thread(target=lambda: during.setdefault("r", post("during-outage")))
-        worker.start()
-        time.sleep(1.0)
+        time.sleep(2)
+        down = time.monotonic()
         pg.stop()
-        worker.join()
-        assert during["r"].status_code == 200  # it was metered before it was served
-        # While the store is down: refused with a reason, never forwarded (served unmetered).
-        refused_id = f"refused-{uuid.uuid4().hex[:8]}"
-        r = post(refused_id)
-        assert r.status_code == 503 and r.json()["error"]["code"] == "usage_unavailable"
-        assert int(r.headers["retry-after"]) > 0
-        assert refused_id not in slow_bridge.log()
+        stopped = time.monotonic()
+        time.sleep(4)
+        starting = time.monotonic()  # the server takes connections before pg_ctl returns
         pg.start()
-        deadline = time.monotonic() + 30
-        while (r := post("after-outage")).status_code != 200:  # back by itself
-            assert time.monotonic() < deadline, r.text
-            time.sleep(0.5)
-        # Every request served is in the store with its audio, the one served during the outage too.
-        deadline = time.monotonic() + 15
-        while True:
-            usage = httpx.get(proxy.url + "/v1/usage", headers=auth).json()
-            served = {rec["request_id"]: rec for rec in usage["records"] if rec["status"] == 200}
-            if {"before-outage", "during-outage", "after-outage"} <= set(served) or time.monotonic() > deadline:
-                break
-            time.sleep(0.5)
-        assert {"before-outage", "during-outage", "after-outage"} <= set(served), usage["records"]
-        assert served["during-outage"]["audio_seconds"] == pytest.approx(9.96, abs=0.05)
-        assert not any(rec["request_id"] == refused_id for rec in usage["records"])
-        record("PostgreSQL stopped and started under the proxy", "faults",
-               "503 usage_unavailable with Retry-After while down, the refused request never reached the bridge; "
-               "the request being served across the outage was metered once the store was back; reconnected "
-               "by itself", during_outage_audio_seconds=served["during-outage"]["audio_seconds"])
+        up = time.monotonic()
+        deadline = up + 30
+        while not (ok := [o for o in list(load.outcomes) if o.started > up and o.status == 200]):
+            assert time.monotonic() < deadline, "the proxy did not take requests again by itself"
+            time.sleep(0.2)
+        back = min(o.started for o in ok)
+        time.sleep(3)
+        outcomes = load.stop()
+        bridge_log = slow_bridge.log()
+        served = served_ids(pg.url, {o.request_id for o in outcomes if o.status == 200})
     finally:
+        load.stop()
         proxy.stop()
         pg.remove()
+    assert not load.errors, load.errors[:3]
+    refused = [o for o in outcomes if o.status != 200]
+    during = [o for o in outcomes if stopped + 0.5 < o.started < starting]
+    spanning = [o for o in outcomes if o.started < down < o.ended and o.status == 200]
+    after = [o for o in outcomes if o.started > back + 0.5]
+    print(f"\nPostgreSQL outage: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started while "
+          f"down, {len(spanning)} served across the stop, back {back - up:.1f} s after the start, {len(after)} after")
+    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
+    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
+    assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
+    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
+    # Every request served, those in flight when the store went away included, is in it with its audio.
+    missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
+    assert not missing, f"{len(missing)} served requests not metered"
+    assert spanning and all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    record("PostgreSQL stopped and started under load", "faults",
+           "503 usage_unavailable with Retry-After while down, no refused request reached the bridge; requests "
+           "served across the outage metered once the store was back; reconnected by itself",
+           clients=6, requests=len(outcomes), refused_503=len(refused), served_across_the_stop=len(spanning),
+           back_after_start_seconds=round(back - up, 1), metered=len(served))
