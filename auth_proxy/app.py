@@ -40,7 +40,7 @@ from auth_proxy.metrics import ROUTES, ProxyMetrics
 from auth_proxy.realtime import realtime_session
 from auth_proxy.usage_store import UsageRecord, UsageStore
 from common.access import AccessMiddleware, access_record, key_hint, serve_metrics
-from common.errors import APIError, error_response
+from common.errors import APIError, error_response, validation_error_response
 from common.openapi import error as openapi_error
 from common.openapi import proxy_schema
 
@@ -219,10 +219,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(part) for part in first.get("loc", ())[1:])
-        return error_response(400, f"invalid {where or 'request'}: {first.get('msg', exc)}", param=where or None,
-                              code="invalid_value")
+        return validation_error_response(list(exc.errors()))
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi() -> Response:

@@ -30,7 +30,7 @@ from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState
 from bridge.vad import SpeechDetector, find_vad_model
 from common.access import AccessMiddleware, serve_metrics
-from common.errors import APIError, error_response
+from common.errors import APIError, error_response, validation_error_response
 from common.openapi import document_bridge
 
 log = logging.getLogger("bridge")
@@ -171,8 +171,7 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        first = exc.errors()[0] if exc.errors() else {}
-        return error_response(400, f"invalid request: {first.get('msg', exc)}", code="invalid_value")
+        return validation_error_response(list(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:

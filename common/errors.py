@@ -95,3 +95,12 @@ def error_response(
     out["x-should-retry"] = "true" if should_retry else "false"
     body = error_body(message, type=type or default_type(status), code=code, param=param)
     return JSONResponse(body, status_code=status, headers=out)
+
+
+def validation_error_response(errors: list[Any]) -> JSONResponse:
+    """FastAPI's request validation errors (``RequestValidationError.errors()``) as a 400 in the
+    OpenAI shape, naming the first bad field, rather than FastAPI's 422."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ())[1:])
+    return error_response(400, f"invalid {where or 'request'}: {first.get('msg', 'not valid')}", param=where or None,
+                          code="invalid_value")

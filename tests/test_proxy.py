@@ -192,9 +192,14 @@ def test_usage_totals_match_requests_and_audio(proxy, beckett, tmp_path):
     empty = httpx.get(proxy.url + "/v1/usage", params={"until": 1},
                       headers={"Authorization": f"Bearer {key}"}).json()
     assert empty["totals"] == []
+    bad = httpx.get(proxy.url + "/v1/usage", params={"since": "yesterday"}, headers={"Authorization": f"Bearer {key}"})
+    assert assert_openai_error(bad, 400, "invalid_value")["param"] == "since"
     # Non-admins see only themselves; admins see everyone.
     denied = httpx.get(proxy.url + "/v1/usage", params={"key": "alice"}, headers={"Authorization": f"Bearer {key}"})
     assert_openai_error(denied, 403)
+    with short.open("rb") as fh:  # alice's own request, so that this test does not lean on the others'
+        assert httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": fh}, timeout=60,
+                          headers={"Authorization": f"Bearer {proxy.keys['alice']}"}).status_code == 200
     everyone = httpx.get(proxy.url + "/v1/usage", headers={"Authorization": f"Bearer {proxy.keys['root']}"}).json()
     assert {"bob", "alice"} <= {t["key_name"] for t in everyone["totals"]}
     # usage.json, the human-readable export, catches up within a few seconds.
