@@ -104,6 +104,28 @@ def served_ids(db: Path | str, want: set[str], timeout: float = 20) -> dict[str,
         time.sleep(0.5)
 
 
+def check_fail_closed(outcomes: list[Outcome], bridge_log: str, served: dict[str, dict], *, lost: float,
+                      down: tuple[float, float], back: float, what: str) -> tuple[list[Outcome], list[Outcome]]:
+    """What a usage-store outage under load must show: every refusal a 503 usage_unavailable with
+    Retry-After, every request started within ``down`` refused and none of them forwarded, every
+    one started after ``back`` served, and every served request (those in flight at ``lost``, when
+    the store went away, included) metered with its audio. Returns (refused, served across ``lost``)."""
+    refused = [o for o in outcomes if o.status != 200]
+    during = [o for o in outcomes if down[0] < o.started < down[1]]
+    spanning = [o for o in outcomes if o.started < lost < o.ended and o.status == 200]
+    after = [o for o in outcomes if o.started > back]
+    print(f"\n{what}: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started meanwhile "
+          f"({sorted({o.status for o in during})}), {len(spanning)} served across it, {len(after)} after")
+    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
+    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
+    assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
+    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
+    missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
+    assert not missing, f"{len(missing)} served requests not metered"
+    assert spanning and all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    return refused, spanning
+
+
 def mp3_clips(beckett: Path, work: Path) -> list[bytes]:
     return [ffmpeg_convert(beckett, work / "b.mp3", "-b:a", "64k").read_bytes(),
             ffmpeg_convert(beckett, work / "short.mp3", "-t", "3", "-b:a", "64k").read_bytes()]
@@ -217,20 +239,8 @@ def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
             load.stop()
             proxy.stop()
     assert not load.errors, load.errors[:3]
-    refused = [o for o in outcomes if o.status != 200]
-    during = [o for o in outcomes if full + 0.5 < o.started < freed]
-    spanning = [o for o in outcomes if o.started < full < o.ended and o.status == 200]
-    back = [o for o in outcomes if o.started > freed + 0.5]
-    print(f"\nusage disk full: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started while full "
-          f"({sorted({o.status for o in during})}), {len(spanning)} served across the fill, {len(back)} after")
-    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
-    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
-    assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
-    assert back and all(o.status == 200 for o in back), "the proxy should take requests again by itself"
-    # Every request served, those in flight when the disk filled included, is in the store as served.
-    missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
-    assert not missing, f"{len(missing)} served requests not metered"
-    assert all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    refused, spanning = check_fail_closed(outcomes, bridge_log, served, lost=full, down=(full + 0.5, freed),
+                                          back=freed + 0.5, what="usage disk full")
     record("Usage disk full under load", "faults",
            "503 usage_unavailable with Retry-After while the store could not be written, no refused request "
            "forwarded; requests in flight metered once there was room; service back by itself",

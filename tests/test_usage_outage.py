@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.reliability import record
-from tests.test_faults import Load, mp3_clips, served_ids
+from tests.test_faults import Load, check_fail_closed, mp3_clips, served_ids
 from tests.test_proxy import ProxyProcess, add_key
 from tests.test_usage_store import PostgresServer
 
@@ -59,20 +59,8 @@ def test_postgres_outage_under_load_fails_closed_and_loses_nothing(slow_bridge, 
         proxy.stop()
         pg.remove()
     assert not load.errors, load.errors[:3]
-    refused = [o for o in outcomes if o.status != 200]
-    during = [o for o in outcomes if stopped + 0.5 < o.started < starting]
-    spanning = [o for o in outcomes if o.started < down < o.ended and o.status == 200]
-    after = [o for o in outcomes if o.started > back + 0.5]
-    print(f"\nPostgreSQL outage: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started while "
-          f"down, {len(spanning)} served across the stop, back {back - up:.1f} s after the start, {len(after)} after")
-    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
-    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
-    assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
-    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
-    # Every request served, those in flight when the store went away included, is in it with its audio.
-    missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
-    assert not missing, f"{len(missing)} served requests not metered"
-    assert spanning and all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    refused, spanning = check_fail_closed(outcomes, bridge_log, served, lost=down, down=(stopped + 0.5, starting),
+                                          back=back + 0.5, what=f"PostgreSQL outage (back {back - up:.1f} s after)")
     record("PostgreSQL stopped and started under load", "faults",
            "503 usage_unavailable with Retry-After while down, no refused request reached the bridge; requests "
            "served across the outage metered once the store was back; reconnected by itself",
