@@ -27,7 +27,7 @@ import contextlib
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
@@ -51,29 +51,37 @@ MAX_FRAME = 16 * 1024 * 1024  # OpenAI allows appends of up to 15 MiB
 
 
 UPDATES = ("session.update", "transcription_session.update")
-MODEL_PARAM = "session.audio.input.transcription.model"
 
 
-def update_model(text: str) -> tuple[bool, str, Any]:
-    """``(is_update, model, event_id)`` for a client frame: whether it is a session.update (GA or
-    beta), the transcription model it names ("" for none) and its event id."""
+class SessionUpdate(NamedTuple):
+    model: str  # the transcription model it names, "" for none
+    event_id: Any
+    param: str  # where the model is named, for an error about it
+
+
+def session_update(text: str) -> SessionUpdate | None:
+    """A client frame read as a session.update (GA or beta); None for any other frame."""
     if not any(kind in text for kind in UPDATES):
-        return False, "", None
+        return None
     try:
         event = json.loads(text)
     except ValueError:
-        return False, "", None
+        return None
     if not isinstance(event, dict) or event.get("type") not in UPDATES:
-        return False, "", None
+        return None
+
     def part(parent: dict[str, Any], name: str) -> dict[str, Any]:
         value = parent.get(name)
         return value if isinstance(value, dict) else {}
 
     session = part(event, "session")
-    transcription = part(session, "input_audio_transcription") if event["type"] == "transcription_session.update" \
-        else part(part(part(session, "audio"), "input"), "transcription")
+    if event["type"] == "transcription_session.update":
+        transcription, param = part(session, "input_audio_transcription"), "session.input_audio_transcription.model"
+    else:
+        transcription = part(part(part(session, "audio"), "input"), "transcription")
+        param = "session.audio.input.transcription.model"
     model = transcription.get("model")
-    return True, model if isinstance(model, str) else "", event.get("event_id")
+    return SessionUpdate(model if isinstance(model, str) else "", event.get("event_id"), param)
 
 
 def presented_key(ws: WebSocket) -> str | None:
@@ -222,20 +230,20 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
                         if message["type"] == "websocket.disconnect":
                             return
                         text = message.get("text")
-                        if placing and text is not None:
-                            is_update, wanted, event_id = update_model(text)
-                            placing = is_update
-                            if is_update and wanted and pool is not None and bridge not in pool.serving(wanted):
+                        if placing and pool is not None and text is not None:
+                            update = session_update(text)
+                            placing = update is not None
+                            if update and update.model and bridge not in pool.serving(update.model):
                                 try:
-                                    target = pool.choose(wanted)
+                                    target = pool.choose(update.model)
                                 except APIError as exc:  # what a bridge would answer, naming all bridges' models
                                     await ws.send_text(json.dumps({
                                         "type": "error", "event_id": f"event_{request_id}",
                                         "error": {"type": exc.type, "code": exc.code, "message": exc.message,
-                                                  "param": MODEL_PARAM, "event_id": event_id}}))
+                                                  "param": update.param, "event_id": update.event_id}}))
                                     continue
                                 await move(target, replay)
-                            if is_update:
+                            if update:
                                 replay.append(text)
                         elif message.get("bytes") is not None:
                             placing = False

@@ -224,6 +224,7 @@ def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, becke
         error = json.loads(ws.recv(timeout=10))
         assert error["type"] == "error" and error["error"]["code"] == "model_not_loaded", error
         assert error["error"]["event_id"] == "nowhere"
+        assert error["error"]["param"] == "session.audio.input.transcription.model"
         assert MOONSHINE.id in error["error"]["message"] and COPY_ID in error["error"]["message"]
         ws.send(ga_update(MOONSHINE.id))
         assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
