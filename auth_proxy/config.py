@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from auth_proxy.limiter import SHARED_SCHEMES
@@ -49,6 +49,13 @@ class ProxySettings(BaseSettings):
     auth_metrics_host: str = ""
 
     _split = field_validator("cors_origins", "bridge_urls", mode="before")(split_comma_list)
+
+    @field_validator("auth_metrics_port")
+    @classmethod
+    def _metrics_port_apart(cls, value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get("auth_port"):
+            raise ValueError("must differ from AUTH_PORT (or be 0: no metrics)")
+        return value
 
     @field_validator("cors_origins")
     @classmethod

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import CommaList, SettingsError, format_validation_error, split_comma_list
@@ -93,6 +93,13 @@ class BridgeSettings(BaseSettings):
     realtime_max_buffer_seconds: float = Field(120.0, ge=1, le=600)
 
     _split = field_validator("model_aliases", mode="before")(split_comma_list)
+
+    @field_validator("bridge_metrics_port")
+    @classmethod
+    def _metrics_port_apart(cls, value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get("bridge_port"):
+            raise ValueError("must differ from BRIDGE_PORT (or be 0: no metrics)")
+        return value
 
     @model_validator(mode="after")
     def _resolve_auto_tuning(self) -> BridgeSettings:

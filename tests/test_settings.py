@@ -29,6 +29,18 @@ def test_bad_value_names_the_variable(service, name, value):
     assert name in run.stderr
 
 
+@pytest.mark.parametrize(("service", "api", "metrics"), [
+    ("bridge", "BRIDGE_PORT", "BRIDGE_METRICS_PORT"),
+    ("auth_proxy", "AUTH_PORT", "AUTH_METRICS_PORT"),
+])
+def test_metrics_on_the_api_port_stops_the_start(service, api, metrics):
+    """Else the metrics server takes the port first and answers every path, /health included."""
+    run = subprocess.run([sys.executable, "-m", service], cwd=ROOT, env={**os.environ, api: "8999", metrics: "8999"},
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert metrics in run.stderr and f"must differ from {api}" in run.stderr
+
+
 def test_websocket_adapter_needs_an_url():
     run = subprocess.run([sys.executable, "-m", "bridge"], cwd=ROOT,
                          env={**os.environ, "ENGINE_ADAPTER": "websocket", "ENGINE_URL": ""},
