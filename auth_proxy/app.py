@@ -166,7 +166,12 @@ def create_app(settings: ProxySettings) -> FastAPI:
         if len(keys) == 0:
             log.warning("no API keys in %s: every request will get 401. Create one with: "
                         "python -m auth_proxy keys add NAME", settings.api_keys_file)
-        usage = UsageStore(settings.usage_db)
+        try:
+            usage = UsageStore(settings.usage_db)
+        except Exception as exc:  # a read-only or missing disk, PostgreSQL down or refusing: say which
+            raise RuntimeError(f"cannot open the usage store (USAGE_DB={redact(settings.usage_db)}): "
+                               f"{exc.__class__.__name__}: {exc}") from exc
+
         def bridge_client(url: str) -> httpx.AsyncClient:
             return httpx.AsyncClient(
                 base_url=url,

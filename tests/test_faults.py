@@ -10,6 +10,7 @@ import random
 import signal
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -21,7 +22,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import BridgeProcess, bridge_env, free_port
+from auth_proxy.limiter import redact
+from tests.conftest import ROOT, BridgeProcess, bridge_env, free_port
 from tests.reliability import record
 from tests.speech import ffmpeg_convert
 from tests.test_proxy import ProxyProcess, add_key
@@ -247,3 +249,32 @@ def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
            how="16 MiB tmpfs filled (ENOSPC)",
            clients=6, requests=len(outcomes), refused_503=len(refused), served_across_the_fill=len(spanning),
            metered=len(served))
+
+
+@pytest.mark.parametrize("store", ["read-only disk", "PostgreSQL not running"])
+def test_a_proxy_whose_usage_store_cannot_be_opened_does_not_start_and_says_why(store, tmp_path):
+    """Nothing would be metered, so nothing may be served: the start fails, naming USAGE_DB and the cause."""
+    if store == "read-only disk":
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)],
+                               capture_output=True, text=True)
+        if mount.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {mount.stderr.strip()}")
+        db, cause = str(folder / "usage.db"), "unable to open database file"
+    else:
+        folder, db, cause = None, f"postgresql://postgres@127.0.0.1:{free_port()}/postgres", "Connection refused"
+    (tmp_path / "api-keys.json").write_text('{"keys": []}')
+    try:
+        run = subprocess.run([sys.executable, "-m", "auth_proxy"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                             env={**os.environ, "AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(free_port()),
+                                  "AUTH_METRICS_PORT": "0", "API_KEYS_FILE": str(tmp_path / "api-keys.json"),
+                                  "USAGE_DB": db, "USAGE_JSON": "", "BRIDGE_URL": "http://127.0.0.1:9"})
+    finally:
+        if folder is not None:
+            subprocess.run(["umount", "-l", str(folder)], check=False)
+    assert run.returncode != 0
+    said = run.stderr[-3000:]
+    assert f"cannot open the usage store (USAGE_DB={redact(db)})" in said and cause in said, said
+    record(f"Usage store cannot be opened at start ({store})", "faults",
+           "the proxy does not start; its log names USAGE_DB and the cause", cause=cause)
