@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import signal
+import statistics
 import subprocess
 import threading
 import time
@@ -178,6 +179,8 @@ def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, becke
     url = proxy.url.replace("http", "ws") + "/v1/realtime?intent=transcription"
     auth = {"Authorization": f"Bearer {key}"}
     pcm = pcm24(beckett, silence_after=0)[: 48000 * 2]
+    stay_ms: list[float] = []
+    move_ms: list[float] = []  # what a move adds to the update's answer: shown, not asserted
     with contextlib.ExitStack() as stack:
         sessions = []
         for _ in range(3):
@@ -185,16 +188,22 @@ def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, becke
             created = json.loads(ws.recv(timeout=10))
             assert created["type"] == "session.created"
             # An update without a model first: replayed on the bridge the session moves to.
+            sent = time.perf_counter()
             ws.send(json.dumps({"type": "session.update", "event_id": "u0", "session": {
                 "type": "transcription", "audio": {"input": {"turn_detection": None}}}}))
             assert json.loads(ws.recv(timeout=10))["type"] == "session.updated"
+            stay_ms.append((time.perf_counter() - sent) * 1000)
+            sent = time.perf_counter()
             ws.send(ga_update(COPY_ID))
             updated = json.loads(ws.recv(timeout=10))
+            move_ms.append((time.perf_counter() - sent) * 1000)
             assert updated["type"] == "session.updated", updated
             assert updated["session"]["audio"]["input"]["transcription"]["model"] == COPY_ID
             assert updated["session"]["audio"]["input"]["turn_detection"] is None  # the replayed update held
             sessions.append(ws)
         assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 3}) == {"a1": 0, "a2": 0, "b": 3}
+        print(f"\nsession.update answered: {sorted(round(t, 1) for t in stay_ms)} ms in place, "
+              f"{sorted(round(t, 1) for t in move_ms)} ms with a move")
         ws = sessions[0]
         for i in range(0, len(pcm), 4800):
             ws.send(append(pcm[i:i + 4800]))
@@ -236,7 +245,9 @@ def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, becke
     assert live_counts(cluster, {"a1": 0, "a2": 0, "b": 0}) == {"a1": 0, "a2": 0, "b": 0}
     record("Live sessions routed by the model they name", "load", "three sessions naming the copy's model "
            "all moved, before audio, to the one bridge holding it and carried a turn there; a model loaded "
-           "nowhere is an error event naming the loaded models", sessions=3)
+           "nowhere is an error event naming the loaded models", sessions=3,
+           update_ms_in_place=round(statistics.median(stay_ms), 1),
+           update_ms_moved=round(statistics.median(move_ms), 1))
 
 
 def test_a_rate_limit_holds_across_both_proxies(cluster):
