@@ -251,7 +251,7 @@ def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
            metered=len(served))
 
 
-@pytest.mark.parametrize("store", ["read-only disk", "PostgreSQL not running"])
+@pytest.mark.parametrize("store", ["read-only disk", "PostgreSQL not running"], ids=["read-only-disk", "no-postgresql"])
 def test_a_proxy_whose_usage_store_cannot_be_opened_does_not_start_and_says_why(store, tmp_path):
     """Nothing would be metered, so nothing may be served: the start fails, naming USAGE_DB and the cause."""
     if store == "read-only disk":
