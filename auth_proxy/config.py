@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from auth_proxy.limiter import SHARED_SCHEMES
-from common.settings import SettingsError, format_validation_error, split_comma_list
+from common.settings import SettingsError, apart_from_port, format_validation_error, split_comma_list
 
 
 class ProxySettings(BaseSettings):
@@ -50,12 +50,7 @@ class ProxySettings(BaseSettings):
 
     _split = field_validator("cors_origins", "bridge_urls", mode="before")(split_comma_list)
 
-    @field_validator("auth_metrics_port")
-    @classmethod
-    def _metrics_port_apart(cls, value: int, info: ValidationInfo) -> int:
-        if value and value == info.data.get("auth_port"):
-            raise ValueError("must differ from AUTH_PORT (or be 0: no metrics)")
-        return value
+    _metrics_apart = field_validator("auth_metrics_port")(apart_from_port("auth_port"))
 
     @field_validator("cors_origins")
     @classmethod

@@ -10,10 +10,10 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from common.settings import CommaList, SettingsError, format_validation_error, split_comma_list
+from common.settings import CommaList, SettingsError, apart_from_port, format_validation_error, split_comma_list
 
 
 class BridgeSettings(BaseSettings):
@@ -94,12 +94,7 @@ class BridgeSettings(BaseSettings):
 
     _split = field_validator("model_aliases", mode="before")(split_comma_list)
 
-    @field_validator("bridge_metrics_port")
-    @classmethod
-    def _metrics_port_apart(cls, value: int, info: ValidationInfo) -> int:
-        if value and value == info.data.get("bridge_port"):
-            raise ValueError("must differ from BRIDGE_PORT (or be 0: no metrics)")
-        return value
+    _metrics_apart = field_validator("bridge_metrics_port")(apart_from_port("bridge_port"))
 
     @model_validator(mode="after")
     def _resolve_auto_tuning(self) -> BridgeSettings:

@@ -1,10 +1,12 @@
-"""Settings helpers both services use: comma-separated lists, and errors that name the variable."""
+"""Settings helpers both services use: comma-separated lists, a metrics port apart from the API's,
+and errors that name the variable."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
-from pydantic import ValidationError
+from pydantic import ValidationError, ValidationInfo
 from pydantic_settings import NoDecode
 
 CommaList = Annotated[list[str], NoDecode]
@@ -15,6 +17,18 @@ def split_comma_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
     return value
+
+
+def apart_from_port(api_field: str) -> Callable[[int, ValidationInfo], int]:
+    """A validator for a metrics port: 0 (off) or not the API's port (``api_field``, declared
+    before it). On the same port the metrics server, started first, would answer every path."""
+
+    def check(value: int, info: ValidationInfo) -> int:
+        if value and value == info.data.get(api_field):
+            raise ValueError(f"must differ from {api_field.upper()} (or be 0: no metrics)")
+        return value
+
+    return check
 
 
 class SettingsError(RuntimeError):
