@@ -541,22 +541,20 @@ async def forward_request(request: Request) -> Response:
                 named: str | None = await asyncio.to_thread(form_field, spooled,
                                                             request.headers.get("content-type", ""), "model")
                 model = named or ""
-            tried: set[str] = set()
-            while True:
-                bridge = state.pool.choose(model, tried)
+
+            async def send(bridge: Bridge) -> httpx.Response:
                 bridge.in_flight += 1
-                chosen = bridge
                 try:
                     content = file_chunks(spooled) if spooled is not None else b""
-                    upstream = await bridge.client.send(build(bridge.client, content), stream=True)
-                    break
-                except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                    # Never reached that bridge: the body is on disk, so another one gets it.
+                    return await bridge.client.send(build(bridge.client, content), stream=True)
+                except BaseException as exc:
                     bridge.in_flight -= 1
-                    chosen = None
-                    state.metrics.bridge_errors.labels("unreachable").inc()
-                    state.pool.failed(bridge, exc)
-                    tried.add(bridge.url)
+                    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+                        state.metrics.bridge_errors.labels("unreachable").inc()
+                    raise
+
+            # A bridge never reached: the body is on disk, so another one gets it.
+            chosen, upstream = await state.pool.reach(model, send, (httpx.ConnectError, httpx.ConnectTimeout))
     except APIError as exc:
         finish(exc.status, 0.0, "")
         raise

@@ -25,14 +25,16 @@ import ipaddress
 import itertools
 import logging
 import socket
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from common.errors import APIError
 
 log = logging.getLogger("auth_proxy.bridges")
+T = TypeVar("T")
 
 
 @dataclass
@@ -178,6 +180,20 @@ class BridgePool:
         turn = next(self._turn)
         order = {b.url: (i - turn) % len(pool) for i, b in enumerate(pool)}
         return min(pool, key=lambda b: (b.load, order[b.url]))
+
+    async def reach(self, model: str, attempt: Callable[[Bridge], Awaitable[T]],
+                    unreachable: tuple[type[Exception], ...]) -> tuple[Bridge, T]:
+        """``attempt`` on the least busy ready bridge serving ``model``; when it raises one of
+        ``unreachable`` (the bridge was never reached), that bridge is marked down and the next is
+        tried. APIError when none is left."""
+        tried: set[str] = set()
+        while True:
+            bridge = self.choose(model, tried)
+            try:
+                return bridge, await attempt(bridge)
+            except unreachable as exc:
+                self.failed(bridge, exc)
+                tried.add(bridge.url)
 
     def none_for(self, model: str) -> APIError:
         if not self.ready():

@@ -40,7 +40,7 @@ from common.logs import request_id_var
 
 if TYPE_CHECKING:
     from auth_proxy.app import ProxyState
-    from auth_proxy.bridges import Bridge, BridgePool
+    from auth_proxy.bridges import Bridge
 
 log = logging.getLogger("auth_proxy.realtime")
 access_log = logging.getLogger("auth_proxy.access")
@@ -181,7 +181,8 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
                 if pool is None:
                     upstream = await open_on(settings.bridge_url)
                 else:  # several bridges: the least busy ready one serving the URL's model, if it names one
-                    bridge, upstream = await open_in_pool(pool, ws.query_params.get("model", ""), open_on)
+                    bridge, upstream = await pool.reach(ws.query_params.get("model", ""), lambda b: open_on(b.url),
+                                                        (OSError, InvalidHandshake, asyncio.TimeoutError))
             except APIError as exc:
                 outcome = exc.code or "bridge_unavailable"
                 if outcome == "bridge_unavailable":
@@ -318,19 +319,6 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
 
 class QuotaUsedUp(Exception):
     pass
-
-
-async def open_in_pool(pool: BridgePool, model: str, open_on: Any) -> tuple[Bridge, Any]:
-    """A live session on the least busy ready bridge serving ``model`` (any for ""), trying the next
-    when one cannot be reached; APIError when none is left."""
-    tried: set[str] = set()
-    while True:
-        bridge = pool.choose(model, tried)
-        try:
-            return bridge, await open_on(bridge.url)
-        except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
-            pool.failed(bridge, exc)
-            tried.add(bridge.url)
 
 
 def over_quota(state: ProxyState, key: Any) -> bool:
