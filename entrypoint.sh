@@ -27,9 +27,10 @@ for id in "${wanted[@]}"; do
         cat >&2 <<MSG
 entrypoint: ERROR: could not fetch model $id into $MODELS_DIR.
   - Check that this container can reach Hugging Face (or set HF_ENDPOINT to a mirror, HTTPS_PROXY to a proxy).
-  - Or copy the model's files into the mvp-models volume by hand, e.g.:
-      docker compose cp ./$id mvp-bridge:$MODELS_DIR/
-    then restart: the download resumes and only fetches what is missing.
+  - Or fetch it where the network allows, into ./models there:
+      MODELS_DIR=./models python -m bridge models download $id    (prepare, for a PyPI model)
+    and copy that folder into the mvp-models volume; the bridge restarts by itself and finds it:
+      docker compose cp ./models/$id mvp-bridge:$MODELS_DIR/
 MSG
         exit 1
     fi
