@@ -50,7 +50,8 @@ class DockerEngine:
             raise DockerUnavailable("dockerd needs root; run the tests as root to build and run the containers")
         for tool, package in (("dockerd", "docker.io"), ("docker", "docker.io"), ("mmdebstrap", "mmdebstrap")):
             if shutil.which(tool) is None:
-                raise DockerUnavailable(f"{tool} is not installed (Debian package {package}; scripts/test.sh installs it)")
+                raise DockerUnavailable(f"{tool} is not installed (Debian package {package}; scripts/test.sh "
+                                        "installs it)")
         if _run(["docker", "compose", "version"], env=self.env).returncode != 0:
             raise DockerUnavailable("Docker Compose v2 is not installed (scripts/test.sh installs Debian 13's)")
         if self._answers():

@@ -33,7 +33,7 @@ def hadolint() -> str:
     return found
 
 
-@pytest.mark.parametrize("dockerfile", ["Dockerfile.bridge", "Dockerfile.auth"])
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.bridge", "Dockerfile.bridge-cpu", "Dockerfile.auth"])
 def test_hadolint_passes_and_every_ignore_is_explained(dockerfile):
     run = subprocess.run([hadolint(), str(ROOT / dockerfile)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -48,7 +48,11 @@ def test_dockerfiles_shape():
     assert bridge.startswith("#") and "FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu22.04" in bridge
     assert "HEALTHCHECK" in bridge
     assert 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in bridge
-    for text in (bridge, (ROOT / "Dockerfile.auth").read_text()):
+    cpu = (ROOT / "Dockerfile.bridge-cpu").read_text()
+    assert "FROM python:3.11-slim" in cpu and 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in cpu
+    # The engine from the wheel of the same version, nothing fetched from outside the package index.
+    assert 'pip install ".[bridge,engine]"' in cpu and "curl" not in cpu and "nvidia" not in cpu
+    for text in (bridge, cpu, (ROOT / "Dockerfile.auth").read_text()):
         assert re.search(r"^USER 10001$", text, re.M)
         assert "HEALTHCHECK" in text
         # Dependencies are installed before the code is copied (layer cache).
@@ -72,7 +76,7 @@ def test_one_sherpa_onnx_version_everywhere_and_the_gpu_build_always_verified():
     assert not re.search(r"\bif\b|\|\||WARNING|not verified", run_line), run_line
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'"sherpa-onnx=={SHERPA_ONNX}"' in pyproject
-    assert pyproject.count(f'"sherpa-onnx-bin=={SHERPA_ONNX}"') == 2
+    assert pyproject.count(f'"sherpa-onnx-bin=={SHERPA_ONNX}"') == 1  # the `engine` extra: local and no-GPU image
     assert not re.search(r"sherpa-onnx(-bin)?==(?!" + re.escape(SHERPA_ONNX) + ")", pyproject)
     from importlib.metadata import version
 
@@ -155,7 +159,8 @@ def test_two_gpus_under_compose():
     urls = auth["environment"]["BRIDGE_URLS"].split(",")
     assert urls == ["http://mvp-bridge:8000", "http://mvp-bridge-2:8000"]
     assert {u.split("//")[1].split(":")[0] for u in urls} == set(bridges)
-    assert {name for name, dep in auth["depends_on"].items() if dep["condition"] == "service_healthy"} == set(bridges)
+    # Started with the bridges, not after they are healthy: a bridge waiting for its model never leaves it unstarted.
+    assert {name for name, dep in auth["depends_on"].items() if dep["condition"] == "service_started"} == set(bridges)
 
 
 def test_compose_properties():
@@ -179,7 +184,7 @@ def test_compose_properties():
     for svc in (bridge, auth):
         assert svc["restart"] == "unless-stopped"
         assert svc["healthcheck"]["test"][0] == "CMD"
-    assert auth["depends_on"]["mvp-bridge"]["condition"] == "service_healthy"
+    assert auth["depends_on"]["mvp-bridge"]["condition"] == "service_started"
     env = bridge["environment"]
     assert env["DEFAULT_MODEL"] == "${DEFAULT_MODEL:-parakeet-tdt-0.6b-v2-int8}"
     assert env["SHERPA_PROVIDER"] == "${SHERPA_PROVIDER:-cuda}"
