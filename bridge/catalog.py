@@ -75,19 +75,24 @@ class ModelSpec(BaseModel):
                            batches=self.engine_batches, languages=tuple(self.languages))
 
 
-def _parakeet(version: str, languages: list[str], revision: str, files: list[ModelFile]) -> ModelSpec:
+def _parakeet(version: str, languages: list[str], revision: str, files: list[ModelFile],
+              precision: str = "int8") -> ModelSpec:
+    """A sherpa-onnx export of parakeet TDT 0.6B: int8 (small; on CUDA its encoder's uint8 matmuls
+    run on the CPU) or fp32 (for CUDA hosts; the encoder's weights in an external file that must
+    lie beside it as ``encoder.weights``)."""
+    suffix = ".int8" if precision == "int8" else ""
     return ModelSpec(
-        id=f"parakeet-tdt-0.6b-{version}-int8",
-        description=f"NVIDIA Parakeet TDT 0.6B {version} (int8 sherpa-onnx export)",
+        id=f"parakeet-tdt-0.6b-{version}-{precision}",
+        description=f"NVIDIA Parakeet TDT 0.6B {version} ({precision} sherpa-onnx export)",
         languages=languages,
         source="huggingface",
-        repo_id=f"csukuangfj/sherpa-onnx-nemo-parakeet-tdt-0.6b-{version}-int8",
+        repo_id=f"csukuangfj/sherpa-onnx-nemo-parakeet-tdt-0.6b-{version}" + ("-int8" if precision == "int8" else ""),
         revision=revision,
         files=files,
         file_flags={
-            "--encoder": "encoder.int8.onnx",
-            "--decoder": "decoder.int8.onnx",
-            "--joiner": "joiner.int8.onnx",
+            "--encoder": f"encoder{suffix}.onnx",
+            "--decoder": f"decoder{suffix}.onnx",
+            "--joiner": f"joiner{suffix}.onnx",
             "--tokens": "tokens.txt",
         },
         extra_flags={"--model-type": "nemo_transducer", "--decoding-method": "greedy_search"},
@@ -95,7 +100,8 @@ def _parakeet(version: str, languages: list[str], revision: str, files: list[Mod
         max_piece_seconds=120.0,
         token_timestamps=True,
         engine_batches=True,
-        size_mb=680,
+        precision=precision,
+        size_mb=sum(f.size or 0 for f in files) // 10**6,
     )
 
 
@@ -160,6 +166,44 @@ BUILTIN_MODELS: list[ModelSpec] = [
                 sha256="d58544679ea4bc6ac563d1f545eb7d474bd6cfa467f0a6e2c1dc1c7d37e3c35d",
             ),
         ],
+    ),
+    # fp32 exports, for CUDA hosts: pinned as public projects that download them at a fixed revision
+    # do (the v2 decoder and joiner from one source only; not downloaded from here: no network).
+    _parakeet(
+        "v2",
+        ["en"],
+        "86891485dd8ad7cb28cb1aade45c3e23d0197c30",
+        [
+            ModelFile(name="encoder.onnx", size=41_766_257,
+                      sha256="7ce8d2b3f45fcd3b553d3b7a188436db7748c271081cc004f28bf76f3df01893"),
+            ModelFile(name="encoder.weights", size=2_435_420_160,
+                      sha256="90cd4bb6c9b60496d49be9bec3a844f4e9bf22c62a45ea93f391cc00f9a47cfe"),
+            ModelFile(name="decoder.onnx", size=28_883_663,
+                      sha256="0140d12782ccf550a9709f03a52c2782b3c54d045f47ce14af39c713ab42de7f"),
+            ModelFile(name="joiner.onnx", size=6_907_576,
+                      sha256="a9e57e488cd1016cbefd51f60712896af6590e3f61ff466a540e085bbd6af59e"),
+            ModelFile(name="tokens.txt", size=9_384,
+                      sha256="ec182b70dd42113aff6c5372c75cac58c952443eb22322f57bbd7f53977d497d"),
+        ],
+        precision="fp32",
+    ),
+    _parakeet(
+        "v3",
+        _V3_LANGUAGES,
+        "1a468a35cbba69418f126de829e75261dea4a4e4",
+        [
+            ModelFile(name="encoder.onnx", size=41_766_257,
+                      sha256="3eed7ce424bf8339ad09233533c687e2dbd07e74ccf5027b5e7344019ea373b0"),
+            ModelFile(name="encoder.weights", size=2_435_420_160,
+                      sha256="3af3f51af5f2d01dbbf5af47d42c7962a2c205f11004254bb4f2b979862f39a8"),
+            ModelFile(name="decoder.onnx", size=47_233_743,
+                      sha256="d593cdb0e571f5a457ec2219af9968cbf6b0e8198e8f7839b40a8754593bf68c"),
+            ModelFile(name="joiner.onnx", size=25_286_330,
+                      sha256="b9b0bcf88ac571902e69a6536223ed2d94885e981b85045410f1403d53121a63"),
+            ModelFile(name="tokens.txt", size=93_939,
+                      sha256="d58544679ea4bc6ac563d1f545eb7d474bd6cfa467f0a6e2c1dc1c7d37e3c35d"),
+        ],
+        precision="fp32",
     ),
     ModelSpec(
         id="moonshine-base-en",

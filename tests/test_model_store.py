@@ -141,6 +141,25 @@ def test_catalog_has_the_seed_models():
     assert catalog.get(MOONSHINE.id).max_piece_seconds <= 30
 
 
+def test_fp32_parakeet_for_cuda_hosts_is_pinned_with_its_external_weights(tmp_path):
+    """fp32 v2 and v3: pinned like int8, and the encoder's external weights file is one of the
+    catalog's files (downloaded and verified beside encoder.onnx, under the name the encoder names)."""
+    catalog = Catalog.load()
+    for version, revision in (("v2", "86891485dd8ad7cb28cb1aade45c3e23d0197c30"),
+                              ("v3", "1a468a35cbba69418f126de829e75261dea4a4e4")):
+        spec = catalog.get(f"parakeet-tdt-0.6b-{version}-fp32")
+        assert spec.precision == "fp32" and spec.revision == revision
+        assert spec.repo_id == f"csukuangfj/sherpa-onnx-nemo-parakeet-tdt-0.6b-{version}"
+        assert all(f.size and f.sha256 and len(f.sha256) == 64 for f in spec.files)
+        names = {f.name for f in spec.files}
+        assert names == set(spec.file_flags.values()) | {"encoder.weights"}
+        flags = spec.engine_flags(tmp_path)
+        assert f"--encoder={tmp_path / 'encoder.onnx'}" in flags and "--model-type=nemo_transducer" in flags
+        assert spec.size_mb > 2500 and spec.token_timestamps
+    int8 = catalog.get("parakeet-tdt-0.6b-v3-int8")
+    assert int8.precision == "int8" and int8.size_mb == 670
+
+
 def test_parakeet_v2_is_verified_like_v3(tmp_path):
     """v2 from a mirror serving files of its names: fetched at the pinned revision, and a file of the
     right size with one wrong byte is caught and removed, so the engine never loads it."""
