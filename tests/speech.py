@@ -73,3 +73,45 @@ def ffmpeg_convert(src: Path, dst: Path, *args: str) -> Path:
 
 def have_festival() -> bool:
     return shutil.which("text2wave") is not None and shutil.which("sox") is not None
+
+
+# Real read speech with exact transcripts (../shared/data/librispeech/, CC BY 4.0; see its SOURCES.md).
+LIBRISPEECH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech"
+
+
+def librispeech_text(utterance: str) -> str:
+    """The reference transcript of a LibriSpeech utterance id."""
+    for line in (LIBRISPEECH / "transcripts.tsv").read_text().splitlines():
+        uid, _, text = line.partition("\t")
+        if uid == utterance:
+            return text
+    raise KeyError(utterance)
+
+
+def librispeech_samples(utterance: str) -> np.ndarray:
+    pcm = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(LIBRISPEECH / f"{utterance}.flac"),
+                          "-ac", "1", "-ar", "16000", "-f", "s16le", "pipe:1"], capture_output=True, check=True).stdout
+    return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
+
+
+# An exchange of lines and one-word answers: the lines are real speech (LibriSpeech), the answers
+# Festival's (single words with exact text), each part apart by a pause longer than a turn's silence.
+SHORT_REPLIES = [("ls", "1089-134686-0000"), ("tts", "Yes."), ("ls", "1089-134691-0000"), ("tts", "No."),
+                 ("ls", "367-130732-0001"), ("tts", "Right."), ("ls", "1089-134686-0001"), ("tts", "Yes."),
+                 ("ls", "533-1066-0000"), ("tts", "Okay.")]
+
+
+def dialogue_with_short_replies(path: Path, pause: float = 1.2) -> tuple[Path, str]:
+    """A recording of SHORT_REPLIES with ``pause`` seconds of silence between the parts; returns it
+    and its reference text."""
+    gap = np.zeros(int(16000 * pause), dtype=np.float32)
+    parts, words = [gap], []
+    for kind, what in SHORT_REPLIES:
+        if kind == "ls":
+            parts.append(librispeech_samples(what))
+            words.append(librispeech_text(what))
+        else:
+            parts.append(read_wav16(festival_wav(what)))
+            words.append(what)
+        parts.append(gap)
+    return write_wav16(path, np.concatenate(parts)), " ".join(words)

@@ -29,19 +29,12 @@ import webvtt
 from tests.conftest import MOONSHINE, free_port
 from tests.docker_stack import Compose, DockerEngine, DockerUnavailable, clean_clone
 from tests.helpers import wer
+from tests.speech import LIBRISPEECH
+from tests.speech import librispeech_text as reference
 
 CPU = ["docker-compose.yml", "docker-compose.cpu.yml"]  # the README's no-GPU command
-LIBRISPEECH = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "librispeech"
 CLEAN = "1089-134686-0000"  # test-clean: what Moonshine hears well enough to check the text
 ENGINE_BINARY = "sherpa-onnx-offline-websocket-server"
-
-
-def reference(utterance: str) -> str:
-    for line in (LIBRISPEECH / "transcripts.tsv").read_text().splitlines():
-        uid, _, text = line.partition("\t")
-        if uid == utterance:
-            return text
-    raise KeyError(utterance)
 
 
 @pytest.fixture(scope="module")
