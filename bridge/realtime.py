@@ -39,6 +39,10 @@ log = logging.getLogger("bridge.realtime")
 
 INPUT_RATE = 24000  # pcm16 as OpenAI defines it for realtime sessions
 MIN_COMMIT_SECONDS = 0.1
+# Speech this long starts a turn. A quick one-word answer ("Yes.", "No.") has 0.15-0.3 s of voice;
+# at 0.25 s (Silero's usual minimum) such answers never became turns and were dropped with the
+# silence around them. Noise bursts and clicks still start none (tests/test_realtime.py).
+TURN_MIN_SPEECH_SECONDS = 0.1
 TRANSCRIPTION_SESSION = "realtime.transcription_session"
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
@@ -121,7 +125,7 @@ class TurnDetector:
         cfg.silero_vad.model = model
         cfg.silero_vad.threshold = config.threshold
         cfg.silero_vad.min_silence_duration = config.silence_duration_ms / 1000
-        cfg.silero_vad.min_speech_duration = 0.25
+        cfg.silero_vad.min_speech_duration = TURN_MIN_SPEECH_SECONDS
         cfg.silero_vad.max_speech_duration = max_speech
         cfg.sample_rate = SAMPLE_RATE
         cfg.num_threads = 1

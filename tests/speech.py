@@ -95,15 +95,26 @@ def librispeech_samples(utterance: str) -> np.ndarray:
 
 
 # An exchange of lines and one-word answers: the lines are real speech (LibriSpeech), the answers
-# Festival's (single words with exact text), each part apart by a pause longer than a turn's silence.
+# Festival's (single words with exact text) spoken quickly, as people answer (sox's tempo 1.8: 0.15 to
+# 0.3 s of voice each), each part apart by a pause longer than a turn's silence.
 SHORT_REPLIES = [("ls", "1089-134686-0000"), ("tts", "Yes."), ("ls", "1089-134691-0000"), ("tts", "No."),
                  ("ls", "367-130732-0001"), ("tts", "Right."), ("ls", "1089-134686-0001"), ("tts", "Yes."),
                  ("ls", "533-1066-0000"), ("tts", "Okay.")]
 
 
-def dialogue_with_short_replies(path: Path, pause: float = 1.2) -> tuple[Path, str]:
-    """A recording of SHORT_REPLIES with ``pause`` seconds of silence between the parts; returns it
-    and its reference text."""
+def quick_word(text: str, tempo: float = 1.8) -> np.ndarray:
+    src = festival_wav(text)
+    out = CACHE / f"{src.stem}.tempo{tempo}.wav"
+    if not out.is_file():
+        tmp = CACHE / f"{src.stem}.tempo{tempo}.tmp.wav"
+        subprocess.run(["sox", "-D", str(src), str(tmp), "tempo", str(tempo)], check=True)
+        tmp.replace(out)
+    return read_wav16(out)
+
+
+def dialogue_with_short_replies(path: Path, pause: float = 1.0, tail: float = 1.2) -> tuple[Path, str]:
+    """A recording of SHORT_REPLIES with ``pause`` seconds of silence between the parts and ``tail``
+    after the last; returns it and its reference text."""
     gap = np.zeros(int(16000 * pause), dtype=np.float32)
     parts, words = [gap], []
     for kind, what in SHORT_REPLIES:
@@ -111,7 +122,8 @@ def dialogue_with_short_replies(path: Path, pause: float = 1.2) -> tuple[Path, s
             parts.append(librispeech_samples(what))
             words.append(librispeech_text(what))
         else:
-            parts.append(read_wav16(festival_wav(what)))
+            parts.append(quick_word(what))
             words.append(what)
         parts.append(gap)
+    parts[-1] = np.zeros(int(16000 * tail), dtype=np.float32)
     return write_wav16(path, np.concatenate(parts)), " ".join(words)
