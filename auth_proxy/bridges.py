@@ -205,10 +205,14 @@ class BridgePool:
             return APIError(503, f"model {model!r} is loaded on no bridge that is ready now (the {len(coming)} "
                             "holding it are restarting, switching or unreachable); retry shortly", param="model",
                             code="model_unavailable", type="server_error", retry_after=5)
-        if any(card.get("id") == model for b in self.ready() for card in b.catalog):
-            return APIError(400, f"model {model!r} is not loaded on any bridge; loaded: {loaded}. Load it with "
-                            f"POST /v1/models/switch {{\"model_id\": \"{model}\"}} (an admin key)",
-                            param="model", code="model_not_loaded", should_retry=False)
+        cards = [card for b in self.ready() for card in b.catalog if card.get("id") == model]
+        if cards:
+            load = f"load it with POST /v1/models/switch {{\"model_id\": \"{model}\"}} (an admin key)"
+            if not any(card.get("downloaded") for card in cards):  # a switch would answer 409 first
+                load = f"download it on a bridge first (python -m bridge models download {model}), then {load}"
+            return APIError(400, f"model {model!r} is not loaded on any bridge; loaded: {loaded}. "
+                            f"{load[0].upper()}{load[1:]}", param="model", code="model_not_loaded",
+                            should_retry=False)
         return APIError(404, f"model {model!r} does not exist; loaded: {loaded} (see GET /v1/models)",
                         param="model", code="model_not_found", should_retry=False)
 

@@ -136,6 +136,9 @@ def test_each_request_goes_to_a_bridge_holding_its_model_and_load_spreads(cluste
     r = post(proxy, key, clip, "moonshine-broken")
     assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_loaded"
     assert MOONSHINE.id in r.json()["error"]["message"] and COPY_ID in r.json()["error"]["message"]
+    assert "download" not in r.json()["error"]["message"]  # it is downloaded: a switch is the step
+    r = post(proxy, key, clip, "parakeet-tdt-0.6b-v3-int8")  # downloaded on no bridge: that comes first
+    assert r.status_code == 400 and "models download parakeet-tdt-0.6b-v3-int8" in r.json()["error"]["message"]
     r = post(proxy, key, clip, "no-such-model")
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     # The catalog through the proxy: the union, with where each model is loaded.

@@ -79,6 +79,11 @@ def test_a_catalog_model_that_is_not_loaded_is_refused_with_a_hint(bridge, becke
     assert "moonshine-base-en" in err["message"] and "/v1/models/switch" in err["message"]
     assert r.headers["x-should-retry"] == "false"
     assert_openai_error(transcribe(bridge.url, beckett, model="no-such-model"), 404, "model_not_found")
+    # One that is not downloaded either: the answer names the download, which must come before a switch.
+    err = assert_openai_error(transcribe(bridge.url, beckett, model="parakeet-tdt-0.6b-v3-int8"), 400,
+                              "model_not_loaded")
+    assert "python -m bridge models download parakeet-tdt-0.6b-v3-int8" in err["message"]
+    assert "download" not in assert_openai_error(transcribe(bridge.url, beckett, model=COPY_ID), 400)["message"]
 
 
 def test_unknown_and_unsupported_options_get_a_clear_400(bridge, beckett):

@@ -39,6 +39,10 @@ def check_model(requested: str, loaded: EngineModel, state: BridgeState) -> None
     if not requested or requested == loaded.id or requested in state.settings.model_aliases:
         return
     switch_hint = f"load it first with POST /v1/models/switch {{\"model_id\": \"{requested}\"}}"
+    if requested in state.catalog and not state.store.is_ready(state.catalog.get(requested)):
+        # Switching to it would answer 409 (not downloaded): say the step that comes first.
+        switch_hint = (f"download it first (python -m bridge models download {requested}; in Docker: docker compose "
+                       f"exec mvp-bridge python -m bridge models download {requested}), then {switch_hint}")
     if requested in state.catalog:
         raise APIError(400, f"model {requested!r} is not loaded; the loaded model is {loaded.id!r}. "
                        f"Use {loaded.id!r} (or one of its aliases), or {switch_hint}.",
