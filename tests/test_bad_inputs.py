@@ -71,6 +71,19 @@ def test_hls_playlist_cannot_read_local_files(decoder_bridge, beckett, work):
     assert_openai_error(transcribe(decoder_bridge.url, concat), 400, "invalid_audio")
 
 
+def test_a_valid_recording_in_a_container_off_the_whitelist_is_refused(decoder_bridge, beckett, work):
+    """What only the demuxer whitelist stops (FFmpeg's own defaults open it): a real recording in
+    NUT, FFmpeg's own container, which no client sends. The same audio in WAV is answered."""
+    nut = work / "beckett.nut"
+    subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-i", str(beckett), "-c:a", "pcm_s16le",
+                    str(nut)], check=True)
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=format_name", "-of", "csv=p=0",
+                            str(nut)], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "nut"  # FFmpeg itself reads it
+    assert_openai_error(transcribe(decoder_bridge.url, nut), 400, "invalid_audio")
+    assert transcribe(decoder_bridge.url, beckett).status_code == 200
+
+
 def test_silence_only_gives_empty_text(decoder_bridge, work):
     silence = lavfi(work / "silence.wav", "anullsrc=r=16000:cl=mono", 5)
     r = transcribe(decoder_bridge.url, silence)

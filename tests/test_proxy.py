@@ -263,8 +263,22 @@ def test_uploads_stream_through_without_buffering(proxy, tmp_path):
     assert growth < 10 * 1024 * 1024, growth
 
 
-def test_oversized_bodies_are_refused_before_forwarding(proxy):
+def bridge_uploads_answered(bridge) -> float:
+    """How many transcription requests the bridge has answered (its Prometheus counter)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(bridge.metrics_url, timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) if f.name == "stt_bridge_requests"
+               for s in f.samples if s.name.endswith("_total") and s.labels.get("route") == "/v1/audio/transcriptions")
+
+
+def test_oversized_bodies_are_refused_before_forwarding(proxy, bridge):
+    """A body over the cap gets 413 from the proxy itself: nothing reaches the bridge, and a chunked
+    body (no length to refuse up front) is spooled to disk only up to the cap."""
+    from tests.helpers import Watcher
+
     auth = {"Authorization": f"Bearer {proxy.keys['alice']}"}
+    forwarded = bridge_uploads_answered(bridge)
     r = httpx.post(proxy.url + "/v1/audio/transcriptions", files={"file": ("big", b"\0" * (26 * 1024 * 1024))},
                    headers=auth, timeout=60)
     assert_openai_error(r, 413, "file_too_large")
@@ -275,10 +289,13 @@ def test_oversized_bodies_are_refused_before_forwarding(proxy):
             yield b"\0" * (1024 * 1024)
         yield b"\r\n--b--\r\n"
 
-    r = httpx.post(proxy.url + "/v1/audio/transcriptions", content=chunks(), timeout=60,
-                   headers={**auth, "content-type": "multipart/form-data; boundary=b"})
+    with Watcher({}, {"spool": proxy.work}) as watched:
+        r = httpx.post(proxy.url + "/v1/audio/transcriptions", content=chunks(), timeout=60,
+                       headers={**auth, "content-type": "multipart/form-data; boundary=b"})
     assert_openai_error(r, 413, "file_too_large")
     assert not list(proxy.work.glob("auth-upload-*"))  # spooled chunked upload removed
+    assert watched.peak_bytes["spool"] <= 26 * 1024 * 1024, watched.peak_bytes  # the cap (25 MiB) and a chunk
+    assert bridge_uploads_answered(bridge) == forwarded  # neither body reached the bridge
 
 
 def test_bridge_down_gives_503_and_the_sdk_retries(tmp_path):
