@@ -1,0 +1,122 @@
+"""Every guard broken once: each mutation below is applied to a scratch copy of the tree (the files
+git tracks or would track), and the tests named for it are run there; they must fail. A mutation
+that survives (its tests still pass) means a test no longer holds its guard: the run fails.
+
+    .venv/bin/python scripts/guard_mutations.py            # all (CI runs this after the tests)
+    .venv/bin/python scripts/guard_mutations.py whitelist  # those whose name contains a word
+
+A general mutation tool over the whole code would take hours on 2 cores; this is the chosen list
+of guards whose breaking must be noticed (docs/reliability.md and the caps and checks around it).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests.docker_stack import clean_clone  # noqa: E402  (the tree as a fresh clone holds it)
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    guard: str  # the exact text of the guard, found once in the file
+    broken: str  # what it becomes
+    tests: tuple[str, ...]
+
+
+MUTATIONS = [
+    Mutation("demuxer whitelist", "bridge/audio.py",
+             '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp"', '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp,nut"',
+             ("tests/test_bad_inputs.py::test_a_valid_recording_in_a_container_off_the_whitelist_is_refused",)),
+    Mutation("proxy cap on chunked bodies", "auth_proxy/app.py", "if size > cap:", "if size > cap * 100:",
+             ("tests/test_proxy.py::test_oversized_bodies_are_refused_before_forwarding",)),
+    Mutation("pyav decode cap (decompression bomb)", "bridge/pyav_worker.py",
+             "if total > max_samples:", "if total > max_samples * 7:",
+             ("tests/test_bad_inputs.py::test_audio_longer_than_the_limit_is_refused_without_decoding_it_all[pyav]",)),
+    Mutation("ffmpeg decode cap (decompression bomb)", "bridge/audio.py",
+             '"-t", f"{max_seconds + OVERSHOOT_SECONDS:.3f}"', '"-t", f"{(max_seconds + OVERSHOOT_SECONDS) * 7:.3f}"',
+             ("tests/test_bad_inputs.py::test_audio_longer_than_the_limit_is_refused_without_decoding_it_all[ffmpeg]",)),
+    Mutation("key guessing refused", "auth_proxy/app.py",
+             'if not await state.limiter.test(item, "auth-failures", address):', "if False:",
+             ("tests/test_proxy_attacks.py::test_key_guessing_is_refused_after_a_few_tries",)),
+    Mutation("model switch for admin keys only", "auth_proxy/app.py",
+             'if path == "/v1/models/switch" and not key.admin:', 'if path == "/v1/models/switch" and False:',
+             ("tests/test_proxy_attacks.py::test_a_model_switch_needs_an_admin_key",)),
+    Mutation("other keys' usage for admins only", "auth_proxy/app.py",
+             "elif key is not None and key not in (caller.name, caller.id):", "elif False:",
+             ("tests/test_proxy_attacks.py::test_usage_of_other_keys_is_for_admins_only",)),
+    Mutation("paths outside the API never forwarded", "auth_proxy/app.py",
+             'if not path.startswith(FORWARDED_PREFIXES) or ".." in segments or "." in segments or "" in segments[1:]:',
+             "if False:",
+             ("tests/test_proxy_attacks.py::test_paths_and_methods_outside_the_api_are_never_forwarded",)),
+    Mutation("stalled upload cut off", "auth_proxy/app.py",
+             "settings.body_read_timeout, spool=", "settings.body_read_timeout * 30, spool=",
+             ("tests/test_proxy_attacks.py::test_a_stalled_upload_is_cut_off",)),
+    Mutation("quick one-word answers start a turn", "bridge/realtime.py",
+             "TURN_MIN_SPEECH_SECONDS = 0.1", "TURN_MIN_SPEECH_SECONDS = 0.25",
+             ("tests/test_realtime.py::test_quick_one_word_answers_are_turns_not_dropped",)),
+    Mutation("one engine connection kept for newcomers", "bridge/scheduler.py",
+             "self._per_request = max(1, workers - 1)", "self._per_request = max(1, workers)",
+             ("tests/test_long_audio.py::test_stream_delivers_early_and_a_disconnect_cancels_the_rest",)),
+]
+
+
+def run(mutation: Mutation, scratch: Path) -> tuple[bool, str, float]:
+    """Apply ``mutation`` in ``scratch`` and run its tests: (caught, pytest's last lines, seconds)."""
+    path = scratch / mutation.file
+    text = path.read_text()
+    if text.count(mutation.guard) != 1:
+        raise SystemExit(f"{mutation.name}: the guard {mutation.guard!r} is not found exactly once in "
+                         f"{mutation.file}: update this list with the code")
+    path.write_text(text.replace(mutation.guard, mutation.broken))
+    started = time.monotonic()
+    # cwd first on sys.path: the scratch copy's packages, not the installed ones, are imported (and
+    # the processes the tests start run from the scratch copy too).
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
+                           *mutation.tests], cwd=scratch, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    # 1: tests ran and failed. 0 would be a survivor; anything else (a collection error) proves nothing.
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"{mutation.name}: pytest could not run the tests (exit {proc.returncode}):\n"
+                         f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    return proc.returncode == 1, tail, time.monotonic() - started
+
+
+def main(words: list[str]) -> int:
+    chosen = [m for m in MUTATIONS if not words or any(w in m.name for w in words)]
+    survived = []
+    with tempfile.TemporaryDirectory(prefix="guard-mutations-") as tmp:
+        pristine = clean_clone(Path(tmp) / "pristine")
+        check = subprocess.run([sys.executable, "-c", "import bridge; print(bridge.__file__)"], cwd=pristine,
+                               capture_output=True, text=True)
+        assert check.stdout.startswith(str(pristine)), f"the scratch copy is not what gets imported: {check}"
+        for i, mutation in enumerate(chosen):
+            scratch = Path(tmp) / f"m{i}"
+            subprocess.run(["cp", "-a", str(pristine), str(scratch)], check=True)
+            caught, tail, seconds = run(mutation, scratch)
+            print(f"{'caught  ' if caught else 'SURVIVED'} {mutation.name} ({mutation.file}; {seconds:.0f} s)",
+                  flush=True)
+            if not caught:
+                survived.append(mutation)
+                print("    " + tail.replace("\n", "\n    "), flush=True)
+            subprocess.run(["rm", "-rf", str(scratch)], check=True)
+    if survived:
+        print(f"{len(survived)} guard mutation(s) survived: their tests no longer hold them", file=sys.stderr)
+        return 1
+    print(f"all {len(chosen)} guard mutations were caught")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
