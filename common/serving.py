@@ -10,6 +10,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from common.errors import error_response
+
 
 class HeadDeadlineH11(H11Protocol):
     """uvicorn's h11 protocol with a deadline on each request's head.
@@ -54,6 +56,37 @@ class HeadDeadlineH11(H11Protocol):
             self.transport.close()
 
 
+class AnswerCutOffRequests:
+    """A request still running when the graceful shutdown's time is up is cancelled by uvicorn,
+    which then answers a plain-text "Internal Server Error" 500. Answer it instead in OpenAI's error
+    shape: 503 ``shutting_down`` with Retry-After, which the SDKs retry (a restarted service, or
+    another replica, answers it). Found by `docker compose stop` during a long transcription."""
+
+    def __init__(self, app: Any, retry_after: int = 5) -> None:
+        self.app = app
+        self.retry_after = retry_after
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def watch(message: Any) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        except asyncio.CancelledError:
+            if started:
+                raise  # part of an answer went out: nothing cleaner can be said now
+            response = error_response(503, "the server is shutting down; retry shortly", code="shutting_down",
+                                      type="server_error", retry_after=self.retry_after)
+            await response(scope, receive, send)
+
+
 def run_server(app: Any, host: str, port: int, *, graceful_seconds: int = 30, header_timeout: float = 10.0) -> int:
     """Serve until SIGTERM/SIGINT, shut down gracefully, and return an exit code.
 
@@ -66,8 +99,8 @@ def run_server(app: Any, host: str, port: int, *, graceful_seconds: int = 30, he
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: None)
     protocol = type("HeadDeadlineH11", (HeadDeadlineH11,), {"head_timeout": header_timeout})
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, http=protocol,
-                            timeout_graceful_shutdown=graceful_seconds, lifespan="on")
+    config = uvicorn.Config(AnswerCutOffRequests(app), host=host, port=port, log_config=None, access_log=False,
+                            http=protocol, timeout_graceful_shutdown=graceful_seconds, lifespan="on")
     server = uvicorn.Server(config)
     server.run()
     # uvicorn returns normally when the lifespan start failed; say so through the exit code.

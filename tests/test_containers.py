@@ -28,7 +28,7 @@ import webvtt
 
 from tests.conftest import MOONSHINE, free_port
 from tests.docker_stack import Compose, DockerEngine, DockerUnavailable, clean_clone
-from tests.helpers import wer
+from tests.helpers import assert_openai_error, wer
 from tests.speech import LIBRISPEECH
 from tests.speech import librispeech_text as reference
 
@@ -391,14 +391,18 @@ def test_stop_during_a_transcription_is_clean(stack, tmp_path):
     stack("stop")
     took = time.monotonic() - started
     thread.join(150)
-    bridge = stack.inspect("mvp-bridge")["State"]
-    assert bridge["ExitCode"] == 0, bridge  # not killed at the end of stop_grace_period (137)
-    assert took < 40, took
+    for service in ("mvp-auth", "mvp-bridge"):  # each stopped within its stop_grace_period, not killed (137)
+        state = stack.inspect(service)["State"]
+        assert state["ExitCode"] == 0 and not state["OOMKilled"], (service, state)
     assert not engines_of_10001()
     assert re.search(r"engine pid \d+ stopped", stack.logs("mvp-bridge").rsplit("entrypoint:", 1)[-1])
-    if "r" in result:  # finished, or a clean error in OpenAI's shape
+    if "r" in result:  # finished, or a clean error in OpenAI's shape (503 shutting_down: the SDKs retry it)
         r = result["r"]
-        assert r.status_code == 200 and r.json()["text"] or (r.status_code >= 500 and "error" in r.json()), r.text
+        if r.status_code != 200:
+            assert_openai_error(r, 503)
+            assert r.headers.get("retry-after"), r.headers
+        else:
+            assert r.json()["text"]
     else:
         pytest.fail(f"the upload got no answer: {result['exc']!r}")
     print(f"docker compose stop during a 90 s upload: {took:.1f} s; the upload got {result['r'].status_code}")
@@ -422,6 +426,8 @@ def test_a_killed_or_crashed_bridge_the_proxy_says_retry_and_it_comes_back(stack
         r = post()
         return r if r.status_code == 200 else None
 
+    stack("up", "-d")  # running and healthy, whatever the test before left
+    stack.wait_healthy("mvp-bridge", "mvp-auth", timeout=240)
     stack.engine.docker("kill", stack.container("mvp-bridge"))
     r = post()
     assert r.status_code == 503 and r.headers.get("retry-after") and r.json()["error"], r.text
