@@ -4,7 +4,8 @@ cannot be reached here: the bases are stand-ins (tests/docker_stack.py) and the 
 README's offline path (its folder copied into the mvp-models volume with `docker compose cp`).
 The GPU image is built as far as this machine allows, which is up to the engine's download.
 
-The tests run in file order on one stack: each leaves it running and healthy for the next."""
+The tests run in file order on one stack: each leaves it running and healthy for the next. They take
+Hugging Face to be unreachable, as it is where CI runs (the first start's message is part of the test)."""
 
 from __future__ import annotations
 
@@ -134,7 +135,9 @@ def test_the_gpu_image_builds_up_to_the_engine_download(engine, clone):
     gpu = Compose(engine, clone, ["docker-compose.yml"], {})
     run = gpu("--progress", "plain", "build", "mvp-bridge", check=False, timeout=1200)
     out = run.stdout + run.stderr
-    assert run.returncode != 0, "the GPU build cannot finish here (GitHub is unreachable)"
+    if run.returncode == 0:  # GitHub reachable (not where CI runs): the tarball came and was verified
+        print("GPU image: built, the engine's tarball downloaded and checked against the pinned sha256")
+        return
     assert "Could not resolve host: github.com" in out, out[-3000:]
     failed = re.findall(r"> \[mvp-bridge +(\d+)/(\d+)\] RUN (.*)", out)
     assert failed, out[-3000:]
