@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import base64
 import re
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import httpx
 import jiwer
+import openai
+import pytest
 
 
 def normalize(text: str) -> str:
@@ -101,3 +107,45 @@ class Watcher:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+
+
+def pcm24(path: Path, silence_after: float = 1.5) -> bytes:
+    pcm = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-ac", "1", "-ar", "24000",
+                          "-f", "s16le", "pipe:1"], capture_output=True, check=True).stdout
+    return pcm + b"\0" * int(48000 * silence_after)
+
+
+def live_turns(url: str, key: str, pcm: bytes, *, commit_at_end: bool = False) -> list[str]:
+    """One live session through the SDK at ``url`` (a proxy), the audio sent in 100 ms chunks (faster than real time:
+    turns are found on the audio's own clock); the completed turns' transcripts in order. The
+    session ends with a clear, or (``commit_at_end``) with a commit then a clear, as a client does
+    when its recording stops."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+    completed: list[str] = []
+    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        conn.session.update(session={"type": "transcription", "audio": {"input": {
+            "format": {"type": "audio/pcm", "rate": 24000},
+            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+
+        def send() -> None:
+            for i in range(0, len(pcm), 4800):
+                conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 4800]).decode())
+                time.sleep(0.01)
+            if commit_at_end:
+                conn.input_audio_buffer.commit()
+            conn.input_audio_buffer.clear()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        committed, cleared = 0, False
+        for event in conn:
+            if event.type == "error":
+                pytest.fail(f"error event: {event}")
+            committed += event.type == "input_audio_buffer.committed"
+            cleared = cleared or event.type == "input_audio_buffer.cleared"
+            if event.type == "conversation.item.input_audio_transcription.completed":
+                completed.append(event.transcript)
+            if cleared and committed == len(completed):
+                break
+        sender.join()
+    return completed

@@ -9,7 +9,6 @@ Hugging Face to be unreachable, as it is where CI runs (the first start's messag
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -21,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import psutil
 import pytest
@@ -29,8 +29,8 @@ import webvtt
 
 from tests.conftest import MOONSHINE, free_port
 from tests.docker_stack import Compose, DockerEngine, DockerUnavailable, clean_clone
-from tests.helpers import assert_openai_error, wer
-from tests.speech import LIBRISPEECH
+from tests.helpers import assert_openai_error, live_turns, pcm24, wer
+from tests.speech import LIBRISPEECH, librispeech_samples, write_wav16
 from tests.speech import librispeech_text as reference
 
 CPU = ["docker-compose.yml", "docker-compose.cpu.yml"]  # the README's no-GPU command
@@ -288,35 +288,8 @@ def test_transcription_from_the_host_with_curl_and_the_openai_sdk(stack, tmp_pat
     assert texts["curl json"] == texts["sdk json"] == texts["curl text"].strip() == texts["sdk stream"]
 
 
-def test_a_live_session_through_the_published_port(stack, tmp_path):
-    audio = LIBRISPEECH / f"{CLEAN}.flac"
-    pcm = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(audio), "-ac", "1", "-ar", "24000",
-                          "-f", "s16le", "pipe:1"], capture_output=True, check=True).stdout + b"\0" * 48000 * 2
-    client = openai.OpenAI(base_url=stack.url + "/v1", api_key=stack.key, max_retries=0)
-    completed = []
-    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        conn.session.update(session={"type": "transcription", "audio": {"input": {
-            "format": {"type": "audio/pcm", "rate": 24000},
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
-
-        def send() -> None:
-            for i in range(0, len(pcm), 4800):
-                conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 4800]).decode())
-                time.sleep(0.02)  # faster than real time: turns are found on the audio's own clock
-            conn.input_audio_buffer.clear()
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        committed, cleared = 0, False
-        for event in conn:
-            assert event.type != "error", event
-            committed += event.type == "input_audio_buffer.committed"
-            cleared = cleared or event.type == "input_audio_buffer.cleared"  # answered after every commit
-            if event.type == "conversation.item.input_audio_transcription.completed":
-                completed.append(event.transcript)
-            if cleared and committed == len(completed):
-                break
-        sender.join()
+def test_a_live_session_through_the_published_port(stack):
+    completed = live_turns(stack.url, stack.key, pcm24(LIBRISPEECH / f"{CLEAN}.flac", silence_after=2))
     assert completed and wer(reference(CLEAN), " ".join(completed)) <= 0.2, completed
 
 
@@ -350,18 +323,13 @@ def test_usage_keys_and_the_model_survive(stack, how):
 
 
 def long_recording(tmp_path: Path, seconds: float = 90) -> Path:
-    names, total = [], 0.0
+    """LibriSpeech utterances joined until ``seconds`` of speech."""
+    parts: list[np.ndarray] = []
     for flac in sorted(LIBRISPEECH.glob("*.flac")):
-        names.append(flac)
-        total += float(subprocess.run(["ffprobe", "-v", "error", "-show_entries", "format=duration", "-of",
-                                       "csv=p=0", str(flac)], capture_output=True, text=True).stdout)
-        if total >= seconds:
+        parts.append(librispeech_samples(flac.stem))
+        if sum(map(len, parts)) >= seconds * 16000:
             break
-    out = tmp_path / "long.wav"
-    inputs = [x for n in names for x in ("-i", str(n))]
-    subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", *inputs, "-filter_complex",
-                    f"concat=n={len(names)}:v=0:a=1", "-ar", "16000", "-ac", "1", str(out)], check=True)
-    return out
+    return write_wav16(tmp_path / "long.wav", np.concatenate(parts))
 
 
 def engines_of_10001() -> list[int]:

@@ -7,10 +7,8 @@ from __future__ import annotations
 import base64
 import json
 import socket
-import subprocess
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -20,17 +18,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from tests.conftest import BECKETT_TEXT
-from tests.helpers import transcribe, wer
+from tests.helpers import live_turns, pcm24, transcribe, wer
 from tests.speech import SHORT_REPLIES, dialogue_with_short_replies, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
 
 CHUNK = 4800  # 100 ms of 24 kHz pcm16
-
-
-def pcm24(path: Path, silence_after: float = 1.5) -> bytes:
-    pcm = subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-ac", "1", "-ar", "24000",
-                          "-f", "s16le", "pipe:1"], capture_output=True, check=True).stdout
-    return pcm + b"\0" * int(48000 * silence_after)
 
 
 def append(pcm: bytes) -> str:
@@ -127,42 +119,6 @@ def test_openai_sdk_live_turns_match_the_upload(live, bridge, beckett):
     assert usage_seconds(live, key) == pytest.approx(charged, abs=0.01)
 
 
-def live_turns(proxy: ProxyProcess, key: str, pcm: bytes, *, commit_at_end: bool = False) -> list[str]:
-    """One live session through the SDK, the audio sent in 100 ms chunks (faster than real time:
-    turns are found on the audio's own clock); the completed turns' transcripts in order. The
-    session ends with a clear, or (``commit_at_end``) with a commit then a clear, as a client does
-    when its recording stops."""
-    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=key, max_retries=0)
-    completed: list[str] = []
-    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        conn.session.update(session={"type": "transcription", "audio": {"input": {
-            "format": {"type": "audio/pcm", "rate": 24000},
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
-
-        def send() -> None:
-            for i in range(0, len(pcm), CHUNK):
-                conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + CHUNK]).decode())
-                time.sleep(0.01)
-            if commit_at_end:
-                conn.input_audio_buffer.commit()
-            conn.input_audio_buffer.clear()
-
-        sender = threading.Thread(target=send)
-        sender.start()
-        committed, cleared = 0, False
-        for event in conn:
-            if event.type == "error":
-                pytest.fail(f"error event: {event}")
-            committed += event.type == "input_audio_buffer.committed"
-            cleared = cleared or event.type == "input_audio_buffer.cleared"
-            if event.type == "conversation.item.input_audio_transcription.completed":
-                completed.append(event.transcript)
-            if cleared and committed == len(completed):
-                break
-        sender.join()
-    return completed
-
-
 def test_quick_one_word_answers_are_turns_not_dropped(live, bridge, tmp_path):
     """Lines of real speech answered by quick single words ("Yes.", "No.": 0.15-0.3 s of voice) with
     pauses between: every answer is a turn of its own, and the joined turns are within 5 WER points
@@ -170,7 +126,7 @@ def test_quick_one_word_answers_are_turns_not_dropped(live, bridge, tmp_path):
     answers were dropped.)"""
     path, reference = dialogue_with_short_replies(tmp_path / "dialogue.wav")
     uploaded = transcribe(bridge.url, path).json()["text"]
-    turns = live_turns(live, live.keys["talker"], pcm24(path, silence_after=0))
+    turns = live_turns(live.url, live.keys["talker"], pcm24(path, silence_after=0))
     replies = [what for kind, what in SHORT_REPLIES if kind == "tts"]
     assert len(turns) == len(SHORT_REPLIES), turns
     assert wer(reference, " ".join(turns)) <= wer(reference, uploaded) + 0.05, (turns, uploaded)
@@ -188,14 +144,14 @@ def test_noise_bursts_and_clicks_start_no_turn(live, tmp_path):
         noise[start:start + n] += 0.2 * rng.standard_normal(n).astype(np.float32)
         noise[start + 16000:start + 16000 + 30] += 0.8
     path = write_wav16(tmp_path / "noise.wav", noise)
-    assert live_turns(live, live.keys["talker"], pcm24(path, silence_after=0)) == []
+    assert live_turns(live.url, live.keys["talker"], pcm24(path, silence_after=0)) == []
 
 
 def test_a_commit_when_the_recording_stops_completes_the_last_words(live, tmp_path):
     """Speech up to the very end of a recording: without a pause after it no turn ends, so a client
     commits when its recording stops (as the README's example and the toolbar do)."""
     path, _ = dialogue_with_short_replies(tmp_path / "dialogue.wav", tail=0.1)
-    ended = live_turns(live, live.keys["talker"], pcm24(path, silence_after=0), commit_at_end=True)
+    ended = live_turns(live.url, live.keys["talker"], pcm24(path, silence_after=0), commit_at_end=True)
     assert len(ended) == len(SHORT_REPLIES) and "okay" in ended[-1].lower(), ended
 
 

@@ -177,7 +177,8 @@ def test_live_sessions_go_to_a_bridge_holding_the_model_they_name(cluster, becke
     goes on."""
     from websockets.sync.client import connect
 
-    from tests.test_realtime import append, events_until, pcm24
+    from tests.helpers import pcm24
+    from tests.test_realtime import append, events_until
 
     proxy, key = cluster["proxies"][0], cluster["keys"]["user"]
     url = proxy.url.replace("http", "ws") + "/v1/realtime?intent=transcription"
