@@ -39,5 +39,6 @@ def parse_reply(raw: str | bytes) -> EngineResult:
         tokens=[str(t) for t in data.get("tokens") or []],
         timestamps=[float(t) for t in data.get("timestamps") or []],
         durations=[float(d) for d in data.get("durations") or []],
+        logprobs=[float(p) for p in data.get("ys_log_probs") or []],
         language=str(data.get("lang") or ""),
     )

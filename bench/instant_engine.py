@@ -23,11 +23,26 @@ REPLY = json.dumps({"text": "instant", "tokens": [" instant"], "timestamps": [0.
 DELAY = 0.0  # seconds per second of audio (--delay): a slow engine for tests
 FAIL_OVER = 0.0  # --fail-over: utterances longer than this get a broken answer (tests of bridge.guard)
 FAIL_MODE = "empty"  # or "loop": the two ways a model fails on noisy speech
+TRANSDUCER = False  # --transducer: answer as parakeet does, with token times and log-probabilities
+
+
+def transducer_reply(seconds: float) -> str:
+    """"piece of N seconds" in SentencePiece tokens, each with a start time, a duration and a
+    log-probability (falling along the piece: -0.1, -0.2, ...), as sherpa-onnx's transducers reply."""
+    words = f"piece of {seconds:.2f} seconds".split()
+    step = seconds / len(words)
+    return json.dumps({
+        "lang": "", "text": " ".join(words), "tokens": [f"\u2581{w}" for w in words],
+        "timestamps": [round(i * step, 2) for i in range(len(words))], "durations": [round(step, 2)] * len(words),
+        "ys_log_probs": [round(-0.1 * (i + 1), 6) for i in range(len(words))],
+    })
 
 
 def reply(seconds: float) -> str:
     """The fixed answer, or with --fail-over a broken one for long utterances, and otherwise a text
     that says how long the utterance was (so a test can tell which piece said what)."""
+    if TRANSDUCER:
+        return transducer_reply(seconds)
     if not FAIL_OVER:
         return REPLY
     if seconds > FAIL_OVER:
@@ -72,9 +87,11 @@ def main() -> None:
     ap.add_argument("--fail-over", type=float, default=0.0,
                     help="answer utterances longer than this many seconds wrongly (see --fail-mode)")
     ap.add_argument("--fail-mode", choices=["empty", "loop"], default="empty")
+    ap.add_argument("--transducer", action="store_true",
+                    help="answer 'piece of N seconds' with token times and log-probabilities (as parakeet)")
     args = ap.parse_args()
-    global DELAY, FAIL_OVER, FAIL_MODE
-    DELAY, FAIL_OVER, FAIL_MODE = args.delay, args.fail_over, args.fail_mode
+    global DELAY, FAIL_OVER, FAIL_MODE, TRANSDUCER
+    DELAY, FAIL_OVER, FAIL_MODE, TRANSDUCER = args.delay, args.fail_over, args.fail_mode, args.transducer
     asyncio.run(serve_forever(args.host, args.port))
 
 

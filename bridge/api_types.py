@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.datastructures import FormData, UploadFile
 
+from bridge.cutting import Chunking
 from bridge.formats import RESPONSE_FORMATS
 from common.errors import APIError
 
@@ -16,6 +17,22 @@ FORM_FIELDS = {
     "timestamp_granularities[]", "timestamp_granularities", "stream", "chunking_strategy",
     "include[]", "include",
 }
+INCLUDES = ("logprobs",)
+CHUNKING_PREFIX = "chunking_strategy["  # the SDKs send a dict as chunking_strategy[type]=..., ...
+
+
+class ServerVadChunking(BaseModel):
+    """``chunking_strategy`` of type ``server_vad`` (OpenAI's fields; bounds are this server's)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["server_vad"]
+    threshold: float = Field(0.5, ge=0.0, le=1.0)
+    prefix_padding_ms: int = Field(200, ge=0, le=2000)
+    silence_duration_ms: int = Field(250, ge=100, le=10_000)
+
+    def chunking(self) -> Chunking:
+        return Chunking(threshold=self.threshold, min_silence_seconds=self.silence_duration_ms / 1000,
+                        padding_seconds=self.prefix_padding_ms / 1000)
 
 
 class TranscriptionParams(BaseModel):
@@ -26,8 +43,17 @@ class TranscriptionParams(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=1.0)  # decoding is greedy; accepted and ignored
     timestamp_granularities: list[Literal["word", "segment"]] = Field(default_factory=list)
     stream: bool = False
-    chunking_strategy: str | dict[str, Any] | None = None
+    chunking_strategy: Literal["auto"] | ServerVadChunking | None = None
     include: list[str] = Field(default_factory=list)
+
+    @property
+    def chunking(self) -> Chunking | None:
+        strategy = self.chunking_strategy
+        return strategy.chunking() if isinstance(strategy, ServerVadChunking) else None
+
+    @property
+    def logprobs(self) -> bool:
+        return "logprobs" in self.include
 
     @field_validator("language")
     @classmethod
@@ -44,8 +70,41 @@ def _field_error(param: str, message: str) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+def _chunking_field(form: FormData) -> str | ServerVadChunking | None:
+    """``chunking_strategy`` as sent: ``auto``, a JSON object (curl), or the SDKs' bracketed fields."""
+    nested = {key[len(CHUNKING_PREFIX):-1]: value for key, value in form.multi_items()
+              if key.startswith(CHUNKING_PREFIX) and key.endswith("]")}
+    chunking = form.get("chunking_strategy")
+    if nested:
+        if chunking is not None:
+            raise _field_error("chunking_strategy", "send chunking_strategy either whole or as its fields, not both")
+        return _server_vad(nested)
+    if not isinstance(chunking, str) or not chunking or chunking == "auto":
+        return chunking if isinstance(chunking, str) and chunking else None
+    try:
+        value = json.loads(chunking)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise _field_error("chunking_strategy", "chunking_strategy must be 'auto' or a JSON object "
+                           "{\"type\": \"server_vad\", ...}")
+    return _server_vad(value)
+
+
+def _server_vad(value: dict[str, Any]) -> ServerVadChunking:
+    try:
+        return ServerVadChunking(**value)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        param = ".".join(["chunking_strategy", *(str(part) for part in err["loc"])])
+        raise _field_error(param, f"invalid {param}: {err['msg']} (chunking_strategy is 'auto' or "
+                           "{\"type\": \"server_vad\", \"threshold\": 0-1, \"prefix_padding_ms\": 0-2000, "
+                           "\"silence_duration_ms\": 100-10000})") from None
+
+
 def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionParams]:
-    unknown = sorted(set(form.keys()) - FORM_FIELDS)
+    unknown = sorted(k for k in set(form.keys()) - FORM_FIELDS
+                     if not (k.startswith(CHUNKING_PREFIX) and k.endswith("]")))
     if unknown:
         raise APIError(400, f"unknown parameter(s): {', '.join(unknown)}", param=unknown[0],
                        code="unknown_parameter")
@@ -68,34 +127,43 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
         if stream.lower() not in ("true", "false", "1", "0"):
             raise _field_error("stream", "stream must be true or false")
         raw["stream"] = stream.lower() in ("true", "1")
-    chunking = form.get("chunking_strategy")
-    if isinstance(chunking, str) and chunking:
-        if chunking != "auto":
-            try:
-                raw["chunking_strategy"] = json.loads(chunking)
-            except ValueError:
-                raise _field_error("chunking_strategy", "chunking_strategy must be 'auto' or a JSON object") from None
-        else:
-            raw["chunking_strategy"] = "auto"
+    chunking = _chunking_field(form)
+    if chunking is not None:
+        raw["chunking_strategy"] = chunking
     try:
         params = TranscriptionParams(**raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        param = str(err["loc"][0]) if err["loc"] else None
+        loc = [str(part) for part in err["loc"]]
+        param = loc[0] if loc else "?"
         if param == "response_format":
             msg = f"response_format must be one of {', '.join(RESPONSE_FORMATS)}"
         else:
             msg = f"invalid {param}: {err['msg']}"
-        raise _field_error(param or "?", msg) from None
+        raise _field_error(param, msg) from None
     if params.timestamp_granularities and params.response_format != "verbose_json":
         raise _field_error("timestamp_granularities[]", "timestamp_granularities requires response_format=verbose_json")
     if params.stream and params.response_format not in ("json", "text"):
         raise _field_error("stream", "stream=true is supported with response_format json or text")
-    if params.include:
-        raise _field_error("include[]", f"include values are not supported by this server: {params.include}")
-    if isinstance(params.chunking_strategy, dict) and params.chunking_strategy.get("type") not in (None, "server_vad"):
-        raise _field_error("chunking_strategy", "chunking_strategy type must be 'server_vad'")
+    unsupported = [value for value in params.include if value not in INCLUDES]
+    if unsupported:
+        raise _field_error("include[]", f"include values not supported: {unsupported}; this server knows "
+                           f"{', '.join(INCLUDES)}")
+    if params.logprobs and params.response_format != "json":
+        raise _field_error("include[]", "include[]=logprobs works with response_format json only")
     return upload, params
+
+
+TRANSLATION_FIELDS = {"file", "model", "prompt", "response_format", "temperature"}
+
+
+def parse_translation_form(form: FormData) -> tuple[UploadFile, TranscriptionParams]:
+    """``/v1/audio/translations`` takes OpenAI's five fields; the rest as for a transcription."""
+    unknown = sorted(set(form.keys()) - TRANSLATION_FIELDS)
+    if unknown:
+        raise APIError(400, f"unknown parameter(s) for a translation: {', '.join(unknown)}", param=unknown[0],
+                       code="unknown_parameter")
+    return parse_transcription_form(form)
 
 
 class SwitchRequest(BaseModel):

@@ -52,6 +52,11 @@ class ModelSpec(BaseModel):
     # batches transducers (parakeet); for Moonshine it runs a "batch" one piece after another on
     # one thread, so the bridge sets --max-batch-size=1 and the pieces run side by side instead.
     engine_batches: bool = False
+    # Whether the engine reports each token's log-probability (sherpa-onnx's ``ys_log_probs``: its
+    # transducer decoders fill it, greedy and beam search; Moonshine, Whisper and CTC models do not).
+    token_logprobs: bool = False
+    # Whether the model translates speech into English (``/v1/audio/translations``).
+    translates: bool = False
     precision: str = "int8"
     size_mb: int = 0
     created: int = 1735689600  # for the OpenAI list shape: when this catalog entry was added
@@ -70,9 +75,14 @@ class ModelSpec(BaseModel):
 
     def engine_model(self, model_dir: Path) -> EngineModel:
         """What the engine is told about this model (the port's view of a catalog entry)."""
+        tokens = self.file_flags.get("--tokens")
         return EngineModel(id=self.id, flags=tuple(self.engine_flags(model_dir)),
                            max_piece_seconds=self.max_piece_seconds, token_timestamps=self.token_timestamps,
-                           batches=self.engine_batches, languages=tuple(self.languages))
+                           batches=self.engine_batches, languages=tuple(self.languages),
+                           token_logprobs=self.token_logprobs,
+                           tokens_file=str(model_dir / tokens) if tokens else "",
+                           # sherpa-onnx reads these models' token tables as base64 (its symbol table)
+                           tokens_base64=any(f.startswith(("--moonshine", "--whisper")) for f in self.file_flags))
 
 
 def _parakeet(version: str, languages: list[str], revision: str, files: list[ModelFile],
@@ -100,6 +110,7 @@ def _parakeet(version: str, languages: list[str], revision: str, files: list[Mod
         max_piece_seconds=120.0,
         token_timestamps=True,
         engine_batches=True,
+        token_logprobs=True,
         precision=precision,
         size_mb=sum(f.size or 0 for f in files) // 10**6,
     )

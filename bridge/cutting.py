@@ -10,6 +10,8 @@ never pauses the cut is still made (hard split). Pure digital silence is not sen
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from bridge.ports import SAMPLE_RATE
@@ -52,6 +54,17 @@ def is_silent(piece: np.ndarray) -> bool:
 PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 
 
+@dataclass(frozen=True)
+class Chunking:
+    """How one request's audio is cut (OpenAI's ``chunking_strategy`` of type ``server_vad``):
+    the VAD's speech threshold, the pause that ends a stretch of speech, and the audio kept before
+    (and after) each stretch. ``None`` keeps the server's own setting."""
+
+    threshold: float | None = None
+    min_silence_seconds: float | None = None
+    padding_seconds: float | None = None
+
+
 class PieceBuilder:
     """Builds pieces from speech segments as the VAD finds them, so that the first pieces go to the
     engine while the rest of the file is still being scanned (or decoded).
@@ -66,8 +79,9 @@ class PieceBuilder:
     the caller then clamps the last end."""
 
     def __init__(self, total: int | None, max_piece_seconds: float, target_seconds: float | None = None,
-                 first_seconds: float | None = None) -> None:
+                 first_seconds: float | None = None, pad: int = PAD) -> None:
         self.total = total
+        self.pad = pad
         limit = int(max_piece_seconds * SAMPLE_RATE)
         self.target = min(limit, int((target_seconds or max_piece_seconds) * SAMPLE_RATE))
         self._early = int(first_seconds * SAMPLE_RATE) if first_seconds else None
@@ -78,7 +92,7 @@ class PieceBuilder:
 
     def add(self, start: int, end: int) -> list[tuple[int, int]]:
         speech_start = start
-        start, end = max(0, start - PAD), end + PAD
+        start, end = max(0, start - self.pad), end + self.pad
         if self.total is not None:
             end = min(self.total, end)
         if end <= start:
@@ -89,8 +103,8 @@ class PieceBuilder:
                 return []
             # An early piece is long enough and the pause is shorter than the padding: cut in the
             # middle of the pause rather than let the first piece run on.
-            cut = (self._segment[1] - PAD + speech_start) // 2
-            if speech_start <= self._segment[1] - PAD or not self._segment[0] < cut < end:  # no real pause
+            cut = (self._segment[1] - self.pad + speech_start) // 2
+            if speech_start <= self._segment[1] - self.pad or not self._segment[0] < cut < end:  # no real pause
                 self._segment = (self._segment[0], max(end, self._segment[1]))
                 return []
             self._segment = (self._segment[0], cut)

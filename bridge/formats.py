@@ -1,13 +1,27 @@
-"""Response formats of ``/v1/audio/transcriptions``: json, text, srt, vtt, verbose_json."""
+"""Response formats of ``/v1/audio/transcriptions``: json, text, srt, vtt, verbose_json.
+
+``verbose_json`` segment scores, as subtitle and pipeline tools that filter on Whisper's read them:
+
+- ``avg_logprob``: the mean log-probability of the segment's tokens as the engine scored them
+  (parakeet; 0.0 where the model gives none, e.g. Moonshine: nothing is filtered out);
+- ``compression_ratio``: the segment's text bytes over their zlib-compressed size, the same ratio
+  the piece guard checks for loops (``bridge.guard``; above 2.4 reads as repetitive);
+- ``no_speech_prob``: the share of the segment's time in which the VAD found no speech;
+- ``tokens``: the ids of its tokens in the model's token table (``bridge.tokens``).
+"""
 
 from __future__ import annotations
 
-import zlib
+from collections.abc import Callable
 from typing import Any
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
+from bridge.guard import compression_ratio
+from bridge.tokens import logprob_entries
 from bridge.transcript import Transcript
+
+TokenIds = Callable[[list[str]], list[int]]
 
 RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
 
@@ -40,14 +54,10 @@ def to_vtt(t: Transcript) -> str:
     return "\n".join(blocks)
 
 
-def _compression_ratio(text: str) -> float:
-    raw = text.encode("utf-8")
-    return round(len(raw) / max(1, len(zlib.compress(raw))), 3) if raw else 0.0
-
-
-def to_verbose_json(t: Transcript, language: str, want_words: bool) -> dict[str, Any]:
+def to_verbose_json(t: Transcript, language: str, want_words: bool,
+                    token_ids: TokenIds | None = None, task: str = "transcribe") -> dict[str, Any]:
     body: dict[str, Any] = {
-        "task": "transcribe",
+        "task": task,
         "language": language,
         "duration": round(t.duration, 3),
         "text": t.text,
@@ -58,11 +68,11 @@ def to_verbose_json(t: Transcript, language: str, want_words: bool) -> dict[str,
                 "start": seg.start,
                 "end": seg.end,
                 "text": seg.text,
-                "tokens": [],
+                "tokens": token_ids(seg.tokens) if token_ids is not None else [],
                 "temperature": 0.0,
-                "avg_logprob": 0.0,
-                "compression_ratio": _compression_ratio(seg.text),
-                "no_speech_prob": 0.0,
+                "avg_logprob": round(sum(seg.logprobs) / len(seg.logprobs), 6) if seg.logprobs else 0.0,
+                "compression_ratio": round(compression_ratio(seg.text), 3),
+                "no_speech_prob": seg.no_speech,
                 # Checks this segment's audio still failed after retries (bridge.guard): "empty",
                 # "too_long", "repetitive". Only on such segments.
                 **({"flags": seg.flags} if seg.flags else {}),
@@ -77,11 +87,15 @@ def to_verbose_json(t: Transcript, language: str, want_words: bool) -> dict[str,
 
 
 def render(t: Transcript, response_format: str, *, language: str, want_words: bool,
-           headers: dict[str, str]) -> Response:
+           headers: dict[str, str], logprobs: bool = False, token_ids: TokenIds | None = None,
+           task: str = "transcribe") -> Response:
     if response_format == "json":
-        return JSONResponse({"text": t.text, "usage": usage(t.duration)}, headers=headers)
+        body: dict[str, Any] = {"text": t.text}
+        if logprobs:
+            body["logprobs"] = logprob_entries(t.token_logprobs)
+        return JSONResponse({**body, "usage": usage(t.duration)}, headers=headers)
     if response_format == "verbose_json":
-        return JSONResponse(to_verbose_json(t, language, want_words), headers=headers)
+        return JSONResponse(to_verbose_json(t, language, want_words, token_ids, task), headers=headers)
     if response_format == "text":
         return PlainTextResponse(t.text + "\n", headers=headers)
     if response_format == "srt":

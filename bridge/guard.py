@@ -148,6 +148,8 @@ def join_results(left: EngineResult, right: EngineResult, offset: float) -> Engi
         timestamps=[*left.timestamps, *(t + offset for t in right.timestamps)],
         durations=[*left.durations, *right.durations]
         if len(left.durations) == len(left.tokens) and len(right.durations) == len(right.tokens) else [],
+        logprobs=[*left.logprobs, *right.logprobs]
+        if len(left.logprobs) == len(left.tokens) and len(right.logprobs) == len(right.tokens) else [],
         language=left.language or right.language,
         flags=sorted(set(left.flags) | set(right.flags)),
     )

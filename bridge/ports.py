@@ -26,6 +26,9 @@ class EngineModel:
     token_timestamps: bool  # the engine reports token times
     batches: bool  # the engine decodes waiting pieces in one batched run (else: batch size 1)
     languages: tuple[str, ...] = ("en",)
+    token_logprobs: bool = False  # the engine reports each token's log-probability
+    tokens_file: str = ""  # the model's token table (token -> id), for token ids in answers
+    tokens_base64: bool = False  # its tokens are written in base64 (Moonshine, Whisper)
 
 
 @dataclass
@@ -36,6 +39,7 @@ class EngineResult:
     tokens: list[str] = field(default_factory=list)
     timestamps: list[float] = field(default_factory=list)  # token start times, seconds
     durations: list[float] = field(default_factory=list)  # token durations (TDT), seconds
+    logprobs: list[float] = field(default_factory=list)  # each token's log-probability (transducers)
     language: str = ""
     flags: list[str] = field(default_factory=list)  # checks this text still fails (bridge.guard)
 

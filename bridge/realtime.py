@@ -1,7 +1,8 @@
 """Live dictation: one OpenAI realtime transcription session (``/v1/realtime?intent=transcription``).
 
-The client streams 24 kHz pcm16 in ``input_audio_buffer.append`` events. The audio is resampled to
-16 kHz as it comes (FFmpeg's resampler through PyAV, stateful across chunks) and kept in a buffer
+The client streams 24 kHz pcm16 (or 8 kHz G.711 mu-law/A-law) in ``input_audio_buffer.append``
+events. The audio is decoded and resampled to 16 kHz as it comes (FFmpeg's decoders and resampler
+through PyAV, stateful across chunks) and kept in a buffer
 that never holds more than ``REALTIME_MAX_BUFFER_SECONDS`` of uncommitted audio. With server VAD
 (the default) a Silero detector of the session's own follows the audio: ``speech_started`` when
 speech begins (its start moved back by the prefix padding), and when it has been silent for
@@ -9,7 +10,8 @@ speech begins (its start moved back by the prefix padding), and when it has been
 ``turn_detection: null`` the client commits by hand. Turns are transcribed one after another, each
 like an upload (long turns cut at pauses, pieces through the fair scheduler) with a ``delta`` per
 piece and a ``completed`` with the turn's usage: the audio consumed since the turn before, so the
-turns of a session add up to the audio it sent (what followed the last turn aside).
+turns of a session add up to the audio it sent (what followed the last turn aside). With
+``include: ["item.input_audio_transcription.logprobs"]`` both carry the tokens' log-probabilities.
 
 The transport (the WebSocket route) hands in client events with ``handle`` and sends what ``emit``
 gives it. The wire contract is in ``../shared/notes/REALTIME.md``.
@@ -33,11 +35,21 @@ import numpy as np
 from bridge.audio import AudioStream
 from bridge.ports import SAMPLE_RATE, EngineRejected, EngineUnavailable
 from bridge.state import BridgeState
+from bridge.tokens import logprob_entries
+from bridge.transcript import scored_tokens
 from bridge.transcription import Prefetch, cut_pieces, iter_pieces
 
 log = logging.getLogger("bridge.realtime")
 
 INPUT_RATE = 24000  # pcm16 as OpenAI defines it for realtime sessions
+G711_RATE = 8000
+# Input formats: ours -> (GA type, beta name, FFmpeg decoder or None for raw pcm16, sample rate).
+INPUT_FORMATS = {
+    "pcm16": ("audio/pcm", "pcm16", None, INPUT_RATE),
+    "pcmu": ("audio/pcmu", "g711_ulaw", "pcm_mulaw", G711_RATE),
+    "pcma": ("audio/pcma", "g711_alaw", "pcm_alaw", G711_RATE),
+}
+LOGPROBS_INCLUDE = "item.input_audio_transcription.logprobs"
 MIN_COMMIT_SECONDS = 0.1
 # Speech this long starts a turn. A quick one-word answer ("Yes.", "No.") has 0.15-0.3 s of voice;
 # at 0.25 s (Silero's usual minimum) such answers never became turns and were dropped with the
@@ -78,40 +90,74 @@ class SessionConfig:
     language: str = ""
     prompt: str = ""
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
+    input_format: str = "pcm16"  # a key of INPUT_FORMATS
+    logprobs: bool = False  # include: item.input_audio_transcription.logprobs
 
     def as_session(self, session_id: str, beta: bool) -> dict[str, Any]:
         transcription = {"model": self.model, "language": self.language, "prompt": self.prompt}
         detection = self.turn_detection.as_dict() if self.turn_detection else None
+        ga_type, beta_name, _, rate = INPUT_FORMATS[self.input_format]
+        include = [LOGPROBS_INCLUDE] if self.logprobs else None
         if beta:
-            return {"id": session_id, "object": TRANSCRIPTION_SESSION, "input_audio_format": "pcm16",
+            return {"id": session_id, "object": TRANSCRIPTION_SESSION, "input_audio_format": beta_name,
                     "input_audio_transcription": transcription, "turn_detection": detection,
-                    "input_audio_noise_reduction": None}
-        return {"type": "transcription", "id": session_id, "object": TRANSCRIPTION_SESSION,
-                "audio": {"input": {"format": {"type": "audio/pcm", "rate": INPUT_RATE},
+                    "input_audio_noise_reduction": None, "include": include}
+        return {"type": "transcription", "id": session_id, "object": TRANSCRIPTION_SESSION, "include": include,
+                "audio": {"input": {"format": {"type": ga_type, "rate": rate},
                                     "transcription": transcription, "noise_reduction": None,
                                     "turn_detection": detection}}}
 
 
-class Resampler:
-    """24 kHz pcm16 bytes in, 16 kHz float32 out, across chunks (an odd byte waits for its pair)."""
+def input_format(value: Any) -> str:
+    """The session's input format from a GA ``{"type", "rate"}`` object or a beta name."""
+    if isinstance(value, dict):
+        kind, rate = value.get("type"), value.get("rate")
+        for name, (ga_type, _, _, native) in INPUT_FORMATS.items():
+            if kind == ga_type and rate in (None, native):
+                return name
+    else:
+        for name, (_, beta_name, _, _) in INPUT_FORMATS.items():
+            if value == beta_name:
+                return name
+    raise RealtimeError("unsupported_format", f"input audio format {value!r} is not supported: send audio/pcm "
+                        "(pcm16) at 24000 Hz, or audio/pcmu / audio/pcma (g711_ulaw / g711_alaw) at 8000 Hz",
+                        "session.audio.input.format")
 
-    def __init__(self) -> None:
+
+class Resampler:
+    """The session's input bytes in, 16 kHz float32 out, across chunks: 24 kHz pcm16 (an odd byte
+    waits for its pair) or 8 kHz G.711, decoded by FFmpeg's own decoders."""
+
+    def __init__(self, fmt: str = "pcm16") -> None:
         import av
 
         self._av = av
+        _, _, codec, self.rate = INPUT_FORMATS[fmt]
+        self._decoder: Any = None
+        if codec is not None:
+            decoder = av.CodecContext.create(codec, "r")
+            assert isinstance(decoder, av.AudioCodecContext)
+            decoder.sample_rate = self.rate
+            decoder.layout = "mono"  # type: ignore[assignment]
+            self._decoder = decoder
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._odd = b""
 
-    def feed(self, pcm: bytes) -> np.ndarray:
-        pcm = self._odd + pcm
-        cut = len(pcm) - len(pcm) % 2
-        self._odd = pcm[cut:]
+    def _frames(self, data: bytes) -> list[Any]:
+        if self._decoder is not None:  # one byte per sample
+            return list(self._decoder.decode(self._av.Packet(data))) if data else []
+        data = self._odd + data
+        cut = len(data) - len(data) % 2
+        self._odd = data[cut:]
         if not cut:
-            return np.zeros(0, dtype=np.float32)
-        samples = np.frombuffer(pcm[:cut], dtype="<i2").reshape(1, -1)
+            return []
+        samples = np.frombuffer(data[:cut], dtype="<i2").reshape(1, -1)
         frame = self._av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = INPUT_RATE
-        out = [f.to_ndarray().reshape(-1) for f in self._resampler.resample(frame)]
+        frame.sample_rate = self.rate
+        return [frame]
+
+    def feed(self, data: bytes) -> np.ndarray:
+        out = [f.to_ndarray().reshape(-1) for frame in self._frames(data) for f in self._resampler.resample(frame)]
         return np.concatenate(out).astype(np.float32, copy=False) if out else np.zeros(0, dtype=np.float32)
 
 
@@ -227,16 +273,15 @@ class RealtimeSession:
             has_detection, detection = "turn_detection" in session, session.get("turn_detection")
         else:
             audio_in = (session.get("audio") or {}).get("input") or {}
-            fmt_obj = audio_in.get("format")
-            fmt = None if fmt_obj is None else (fmt_obj.get("type"), fmt_obj.get("rate", INPUT_RATE)) \
-                if isinstance(fmt_obj, dict) else fmt_obj
+            fmt = audio_in.get("format")
             transcription = audio_in.get("transcription")
             has_detection, detection = "turn_detection" in audio_in, audio_in.get("turn_detection")
-        if fmt is not None and fmt not in ("pcm16", ("audio/pcm", INPUT_RATE)):
-            raise RealtimeError("unsupported_format", f"input audio format {fmt!r} is not supported: send "
-                                "pcm16 (audio/pcm) at 24000 Hz", "session.audio.input.format")
         config = SessionConfig(self.config.model, self.config.language, self.config.prompt,
-                               self.config.turn_detection)
+                               self.config.turn_detection, self.config.input_format, self.config.logprobs)
+        if fmt is not None:
+            config.input_format = input_format(fmt)
+        if "include" in session:
+            config.logprobs = self._include(session.get("include"))
         if isinstance(transcription, dict):
             config.model = str(transcription.get("model") or "")
             config.language = str(transcription.get("language") or "")
@@ -245,6 +290,8 @@ class RealtimeSession:
         if has_detection:
             config.turn_detection = self._turn_detection(detection)
         changed = config.turn_detection != self.config.turn_detection
+        if config.input_format != self.config.input_format:
+            self.resampler = Resampler(config.input_format)
         self.config = config
         if changed:
             self._reset_detector()
@@ -262,6 +309,17 @@ class RealtimeSession:
             raise RealtimeError("unsupported_language", f"model {loaded.id} does not support language "
                                 f"{config.language!r}; it supports: {', '.join(loaded.languages)}",
                                 "session.audio.input.transcription.language")
+
+    def _include(self, value: Any) -> bool:
+        if value is None:
+            return False
+        if not isinstance(value, list) or any(v != LOGPROBS_INCLUDE for v in value):
+            raise RealtimeError("invalid_value", f"include may hold only {LOGPROBS_INCLUDE!r}", "session.include")
+        loaded = self.state.engines.model
+        if value and loaded is not None and not loaded.token_logprobs:
+            raise RealtimeError("unsupported_include", f"model {loaded.id} gives no token log-probabilities",
+                                "session.include")
+        return bool(value)
 
     @staticmethod
     def _turn_detection(value: Any) -> TurnDetection | None:
@@ -291,7 +349,8 @@ class RealtimeSession:
 
     async def _append(self, audio: Any) -> None:
         if not isinstance(audio, str):
-            raise RealtimeError("invalid_value", "audio must be a base64 string of pcm16", "audio")
+            raise RealtimeError("invalid_value", "audio must be a base64 string of the session's input format",
+                                "audio")
         try:
             pcm = base64.b64decode(audio, validate=True)
         except (binascii.Error, ValueError):
@@ -378,7 +437,7 @@ class RealtimeSession:
                 return
             item, samples, charged = turn
             try:
-                text = await self._transcribe(item, samples)
+                text, scored = await self._transcribe(item, samples)
             except (EngineUnavailable, EngineRejected) as exc:
                 await self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
                                 error={"type": "server_error", "code": "engine_unavailable"
@@ -386,14 +445,17 @@ class RealtimeSession:
                 continue
             self.audio_seconds += charged
             self.completed += 1
+            extra: dict[str, Any] = {"logprobs": logprob_entries(scored)} if self.config.logprobs else {}
             await self.send("conversation.item.input_audio_transcription.completed", item_id=item, content_index=0,
-                            transcript=text, usage={"type": "duration", "seconds": round(charged, 3)})
+                            transcript=text, usage={"type": "duration", "seconds": round(charged, 3)}, **extra)
 
-    async def _transcribe(self, item: str, samples: np.ndarray) -> str:
+    async def _transcribe(self, item: str, samples: np.ndarray) -> tuple[str, list[tuple[str, float]]]:
+        """The turn's text (a ``delta`` per piece) and its tokens' log-probabilities."""
         state = self.state
         texts: list[str] = []
+        scored: list[tuple[str, float]] = []
         if not len(samples):
-            return ""
+            return "", scored
         async with state.engines.lease() as engine:
             audio = AudioStream.from_samples(samples)
             plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
@@ -406,11 +468,16 @@ class RealtimeSession:
                         continue
                     delta = result.text if not texts else " " + result.text
                     texts.append(result.text)
+                    extra: dict[str, Any] = {}
+                    if self.config.logprobs:
+                        pairs = scored_tokens(result)
+                        scored += pairs
+                        extra["logprobs"] = logprob_entries(pairs)
                     await self.send("conversation.item.input_audio_transcription.delta", item_id=item,
-                                    content_index=0, delta=delta)
+                                    content_index=0, delta=delta, **extra)
             finally:
                 await pieces.aclose()
-        return " ".join(texts)
+        return " ".join(texts), scored
 
     async def finish(self, *, wait: bool) -> None:
         """End the session: with ``wait``, the turns already committed are transcribed first."""

@@ -16,11 +16,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import numpy as np
 
 from bridge.audio import AudioStream
-from bridge.cutting import PieceBuilder, is_silent, plan_pieces, split_long
+from bridge.cutting import PAD, Chunking, PieceBuilder, is_silent, plan_pieces, split_long
 from bridge.guard import PieceGuard
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
-from bridge.transcript import Transcript, build_transcript
+from bridge.transcript import Spans, Transcript, build_transcript
 from bridge.vad import SpeechDetector, lower_thread_priority
 
 PieceResult = tuple[float, float, EngineResult | None]
@@ -31,9 +31,48 @@ def as_stream(audio: Audio) -> AudioStream:
     return audio if isinstance(audio, AudioStream) else AudioStream.from_samples(audio)
 
 
+class SpeechMap:
+    """The speech the VAD found in one request's audio while cutting it, kept with the request:
+    cue times and segment scores read it instead of scanning the audio again. Where the cut did not
+    scan (audio short enough to go whole), the whole file is scanned once, when first asked."""
+
+    def __init__(self, detector: SpeechDetector, audio: AudioStream, chunking: Chunking | None = None) -> None:
+        self.detector = detector
+        self.audio = audio
+        self.chunking = chunking or Chunking()
+        self.found: list[tuple[int, int]] = []  # sample ranges, filled by the cut's scan thread
+        self.complete = False  # the cut scanned the whole file
+        self.rescans = 0  # scans made after the cut (none when the cut scanned)
+
+    def record(self, start: int, end: int) -> None:
+        self.found.append((start, end))
+
+    def finish(self) -> None:
+        """The cut's scan reached the end: merge what regions scanned side by side found twice."""
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted(self.found):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+            else:
+                merged.append((a, b))
+        self.found = merged
+        self.complete = True
+
+    def spans(self, start: float, end: float) -> Spans:
+        """Speech within [start, end] s, as (start, end) seconds on the file's time line."""
+        if not self.complete:
+            self.rescans += 1
+            self.found = self.detector.speech_segments(self.audio.samples, threshold=self.chunking.threshold,
+                                                       min_silence=self.chunking.min_silence_seconds)
+            self.finish()
+        a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
+        return [(x / SAMPLE_RATE, y / SAMPLE_RATE) for x, y in self.found if y > a and x < b]
+
+
 async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,
                      target_seconds: float | None = None, first_seconds: float | None = None,
-                     *, vad_threads: int = 1) -> AsyncGenerator[tuple[int, int], None]:
+                     *, vad_threads: int = 1, chunking: Chunking | None = None,
+                     speech: SpeechMap | None = None) -> AsyncGenerator[tuple[int, int], None]:
     """The pieces to send to the engine, in order, as soon as each is known.
 
     ``audio`` may still be being decoded (an ``AudioStream``): cutting follows the decoder. Audio
@@ -42,7 +81,10 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
     beside the decoder and the engine: a piece is handed over as soon as the VAD has passed its end,
     so the engine starts on the first pieces while the rest is still being decoded and scanned.
     With ``vad_threads`` > 1 regions of a long file are scanned side by side. Without a VAD model the
-    audio is cut by energy once it is all decoded. A decoding error is raised here too."""
+    audio is cut by energy once it is all decoded. A decoding error is raised here too.
+    ``chunking`` sets the VAD and the padding for this request; ``speech`` keeps what the VAD found."""
+    chunking = chunking or Chunking()
+    pad = PAD if chunking.padding_seconds is None else int(chunking.padding_seconds * SAMPLE_RATE)
     stream = as_stream(audio)
     whole = int(min(max_piece_seconds, first_seconds or max_piece_seconds) * SAMPLE_RATE)
     await stream.wait_available(whole + 1)
@@ -76,13 +118,19 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
         return split_long(stream.samples, settled, max_piece_seconds)
 
     def scan() -> None:
-        builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds)
+        builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds, pad)
         try:
-            for start, end in detector.iter_segments_parallel(stream, workers=vad_threads, stop=stop):
+            for start, end in detector.iter_segments_parallel(stream, workers=vad_threads, stop=stop,
+                                                              threshold=chunking.threshold,
+                                                              min_silence=chunking.min_silence_seconds):
+                if speech is not None:
+                    speech.record(start, end)
                 closed = builder.add(start, end)
                 if closed:
                     post(settle(closed))
             if not stop.is_set():
+                if speech is not None:
+                    speech.finish()
                 post(settle(builder.finish()))
             post(None)
         except BaseException as exc:  # noqa: BLE001 - handed to the request (cancelled: an aborted decode)

@@ -70,21 +70,28 @@ class SpeechDetector:
         # The detector must be fed exactly one window at a time (longer chunks are not split into
         # windows: checked, they give one segment for the whole file).
         self.window = int(sherpa_onnx.VadModelConfig().silero_vad.window_size)
-        # Loading the ONNX model costs ~40 ms: detectors are kept and reset between scans.
-        self._idle: dict[float, list[Any]] = {}
+        # Loading the ONNX model costs ~40 ms: detectors are kept and reset between scans, by
+        # their settings (max speech, threshold, min silence).
+        self._idle: dict[tuple[float, float, float], list[Any]] = {}
         self._lock = threading.Lock()
 
-    def _acquire(self, max_speech: float) -> Any:
+    def _settings(self, max_speech: float, threshold: float | None, min_silence: float | None
+                  ) -> tuple[float, float, float]:
+        return (max_speech, self.threshold if threshold is None else threshold,
+                self.min_silence if min_silence is None else min_silence)
+
+    def _acquire(self, key: tuple[float, float, float]) -> Any:
+        max_speech, threshold, min_silence = key
         with self._lock:
-            idle = self._idle.get(max_speech)
+            idle = self._idle.get(key)
             if idle:
                 vad = idle.pop()
                 vad.reset()
                 return vad
         cfg = self._sherpa.VadModelConfig()
         cfg.silero_vad.model = str(self.model)
-        cfg.silero_vad.threshold = self.threshold
-        cfg.silero_vad.min_silence_duration = self.min_silence
+        cfg.silero_vad.threshold = threshold
+        cfg.silero_vad.min_silence_duration = min_silence
         cfg.silero_vad.min_speech_duration = self.min_speech
         cfg.silero_vad.max_speech_duration = max_speech
         cfg.sample_rate = SAMPLE_RATE
@@ -93,37 +100,42 @@ class SpeechDetector:
         # The buffer holds the speech segment being built; it grows when needed (with a log line).
         return self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=BUFFER_SECONDS)
 
-    def _release(self, max_speech: float, vad: Any) -> None:
+    def _release(self, key: tuple[float, float, float], vad: Any) -> None:
         with self._lock:
-            idle = self._idle.setdefault(max_speech, [])
+            idle = self._idle.setdefault(key, [])
             if len(idle) < MAX_IDLE:
                 idle.append(vad)
 
-    def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0) -> list[tuple[int, int]]:
+    def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0, *, threshold: float | None = None,
+                        min_silence: float | None = None) -> list[tuple[int, int]]:
         """(start, end) sample ranges of speech, in order."""
-        return list(self.iter_segments(samples, max_speech=max_speech))
+        return list(self.iter_segments(samples, max_speech=max_speech, threshold=threshold, min_silence=min_silence))
 
     def iter_segments(self, samples: np.ndarray | AudioStream | StreamWindow, *, max_speech: float = 3600.0,
-                      stop: threading.Event | None = None) -> Iterator[tuple[int, int]]:
+                      stop: threading.Event | None = None, threshold: float | None = None,
+                      min_silence: float | None = None) -> Iterator[tuple[int, int]]:
         """Speech segments as soon as the detector closes them, in order; stops early once ``stop``
         is set (the request went away). ``samples`` may still be growing (an ``AudioStream`` being
-        decoded): the scan then follows the decoder."""
+        decoded): the scan then follows the decoder. ``threshold`` and ``min_silence`` (seconds)
+        replace the detector's own for this scan (a request's ``chunking_strategy``)."""
         stream = AudioStream.from_samples(samples) if isinstance(samples, np.ndarray) else samples
-        vad = self._acquire(max_speech)
+        key = self._settings(max_speech, threshold, min_silence)
+        vad = self._acquire(key)
         try:
             yield from self._scan(vad, stream, stop)
         finally:
-            self._release(max_speech, vad)
+            self._release(key, vad)
 
     def iter_segments_parallel(self, stream: AudioStream, *, workers: int, stop: threading.Event,
-                               region_seconds: float = REGION_SECONDS) -> Iterator[tuple[int, int]]:
+                               region_seconds: float = REGION_SECONDS, threshold: float | None = None,
+                               min_silence: float | None = None) -> Iterator[tuple[int, int]]:
         """Like ``iter_segments``, with up to ``workers`` regions of the file scanned side by side
         (one Silero pass scans a few hundred seconds of audio per second of one core, which bounds
         long files once the engine is fast). Region k scans ``LEAD`` seconds before its start, so
         speech that crosses a border is found by both sides and comes out as overlapping segments,
         which ``PieceBuilder`` merges. Segments come out in order of their regions."""
         if workers <= 1:
-            yield from self.iter_segments(stream, stop=stop)
+            yield from self.iter_segments(stream, stop=stop, threshold=threshold, min_silence=min_silence)
             return
         region, lead = int(region_seconds * SAMPLE_RATE), int(LEAD * SAMPLE_RATE)
         queues: list[queue.Queue[tuple[int, int] | BaseException | None]] = []
@@ -133,7 +145,8 @@ class SpeechDetector:
             start = max(0, k * region - lead)
             out = queues[k]
             try:
-                for a, b in self.iter_segments(stream.window(start, (k + 1) * region), stop=stop):
+                for a, b in self.iter_segments(stream.window(start, (k + 1) * region), stop=stop,
+                                               threshold=threshold, min_silence=min_silence):
                     out.put((start + a, start + b))
                 out.put(None)
             except BaseException as exc:  # noqa: BLE001 - raised in order by the reader

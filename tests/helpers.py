@@ -115,21 +115,34 @@ def pcm24(path: Path, silence_after: float = 1.5) -> bytes:
     return pcm + b"\0" * int(48000 * silence_after)
 
 
-def live_turns(url: str, key: str, pcm: bytes, *, commit_at_end: bool = False) -> list[str]:
-    """One live session through the SDK at ``url`` (a proxy), the audio sent in 100 ms chunks (faster than real time:
-    turns are found on the audio's own clock); the completed turns' transcripts in order. The
-    session ends with a clear, or (``commit_at_end``) with a commit then a clear, as a client does
-    when its recording stops."""
+def g711(path: Path, law: str, silence_after: float = 1.5) -> bytes:
+    """``path`` as 8 kHz G.711 (``law``: "mulaw" or "alaw"), made by FFmpeg, with silence after it."""
+    return subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-af",
+                           f"apad=pad_dur={silence_after}", "-ac", "1", "-ar", "8000", "-f", law, "pipe:1"],
+                          capture_output=True, check=True).stdout
+
+
+# Live input formats: the session's format object and the bytes in 100 ms.
+LIVE_FORMATS = {"pcm16": ({"type": "audio/pcm", "rate": 24000}, 4800),
+                "pcmu": ({"type": "audio/pcmu"}, 800), "pcma": ({"type": "audio/pcma"}, 800)}
+
+
+def live_turns(url: str, key: str, pcm: bytes, *, commit_at_end: bool = False, fmt: str = "pcm16") -> list[str]:
+    """One live session through the SDK at ``url`` (a proxy), the audio (in ``fmt``, see
+    ``LIVE_FORMATS``) sent in 100 ms chunks (faster than real time: turns are found on the audio's
+    own clock); the completed turns' transcripts in order. The session ends with a clear, or
+    (``commit_at_end``) with a commit then a clear, as a client does when its recording stops."""
     client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
     completed: list[str] = []
+    audio_format, chunk = LIVE_FORMATS[fmt]
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
         conn.session.update(session={"type": "transcription", "audio": {"input": {
-            "format": {"type": "audio/pcm", "rate": 24000},
+            "format": audio_format,
             "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
 
         def send() -> None:
-            for i in range(0, len(pcm), 4800):
-                conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 4800]).decode())
+            for i in range(0, len(pcm), chunk):
+                conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + chunk]).decode())
                 time.sleep(0.01)
             if commit_at_end:
                 conn.input_audio_buffer.commit()

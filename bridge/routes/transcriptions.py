@@ -1,4 +1,5 @@
-"""POST /v1/audio/transcriptions: route -> decode -> cut -> engine -> format -> respond."""
+"""POST /v1/audio/transcriptions (and /v1/audio/translations): route -> decode -> cut -> engine ->
+format -> respond."""
 
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bridge.api_types import parse_transcription_form
+from bridge.api_types import parse_transcription_form, parse_translation_form
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.formats import render, usage
-from bridge.ports import SAMPLE_RATE, EngineModel, EngineRejected, EngineUnavailable, ModelEngine
+from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
-from bridge.transcript import Spans, build_transcript
-from bridge.transcription import Prefetch, cut_pieces, iter_pieces
-from bridge.vad import SpeechDetector
+from bridge.tokens import logprob_entries, token_ids
+from bridge.transcript import build_transcript, scored_tokens
+from bridge.transcription import Prefetch, SpeechMap, cut_pieces, iter_pieces
 from common.access import AccessRecord, access_record
 from common.errors import APIError
 
@@ -49,6 +50,29 @@ def check_model(requested: str, loaded: EngineModel, state: BridgeState) -> None
                        param="model", code="model_not_loaded")
     raise APIError(404, f"model {requested!r} does not exist; the loaded model is {loaded.id!r} "
                    "(see GET /v1/models)", param="model", code="model_not_found")
+
+
+def check_translates(requested: str, loaded: EngineModel, state: BridgeState) -> None:
+    """A translation needs a model that translates (the catalog says which): never a transcription
+    in the source language returned as if it were English."""
+    model_id = requested if requested in state.catalog else loaded.id
+    if model_id in state.catalog and state.catalog.get(model_id).translates:
+        return
+    able = [m.id for m in state.catalog.all() if m.translates]
+    raise APIError(400, f"model {model_id} cannot translate speech into English; "
+                   + (f"models that can: {', '.join(able)}" if able else
+                      "no model in this server's catalog translates. Transcribe in the spoken language "
+                      "with POST /v1/audio/transcriptions instead"),
+                   param="model", code="model_cannot_translate")
+
+
+def check_logprobs(wanted: bool, spec: EngineModel, state: BridgeState) -> None:
+    """``include[]=logprobs`` needs a model whose engine scores its tokens: never an empty list."""
+    if wanted and not spec.token_logprobs:
+        able = [m.id for m in state.catalog.all() if m.token_logprobs]
+        raise APIError(400, f"model {spec.id} gives no token log-probabilities, so include[]=logprobs cannot be "
+                       f"answered; models that give them: {', '.join(able) or 'none in this catalog'}",
+                       param="include[]", code="unsupported_include")
 
 
 def check_language(language: str | None, spec: EngineModel) -> str:
@@ -82,13 +106,6 @@ async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> 
 TIMED_FORMATS = ("srt", "vtt", "verbose_json")
 
 
-def speech_spans(detector: SpeechDetector, audio: AudioStream, start: float, end: float) -> Spans:
-    """Speech inside [start, end] s of the decoded audio, as (start, end) seconds on the file's time line."""
-    first = int(start * SAMPLE_RATE)
-    found = detector.speech_segments(audio.view(first, int(end * SAMPLE_RATE)))
-    return [((first + a) / SAMPLE_RATE, (first + b) / SAMPLE_RATE) for a, b in found]
-
-
 def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
 
@@ -117,6 +134,15 @@ def engine_error(exc: Exception) -> APIError:
 
 @router.post("/v1/audio/transcriptions")
 async def create_transcription(request: Request, state: BridgeState = Depends(get_state)) -> Response:
+    return await answer(request, state, "transcribe")
+
+
+@router.post("/v1/audio/translations")
+async def create_translation(request: Request, state: BridgeState = Depends(get_state)) -> Response:
+    return await answer(request, state, "translate")
+
+
+async def answer(request: Request, state: BridgeState, task: str) -> Response:
     if state.in_flight >= state.settings.max_concurrent_requests:
         raise APIError(503, "the server is busy; retry shortly", code="overloaded", type="server_error",
                        retry_after=2)
@@ -130,13 +156,17 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
         stack = contextlib.AsyncExitStack()
         try:
-            upload, params = parse_transcription_form(form)
+            parse = parse_translation_form if task == "translate" else parse_transcription_form
+            upload, params = parse(form)
             # The lease pins the engine this request is checked against and answered by, even if
             # the model is switched meanwhile (the old engine finishes its leases, then closes).
             engine = await stack.enter_async_context(state.engines.lease())
             record.model = engine.spec.id
+            if task == "translate":
+                check_translates(params.model, engine.spec, state)
             check_model(params.model, engine.spec, state)
             language = check_language(params.language, engine.spec)
+            check_logprobs(params.logprobs, engine.spec, state)
             folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
             try:
                 decode_started = time.monotonic()
@@ -145,9 +175,11 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 # rest of the file is still decoded and scanned. The answer's status waits for the
                 # decode (a file that turns out too long or corrupt is a 400, its pieces cancelled).
                 first = state.settings.stream_first_piece_seconds if params.stream else None
+                # What the VAD finds while cutting is kept for cue times and segment scores.
+                speech = SpeechMap(state.detector, audio, params.chunking) if state.detector is not None else None
                 plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
                                   state.settings.piece_target_seconds, first or None,
-                                  vad_threads=state.settings.vad_threads)
+                                  vad_threads=state.settings.vad_threads, chunking=params.chunking, speech=speech)
                 pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
                 try:
                     await audio.wait_done()
@@ -171,7 +203,7 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             await form.close()
         if params.stream:
             return StreamingResponse(
-                stream_events(state, engine, audio, pieces, stack, record, started),
+                stream_events(state, engine, audio, pieces, stack, record, started, params.logprobs),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
                 background=BackgroundTask(stack.aclose),
@@ -181,13 +213,14 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
                 results = [piece async for piece in pieces]
             except (EngineUnavailable, EngineRejected) as exc:
                 raise engine_error(exc) from None
-            speech = None
-            if (params.response_format in TIMED_FORMATS and not engine.spec.token_timestamps
-                    and state.detector is not None):
-                speech = functools.partial(speech_spans, state.detector, audio)
-            # With ``speech`` the VAD runs on long pieces (cue times): off the loop.
+            # The speech spans cut pieces without token times into cues (srt, vtt, verbose_json) and
+            # score verbose_json's segments (no_speech_prob); a file that went whole is scanned
+            # then, once: off the loop.
+            timed = params.response_format == "verbose_json" or (
+                params.response_format in TIMED_FORMATS and not engine.spec.token_timestamps)
             transcript = await asyncio.to_thread(build_transcript, results, audio.seconds,
-                                                 engine.spec.token_timestamps, speech)
+                                                 engine.spec.token_timestamps,
+                                                 speech.spans if timed and speech is not None else None)
         model_id = engine.spec.id
         elapsed = time.monotonic() - started
         record.audio_seconds = audio.seconds
@@ -202,7 +235,8 @@ async def create_transcription(request: Request, state: BridgeState = Depends(ge
             headers["x-warning"] = (f"model {model_id} gives no token times: word timestamps are not available "
                                     "(segments only)")
         return render(transcript, params.response_format, language=language or transcript.language,
-                      want_words=want_words, headers=headers)
+                      want_words=want_words, headers=headers, logprobs=params.logprobs,
+                      token_ids=functools.partial(token_ids, engine.spec), task=task)
     finally:
         state.in_flight -= 1
 
@@ -213,12 +247,14 @@ def _sse(event: dict[str, object]) -> bytes:
 
 async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream, pieces: Prefetch,
                         lease: contextlib.AsyncExitStack, record: AccessRecord,
-                        started: float) -> AsyncIterator[bytes]:
-    """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``.
+                        started: float, logprobs: bool = False) -> AsyncIterator[bytes]:
+    """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``; with
+    ``logprobs`` each carries its tokens' log-probabilities (the done event all of them).
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
     that have not run (``Prefetch.aclose``)."""
     texts: list[str] = []
+    scored: list[tuple[str, float]] = []
     async with lease:
         try:
             async for _start, _end, result in pieces:
@@ -226,7 +262,12 @@ async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStr
                     continue
                 delta = result.text if not texts else " " + result.text
                 texts.append(result.text)
-                yield _sse({"type": "transcript.text.delta", "delta": delta})
+                event: dict[str, object] = {"type": "transcript.text.delta", "delta": delta}
+                if logprobs:
+                    pairs = scored_tokens(result)
+                    scored += pairs
+                    event["logprobs"] = logprob_entries(pairs)
+                yield _sse(event)
         except (EngineUnavailable, EngineRejected) as exc:
             err = engine_error(exc)
             record.status = err.status  # the stream's 200 was sent already; the log says what happened
@@ -234,4 +275,7 @@ async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStr
             return
     record.audio_seconds = audio.seconds
     state.metrics.observe_transcription(engine.spec.id, audio.seconds, time.monotonic() - started)
-    yield _sse({"type": "transcript.text.done", "text": " ".join(texts), "usage": usage(audio.seconds)})
+    done: dict[str, object] = {"type": "transcript.text.done", "text": " ".join(texts)}
+    if logprobs:
+        done["logprobs"] = logprob_entries(scored)
+    yield _sse({**done, "usage": usage(audio.seconds)})
