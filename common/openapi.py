@@ -58,8 +58,18 @@ TRANSCRIPTION_FORM = {
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
         "stream": {"type": "boolean"},
-        "chunking_strategy": {"type": "string", "description": "'auto' or a server_vad JSON object"},
+        "chunking_strategy": {"type": "string", "description": "'auto' or a server_vad JSON object "
+                              "(or its fields as chunking_strategy[type], chunking_strategy[threshold], ...)"},
+        "include[]": {"type": "array", "items": {"type": "string", "enum": ["logprobs"]},
+                      "description": "logprobs: each token's log-probability (json; models that give them)"},
     },
+}
+
+TRANSLATION_FORM = {
+    "type": "object",
+    "required": ["file"],
+    "properties": {name: TRANSCRIPTION_FORM["properties"][name]  # type: ignore[index]
+                   for name in ("file", "model", "prompt", "response_format", "temperature")},
 }
 
 TRANSCRIPTION = {
@@ -90,6 +100,17 @@ OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
                     "content": {"application/json": {"schema": TRANSCRIPTION},
                                 "text/plain": {"schema": {"type": "string"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
+            **{str(s): error(s) for s in (400, 404, 413, 500, 503)},
+        },
+    },
+    ("/v1/audio/translations", "post"): {
+        "summary": "Translate speech into English (OpenAI audio API); only models the catalog marks as "
+                   "translating, others answer 400 model_cannot_translate",
+        "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": TRANSLATION_FORM}}},
+        "responses": {
+            "200": {"description": "the English text: JSON (json, verbose_json) or text (text, srt, vtt)",
+                    "content": {"application/json": {"schema": TRANSCRIPTION},
+                                "text/plain": {"schema": {"type": "string"}}}},
             **{str(s): error(s) for s in (400, 404, 413, 500, 503)},
         },
     },
