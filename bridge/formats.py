@@ -19,11 +19,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from bridge.guard import compression_ratio
 from bridge.tokens import logprob_entries
-from bridge.transcript import Transcript
+from bridge.transcript import Segment, Transcript
 
 TokenIds = Callable[[list[str]], list[int]]
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt")
+RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 
 
 def usage(seconds: float) -> dict[str, Any]:
@@ -38,10 +38,14 @@ def _clock(seconds: float, sep: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{sep}{ms:03d}"
 
 
+def _cue(seg: Segment) -> str:
+    return f"[{seg.speaker}] {seg.text}" if seg.speaker else seg.text
+
+
 def to_srt(t: Transcript) -> str:
     blocks = []
     for i, seg in enumerate([seg for seg in t.segments if seg.text], start=1):  # no empty cues
-        blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{seg.text}\n")
+        blocks.append(f"{i}\n{_clock(seg.start, ',')} --> {_clock(seg.end, ',')}\n{_cue(seg)}\n")
     return "\n".join(blocks)
 
 
@@ -50,7 +54,7 @@ def to_vtt(t: Transcript) -> str:
     for seg in t.segments:
         if not seg.text:
             continue
-        blocks.append(f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}\n{seg.text}\n")
+        blocks.append(f"{_clock(seg.start, '.')} --> {_clock(seg.end, '.')}\n{_cue(seg)}\n")
     return "\n".join(blocks)
 
 
@@ -76,6 +80,7 @@ def to_verbose_json(t: Transcript, language: str, want_words: bool,
                 # Checks this segment's audio still failed after retries (bridge.guard): "empty",
                 # "too_long", "repetitive". Only on such segments.
                 **({"flags": seg.flags} if seg.flags else {}),
+                **({"speaker": seg.speaker} if seg.speaker else {}),
             }
             for i, seg in enumerate(t.segments)
         ],
@@ -84,6 +89,22 @@ def to_verbose_json(t: Transcript, language: str, want_words: bool,
     if want_words:
         body["words"] = [{"word": w.word, "start": w.start, "end": w.end} for w in t.words]
     return body
+
+
+def segment_id(index: int) -> str:
+    return f"seg_{index}"
+
+
+def diarized_segment(index: int, seg: Segment) -> dict[str, Any]:
+    return {"type": "transcript.text.segment", "id": segment_id(index), "start": seg.start, "end": seg.end,
+            "text": seg.text, "speaker": seg.speaker}
+
+
+def to_diarized_json(t: Transcript) -> dict[str, Any]:
+    """OpenAI's ``diarized_json``: the text, and segments each with its speaker."""
+    segments = [seg for seg in t.segments if seg.text]
+    return {"task": "transcribe", "duration": round(t.duration, 3), "text": t.text,
+            "segments": [diarized_segment(i, seg) for i, seg in enumerate(segments)], "usage": usage(t.duration)}
 
 
 def render(t: Transcript, response_format: str, *, language: str, want_words: bool,
@@ -96,6 +117,8 @@ def render(t: Transcript, response_format: str, *, language: str, want_words: bo
         return JSONResponse({**body, "usage": usage(t.duration)}, headers=headers)
     if response_format == "verbose_json":
         return JSONResponse(to_verbose_json(t, language, want_words, token_ids, task), headers=headers)
+    if response_format == "diarized_json":
+        return JSONResponse(to_diarized_json(t), headers=headers)
     if response_format == "text":
         return PlainTextResponse(t.text + "\n", headers=headers)
     if response_format == "srt":

@@ -5,6 +5,8 @@ next piece round-robin across requests, so a short request is not queued behind 
 long one, and the pieces of one long request still run in parallel when nothing else waits.
 One request never holds every connection: with more than one worker, one is always left for
 whoever comes next, so a short request starts at once instead of waiting for a long piece to end.
+Other long work of a request (a meeting's speaker diarization) is queued the same way with
+``submit_call``: it takes one worker's turn like a piece, so it cannot starve short requests either.
 """
 
 from __future__ import annotations
@@ -13,18 +15,21 @@ import asyncio
 import contextlib
 import itertools
 from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import numpy as np
 
 from bridge.ports import EngineResult, ModelEngine
 
+T = TypeVar("T")
+
 
 @dataclass
 class _Job:
-    engine: ModelEngine
-    samples: np.ndarray
-    future: asyncio.Future[EngineResult]
+    run: Callable[[], Awaitable[Any]]
+    future: asyncio.Future[Any]
 
 
 class FairScheduler:
@@ -45,8 +50,12 @@ class FairScheduler:
         return sum(len(q) for q in self._queues.values())
 
     def submit(self, key: int, engine: ModelEngine, samples: np.ndarray) -> asyncio.Future[EngineResult]:
-        future: asyncio.Future[EngineResult] = asyncio.get_running_loop().create_future()
-        self._queues.setdefault(key, deque()).append(_Job(engine, samples, future))
+        return self.submit_call(key, lambda: engine.transcribe(samples))
+
+    def submit_call(self, key: int, run: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """Queue ``run()`` (awaited by a worker when it is this request's turn)."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(key, deque()).append(_Job(run, future))
         self._wakeup.set()
         return future
 
@@ -80,7 +89,7 @@ class FairScheduler:
             key, job = picked
             self._running[key] = self._running.get(key, 0) + 1
             self.busy += 1
-            run = asyncio.ensure_future(job.engine.transcribe(job.samples))
+            run = asyncio.ensure_future(job.run())
             try:
                 await asyncio.wait({run, job.future}, return_when=asyncio.FIRST_COMPLETED)
                 if job.future.done():  # the request went away: stop the engine work too

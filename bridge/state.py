@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
+from bridge.diarization import Diarizer
 from bridge.engine_manager import EngineManager
 from bridge.guard import PieceGuard
 from bridge.metrics import BridgeMetrics
@@ -33,6 +34,7 @@ class BridgeState:
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0
     realtime_sessions: int = 0
+    diarizer: Diarizer | None = None  # made at the first request for speakers (bridge.routes.transcriptions)
 
 
 def get_state(request: Request) -> BridgeState:

@@ -60,6 +60,7 @@ class Segment:
     tokens: list[str] = field(default_factory=list)  # the engine's tokens for its text (U+2581 as a space)
     logprobs: list[float] = field(default_factory=list)  # one per token, when the engine gives them
     no_speech: float = 0.0  # share of its time without speech (VAD); 0 when not measured
+    speaker: str = ""  # who spoke it, when diarized (bridge.diarization)
 
 
 @dataclass

@@ -127,3 +127,49 @@ def dialogue_with_short_replies(path: Path, pause: float = 1.0, tail: float = 1.
         parts.append(gap)
     parts[-1] = np.zeros(int(16000 * tail), dtype=np.float32)
     return write_wav16(path, np.concatenate(parts)), " ".join(words)
+
+
+# Conversations for speaker diarization: LibriSpeech speakers the stand-in embedding model was not
+# fitted on (../shared/models/diarization/README.md), each utterance cut to its speech by frame
+# energy (as that README's evaluation does), joined with 0.5-1.0 s pauses of -60 dBFS noise.
+HELD_OUT_SPEAKERS = ["1688", "2033", "2609", "3080", "3331"]
+
+
+def speech_span(samples: np.ndarray, margin: float = 0.05) -> np.ndarray:
+    frames = max(1, (len(samples) - 400) // 160 + 1)
+    energy = np.array([np.mean(samples[i * 160:i * 160 + 400] ** 2) for i in range(frames)])
+    db = 10 * np.log10(energy + 1e-12)
+    loud = np.flatnonzero(db > max(np.percentile(db, 95) - 35, np.percentile(db, 10) + 6))
+    a = max(0, loud[0] * 160 - int(margin * 16000))
+    b = min(len(samples), loud[-1] * 160 + 400 + int(margin * 16000))
+    return samples[a:b]
+
+
+def speaker_utterances(speaker: str) -> list[str]:
+    return sorted(p.stem for p in LIBRISPEECH.glob(f"{speaker}-*.flac"))
+
+
+def conversation(path: Path, speakers: list[str], turns: int, seed: int = 0
+                 ) -> tuple[Path, list[tuple[float, float, str, str]]]:
+    """``turns`` utterances, the speakers taking turns in order (each utterance used once); returns
+    the recording and its reference rows (start s, end s, speaker, utterance id)."""
+    rng = np.random.default_rng(seed)
+    left = {s: speaker_utterances(s) for s in speakers}
+    parts, rows, at = [], [], 0.0
+
+    def pause(seconds: float) -> np.ndarray:
+        return (rng.standard_normal(int(seconds * 16000)) * 10 ** (-60 / 20)).astype(np.float32)
+
+    parts.append(pause(0.5))
+    at = 0.5
+    for k in range(turns):
+        speaker = speakers[k % len(speakers)]
+        utterance = left[speaker].pop(0)
+        clip = speech_span(librispeech_samples(utterance))
+        parts.append(clip)
+        rows.append((round(at, 3), round(at + len(clip) / 16000, 3), speaker, utterance))
+        at += len(clip) / 16000
+        gap = float(rng.uniform(0.5, 1.0)) if k + 1 < turns else 0.5
+        parts.append(pause(gap))
+        at += gap
+    return write_wav16(path, np.concatenate(parts)), rows

@@ -37,7 +37,7 @@ async def list_models(state: BridgeState = Depends(get_state)) -> JSONResponse:
     loaded = state.engines.model
     return JSONResponse({
         "object": "list",
-        "data": [model_card(spec, state) for spec in state.catalog.all()],
+        "data": [model_card(spec, state) for spec in state.catalog.transcription_models()],
         "loaded": loaded.id if loaded else None,
         "aliases": state.settings.model_aliases,
     })
@@ -46,7 +46,10 @@ async def list_models(state: BridgeState = Depends(get_state)) -> JSONResponse:
 @router.get("/v1/models/{model_id}")
 async def get_model(model_id: str, state: BridgeState = Depends(get_state)) -> JSONResponse:
     try:
-        return JSONResponse(model_card(state.catalog.get(model_id), state))
+        spec = state.catalog.get(model_id)
+        if spec.kind != "asr":
+            raise UnknownModelError(model_id)
+        return JSONResponse(model_card(spec, state))
     except UnknownModelError:
         raise APIError(404, f"model {model_id!r} is not in the catalog", param="model",
                        code="model_not_found") from None
@@ -62,6 +65,10 @@ async def switch_model(request: Request, state: BridgeState = Depends(get_state)
     if body.model_id not in state.catalog:
         raise APIError(404, f"model {body.model_id!r} is not in the catalog; see GET /v1/models",
                        param="model_id", code="model_not_found")
+    if state.catalog.get(body.model_id).kind != "asr":
+        raise APIError(400, f"{body.model_id} is a speaker diarization model, not a transcription model: it is "
+                       "used with model=gpt-4o-transcribe-diarize, never loaded by a switch", param="model_id",
+                       code="invalid_value")
     try:
         result = await state.engines.switch(body.model_id)
     except ModelNotDownloaded as exc:

@@ -4,15 +4,18 @@ format -> respond."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import functools
 import json
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
+import numpy as np
 from fastapi import APIRouter, Depends
 from starlette.background import BackgroundTask
 from starlette.datastructures import UploadFile
@@ -20,9 +23,10 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bridge.api_types import parse_transcription_form, parse_translation_form
+from bridge.api_types import TranscriptionParams, parse_transcription_form, parse_translation_form
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
-from bridge.formats import render, usage
+from bridge.diarization import MAX_KNOWN_SPEAKERS, REFERENCE_SECONDS, Diarizer, Turn, split_by_speaker, turn_pieces
+from bridge.formats import diarized_segment, render, segment_id, usage
 from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
 from bridge.tokens import logprob_entries, token_ids
@@ -37,7 +41,8 @@ router = APIRouter()
 def check_model(requested: str, loaded: EngineModel, state: BridgeState) -> None:
     """The model a client names must be the loaded one (or an alias of it): never a silent answer
     from another model."""
-    if not requested or requested == loaded.id or requested in state.settings.model_aliases:
+    settings = state.settings
+    if not requested or requested == loaded.id or requested in (*settings.model_aliases, *settings.diarize_aliases):
         return
     switch_hint = f"load it first with POST /v1/models/switch {{\"model_id\": \"{requested}\"}}"
     if requested in state.catalog and not state.store.is_ready(state.catalog.get(requested)):
@@ -58,7 +63,7 @@ def check_translates(requested: str, loaded: EngineModel, state: BridgeState) ->
     model_id = requested if requested in state.catalog else loaded.id
     if model_id in state.catalog and state.catalog.get(model_id).translates:
         return
-    able = [m.id for m in state.catalog.all() if m.translates]
+    able = [m.id for m in state.catalog.transcription_models() if m.translates]
     raise APIError(400, f"model {model_id} cannot translate speech into English; "
                    + (f"models that can: {', '.join(able)}" if able else
                       "no model in this server's catalog translates. Transcribe in the spoken language "
@@ -69,7 +74,7 @@ def check_translates(requested: str, loaded: EngineModel, state: BridgeState) ->
 def check_logprobs(wanted: bool, spec: EngineModel, state: BridgeState) -> None:
     """``include[]=logprobs`` needs a model whose engine scores its tokens: never an empty list."""
     if wanted and not spec.token_logprobs:
-        able = [m.id for m in state.catalog.all() if m.token_logprobs]
+        able = [m.id for m in state.catalog.transcription_models() if m.token_logprobs]
         raise APIError(400, f"model {spec.id} gives no token log-probabilities, so include[]=logprobs cannot be "
                        f"answered; models that give them: {', '.join(able) or 'none in this catalog'}",
                        param="include[]", code="unsupported_include")
@@ -104,6 +109,106 @@ async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> 
 
 
 TIMED_FORMATS = ("srt", "vtt", "verbose_json")
+
+
+def check_diarize(params: TranscriptionParams, state: BridgeState) -> Diarizer | None:
+    """The diarizer when the request asks for speakers (``model`` a diarize alias), after
+    refusing what OpenAI refuses with that model; None otherwise."""
+    diarize = params.model in state.settings.diarize_aliases
+    if not diarize:
+        if params.response_format == "diarized_json" or params.known_speaker_names or params.known_speaker_references:
+            param = "response_format" if params.response_format == "diarized_json" else "known_speaker_names[]"
+            raise APIError(400, f"speakers need model={state.settings.diarize_aliases[0]}", param=param,
+                           code="invalid_value")
+        return None
+    for wrong, param in ((bool(params.prompt), "prompt"), (params.logprobs, "include[]"),
+                         (bool(params.timestamp_granularities), "timestamp_granularities[]")):
+        if wrong:
+            raise APIError(400, f"{param} is not supported with {params.model}", param=param, code="invalid_value")
+    names, refs = params.known_speaker_names, params.known_speaker_references
+    if len(names) != len(refs):
+        raise APIError(400, f"known_speaker_names[] ({len(names)}) and known_speaker_references[] ({len(refs)}) "
+                       "must have as many entries", param="known_speaker_references[]", code="invalid_value")
+    if len(names) > MAX_KNOWN_SPEAKERS or len(set(names)) != len(names) or any(not n.strip() for n in names):
+        raise APIError(400, f"known_speaker_names[]: up to {MAX_KNOWN_SPEAKERS} different, non-empty names",
+                       param="known_speaker_names[]", code="invalid_value")
+    return diarizer_for(state)
+
+
+def diarizer_for(state: BridgeState) -> Diarizer:
+    """The bridge's diarizer, once its two models are in the store."""
+    if state.diarizer is not None:
+        return state.diarizer
+    settings = state.settings
+    ids = (settings.diarization_segmentation_model, settings.diarization_embedding_model)
+    missing = [i for i in ids if i not in state.catalog or not state.store.is_ready(state.catalog.get(i))]
+    if missing:
+        commands = "; ".join(f"python -m bridge models download {i}" for i in missing)
+        raise APIError(409, f"speaker diarization needs its models, which are not downloaded: {', '.join(missing)}. "
+                       f"Download them ({commands}; in Docker: docker compose exec mvp-bridge ...)",
+                       param="model", code="diarization_not_available", should_retry=False)
+    segmentation, embedding = (state.catalog.get(i) for i in ids)
+    state.diarizer = Diarizer(state.store.path_for(segmentation.id) / segmentation.files[0].name,
+                              state.store.path_for(embedding.id) / embedding.files[0].name,
+                              threshold=settings.diarization_threshold, num_threads=settings.sherpa_num_threads,
+                              min_similarity=settings.known_speaker_min_similarity)
+    return state.diarizer
+
+
+async def decode_references(params: TranscriptionParams, state: BridgeState, folder: Path) -> dict[str, np.ndarray]:
+    """Each known speaker's reference audio (a data URL) decoded to 16 kHz, 2 to 10 s long."""
+    out: dict[str, np.ndarray] = {}
+    for i, (name, url) in enumerate(zip(params.known_speaker_names, params.known_speaker_references, strict=True)):
+        param = f"known_speaker_references[{i}]"
+        header, comma, data = url.partition(",")
+        if not (url.startswith("data:") and comma and header.endswith(";base64")):
+            raise APIError(400, f"{param} must be a data URL (data:audio/wav;base64,...)", param=param,
+                           code="invalid_value")
+        try:
+            raw = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise APIError(400, f"{param} is not valid base64", param=param, code="invalid_value") from None
+        path = folder / f"reference-{i}"
+        path.write_bytes(raw)
+        stream = AudioStream(REFERENCE_SECONDS[1] + 5)
+        try:
+            if state.decoders is not None:
+                await state.decoders.decode(path, stream, timeout=state.settings.decode_timeout)
+            else:
+                await ffmpeg_decode(path, stream, timeout=state.settings.decode_timeout,
+                                    binary=state.settings.ffmpeg_binary)
+            await stream.wait_done()
+        except (AudioDecodeError, AudioTimeout, AudioTooLong) as exc:
+            raise APIError(400, f"{param} cannot be decoded as audio: {exc}", param=param,
+                           code="invalid_value") from None
+        low, high = REFERENCE_SECONDS
+        if not low <= stream.seconds <= high:
+            raise APIError(400, f"{param} is {stream.seconds:.1f} s long; a reference must be {low:g} to {high:g} s "
+                           "of the speaker", param=param, code="invalid_value")
+        out[name] = stream.samples.copy()
+    return out
+
+
+async def find_speakers(state: BridgeState, diarizer: Diarizer, audio: AudioStream,
+                        references: dict[str, np.ndarray]) -> list[Turn]:
+    """Who spoke when, once the audio is decoded: one job in the fair scheduler, run in a thread."""
+    await audio.wait_done()
+    samples = audio.samples
+
+    def run() -> list[Turn]:
+        turns = diarizer.turns(samples)
+        named = {name: diarizer.embed(ref) for name, ref in references.items()}
+        return diarizer.name_speakers(samples, turns, named)
+
+    return await state.scheduler.submit_call(state.scheduler.new_request(), lambda: asyncio.to_thread(run))
+
+
+async def speaker_plan(turns: asyncio.Task[list[Turn]], audio: AudioStream,
+                       max_piece_seconds: float) -> AsyncGenerator[tuple[int, int], None]:
+    """The pieces of a model without token times: cut at the speaker changes."""
+    found = await turns
+    for a, b, _speaker in turn_pieces(found, audio.available, max_piece_seconds, audio.samples):
+        yield a, b
 
 
 def _cancel(task: asyncio.Task[None]) -> None:
@@ -167,8 +272,10 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
             check_model(params.model, engine.spec, state)
             language = check_language(params.language, engine.spec)
             check_logprobs(params.logprobs, engine.spec, state)
+            diarizer = check_diarize(params, state)
             folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
             try:
+                references = await decode_references(params, state, folder) if diarizer is not None else {}
                 decode_started = time.monotonic()
                 audio, decoding = await start_decode(upload, state, folder)
                 # Decoding, cutting and the engine overlap: the first pieces are transcribed while the
@@ -180,6 +287,15 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
                 plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
                                   state.settings.piece_target_seconds, first or None,
                                   vad_threads=state.settings.vad_threads, chunking=params.chunking, speech=speech)
+                turns = None
+                if diarizer is not None:
+                    # Speakers are found once the whole file is decoded, beside the engine; a model
+                    # without token times waits for them: its pieces are cut at speaker changes.
+                    turns = asyncio.create_task(find_speakers(state, diarizer, audio, references))
+                    stack.callback(turns.cancel)
+                    if not engine.spec.token_timestamps:
+                        await plan.aclose()
+                        plan = speaker_plan(turns, audio, engine.spec.max_piece_seconds)
                 pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
                 try:
                     await audio.wait_done()
@@ -203,7 +319,7 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
             await form.close()
         if params.stream:
             return StreamingResponse(
-                stream_events(state, engine, audio, pieces, stack, record, started, params.logprobs),
+                stream_events(state, engine, audio, pieces, stack, record, started, params.logprobs, turns),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
                 background=BackgroundTask(stack.aclose),
@@ -221,6 +337,8 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
             transcript = await asyncio.to_thread(build_transcript, results, audio.seconds,
                                                  engine.spec.token_timestamps,
                                                  speech.spans if timed and speech is not None else None)
+            if turns is not None:
+                transcript.segments = split_by_speaker(transcript.segments, await turns)
         model_id = engine.spec.id
         elapsed = time.monotonic() - started
         record.audio_seconds = audio.seconds
@@ -247,9 +365,12 @@ def _sse(event: dict[str, object]) -> bytes:
 
 async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream, pieces: Prefetch,
                         lease: contextlib.AsyncExitStack, record: AccessRecord,
-                        started: float, logprobs: bool = False) -> AsyncIterator[bytes]:
+                        started: float, logprobs: bool = False,
+                        turns: asyncio.Task[list[Turn]] | None = None) -> AsyncIterator[bytes]:
     """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``; with
-    ``logprobs`` each carries its tokens' log-probabilities (the done event all of them).
+    ``logprobs`` each carries its tokens' log-probabilities (the done event all of them). With
+    ``turns`` (speakers), each segment of a piece comes as a ``transcript.text.segment`` event and
+    a ``delta`` that names it (``segment_id``).
 
     When the client goes away Starlette cancels this generator; leaving it cancels the pieces
     that have not run (``Prefetch.aclose``)."""
@@ -257,8 +378,19 @@ async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStr
     scored: list[tuple[str, float]] = []
     async with lease:
         try:
-            async for _start, _end, result in pieces:
+            async for start, end, result in pieces:
                 if result is None or not result.text:
+                    continue
+                if turns is not None:
+                    piece = build_transcript([(start, end, result)], audio.seconds, engine.spec.token_timestamps)
+                    for seg in split_by_speaker(piece.segments, await turns):
+                        if not seg.text:
+                            continue
+                        index = len(texts)
+                        yield _sse(diarized_segment(index, seg))
+                        yield _sse({"type": "transcript.text.delta", "delta": seg.text if not texts else " " + seg.text,
+                                    "segment_id": segment_id(index)})
+                        texts.append(seg.text)
                     continue
                 delta = result.text if not texts else " " + result.text
                 texts.append(result.text)

@@ -1,0 +1,231 @@
+"""Who spoke when: sherpa-onnx's own offline speaker diarization, run by the bridge.
+
+A request for ``gpt-4o-transcribe-diarize`` (``DIARIZE_ALIASES``) is transcribed by the loaded model
+as usual, and its decoded audio is also given to ``sherpa_onnx.OfflineSpeakerDiarization``:
+pyannote segmentation 3.0 finds speaker turns in 10 s windows, a speaker-embedding model
+(CAM++ in production) describes each, and the turns are clustered into speakers (cosine
+distance ``DIARIZATION_THRESHOLD``; the number of speakers is not given). Speakers are named ``A``,
+``B``, ... in order of first appearance, or by the names of known speakers (below).
+
+Text is given to speakers by time:
+
+- a model with token times (parakeet): each word goes to the speaker whose turn covers most of it,
+  and segments are cut where the speaker changes (``split_by_speaker``);
+- a model without them (Moonshine): the audio is cut at the speaker changes before it is
+  transcribed (``turn_pieces``), so each piece has one speaker.
+
+Known speakers: each reference (2-10 s of one person) and each speaker found get an embedding
+from the same model; the pairs closest in cosine similarity are matched one to one, down to
+``KNOWN_SPEAKER_MIN_SIMILARITY``; speakers left over keep their letters.
+
+The diarization of a request is one job in the fair scheduler (``bridge.scheduler``), in a thread;
+one runs at a time per bridge. The Python package's ONNX runtime is the CPU one: on a GPU host
+diarization runs on the CPU beside the engine. Limits: overlapping speech goes to one of the
+speakers; speakers who say less than about a second may be merged into another.
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bridge.cutting import PAD, plan_pieces
+from bridge.ports import SAMPLE_RATE
+from bridge.transcript import Segment, Word
+
+log = logging.getLogger("bridge.diarization")
+
+MIN_TURN_SECONDS = 0.3  # shorter speech is not a turn (sherpa-onnx's min_duration_on)
+MIN_PAUSE_SECONDS = 0.5  # shorter pauses inside one speaker's speech are bridged (min_duration_off)
+SPEAKER_SAMPLE_SECONDS = 30.0  # speech of a speaker used for their embedding (known speakers)
+REFERENCE_SECONDS = (2.0, 10.0)  # OpenAI's bounds for a known speaker's reference
+MAX_KNOWN_SPEAKERS = 4
+
+
+@dataclass
+class Turn:
+    start: float  # seconds
+    end: float
+    speaker: str
+
+
+def letters(n: int) -> str:
+    """0 -> A, 25 -> Z, 26 -> AA, ..."""
+    name = ""
+    n += 1
+    while n:
+        n, rest = divmod(n - 1, 26)
+        name = string.ascii_uppercase[rest] + name
+    return name
+
+
+class Diarizer:
+    """The two models, loaded at the first request that needs them."""
+
+    def __init__(self, segmentation: Path, embedding: Path, *, threshold: float, num_threads: int,
+                 min_similarity: float) -> None:
+        self.segmentation = segmentation
+        self.embedding = embedding
+        self.threshold = threshold
+        self.num_threads = num_threads
+        self.min_similarity = min_similarity
+        self._diarization: Any = None
+        self._extractor: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> None:
+        if self._diarization is not None:
+            return
+        import sherpa_onnx
+
+        embedding = sherpa_onnx.SpeakerEmbeddingExtractorConfig(model=str(self.embedding),
+                                                                num_threads=self.num_threads, provider="cpu")
+        config = sherpa_onnx.OfflineSpeakerDiarizationConfig(
+            segmentation=sherpa_onnx.OfflineSpeakerSegmentationModelConfig(
+                pyannote=sherpa_onnx.OfflineSpeakerSegmentationPyannoteModelConfig(model=str(self.segmentation)),
+                num_threads=self.num_threads, provider="cpu"),
+            embedding=embedding,
+            clustering=sherpa_onnx.FastClusteringConfig(num_clusters=-1, threshold=self.threshold),
+            min_duration_on=MIN_TURN_SECONDS, min_duration_off=MIN_PAUSE_SECONDS)
+        if not config.validate():
+            raise RuntimeError(f"speaker diarization models cannot be loaded from {self.segmentation} and "
+                               f"{self.embedding}")
+        self._diarization = sherpa_onnx.OfflineSpeakerDiarization(config)
+        self._extractor = sherpa_onnx.SpeakerEmbeddingExtractor(embedding)
+        log.info("speaker diarization loaded: %s, %s (threshold %.2f)", self.segmentation.parent.name,
+                 self.embedding.parent.name, self.threshold)
+
+    def turns(self, samples: np.ndarray) -> list[Turn]:
+        """The speaker turns of 16 kHz mono audio, in time order, speakers lettered by first
+        appearance (blocking: call it in a thread)."""
+        with self._lock:
+            self._load()
+            found = self._diarization.process(np.ascontiguousarray(samples, dtype=np.float32)).sort_by_start_time()
+        names: dict[int, str] = {}
+        turns = []
+        for seg in found:
+            if seg.speaker not in names:
+                names[seg.speaker] = letters(len(names))
+            turns.append(Turn(round(float(seg.start), 3), round(float(seg.end), 3), names[seg.speaker]))
+        return turns
+
+    def embed(self, samples: np.ndarray) -> np.ndarray:
+        """A unit-length speaker embedding of some audio (blocking)."""
+        with self._lock:
+            self._load()
+            stream = self._extractor.create_stream()
+            stream.accept_waveform(SAMPLE_RATE, np.ascontiguousarray(samples, dtype=np.float32))
+            stream.input_finished()
+            vector = np.asarray(self._extractor.compute(stream), dtype=np.float64)
+        return vector / max(float(np.linalg.norm(vector)), 1e-12)
+
+    def name_speakers(self, samples: np.ndarray, turns: list[Turn], references: dict[str, np.ndarray]) -> list[Turn]:
+        """Give speakers the names of the known speakers they match (blocking)."""
+        if not references or not turns:
+            return turns
+        found: dict[str, np.ndarray] = {}
+        for speaker in dict.fromkeys(t.speaker for t in turns):
+            mine = sorted((t for t in turns if t.speaker == speaker), key=lambda t: t.start - t.end)  # longest first
+            parts, seconds = [], 0.0
+            for t in mine:
+                if seconds >= SPEAKER_SAMPLE_SECONDS:
+                    break
+                parts.append(samples[int(t.start * SAMPLE_RATE):int(t.end * SAMPLE_RATE)])
+                seconds += t.end - t.start
+            found[speaker] = self.embed(np.concatenate(parts))
+        pairs = sorted(((float(found[s] @ ref), s, name) for s in found for name, ref in references.items()),
+                       reverse=True)
+        renamed: dict[str, str] = {}
+        for similarity, speaker, name in pairs:
+            if similarity < self.min_similarity:
+                break
+            if speaker not in renamed and name not in renamed.values():
+                renamed[speaker] = name
+        log.info("known speakers matched: %s", ", ".join(f"{s}={n}" for s, n in renamed.items()) or "none")
+        return [Turn(t.start, t.end, renamed.get(t.speaker, t.speaker)) for t in turns]
+
+
+def speaker_at(turns: list[Turn], start: float, end: float) -> str:
+    """The speaker whose turns cover most of [start, end]; the nearest turn's when none does."""
+    if not turns:
+        return ""
+    cover: dict[str, float] = {}
+    for t in turns:
+        overlap = min(end, t.end) - max(start, t.start)
+        if overlap > 0:
+            cover[t.speaker] = cover.get(t.speaker, 0.0) + overlap
+    if cover:
+        return max(cover, key=lambda s: cover[s])
+    middle = (start + end) / 2
+    return min(turns, key=lambda t: min(abs(t.start - middle), abs(t.end - middle))).speaker
+
+
+def turn_pieces(turns: list[Turn], total: int, max_piece_seconds: float, samples: np.ndarray
+                ) -> list[tuple[int, int, str]]:
+    """Pieces (start, end sample, speaker) for a model without token times: one speaker's run of
+    turns each, padded into the pauses around it (never into the next speaker's), split where a
+    run is longer than the model takes. Overlapping turns are cut in the middle of the overlap."""
+    runs: list[Turn] = []
+    for t in turns:
+        if runs and runs[-1].speaker == t.speaker:
+            runs[-1] = Turn(runs[-1].start, max(runs[-1].end, t.end), t.speaker)
+        else:
+            runs.append(Turn(t.start, t.end, t.speaker))
+    pad = PAD / SAMPLE_RATE
+    bounds: list[tuple[float, float]] = []
+    for i, run in enumerate(runs):
+        start = run.start - pad if i == 0 else None
+        end = run.end + pad if i == len(runs) - 1 else None
+        if i > 0:
+            prev = runs[i - 1]
+            start = (prev.end + run.start) / 2 if run.start <= prev.end else max(run.start - pad,
+                                                                                (prev.end + run.start) / 2)
+        if i + 1 < len(runs):
+            nxt = runs[i + 1]
+            end = (run.end + nxt.start) / 2 if nxt.start <= run.end else min(run.end + pad, (run.end + nxt.start) / 2)
+        assert start is not None and end is not None
+        bounds.append((start, end))
+    pieces: list[tuple[int, int, str]] = []
+    for run, (start, end) in zip(runs, bounds, strict=True):
+        a = max(0, int(start * SAMPLE_RATE))
+        b = min(total, int(end * SAMPLE_RATE))
+        if pieces:
+            a = max(a, pieces[-1][1])
+        if b <= a:
+            continue
+        for x, y in plan_pieces(samples[a:b], max_piece_seconds):
+            pieces.append((a + x, a + y, run.speaker))
+    return pieces
+
+
+def split_by_speaker(segments: list[Segment], turns: list[Turn]) -> list[Segment]:
+    """Segments with words (token times) cut where the speaker changes, each with its speaker;
+    segments without words get the speaker of most of their time."""
+    out: list[Segment] = []
+    for seg in segments:
+        if not seg.words:
+            out.append(Segment(seg.start, seg.end, seg.text, flags=seg.flags, speaker=speaker_at(turns, seg.start,
+                                                                                                 seg.end)))
+            continue
+        run: list[Word] = []
+        speaker = ""
+        for word in seg.words:
+            who = speaker_at(turns, word.start, word.end)
+            if run and who != speaker:
+                out.append(_segment(run, speaker, seg.flags))
+                run = []
+            run.append(word)
+            speaker = who
+        out.append(_segment(run, speaker, seg.flags))
+    return out
+
+
+def _segment(words: list[Word], speaker: str, flags: list[str]) -> Segment:
+    return Segment(words[0].start, words[-1].end, " ".join(w.word for w in words), list(words), list(flags),
+                   speaker=speaker)
