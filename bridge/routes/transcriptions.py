@@ -256,7 +256,9 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
     record = access_record(request)
     try:
         try:
-            form = await request.form(max_files=1, max_fields=32, max_part_size=64 * 1024)
+            # Fields are small, except known speakers' references: data URLs of up to 10 s of audio each. The
+            # body as a whole stays under MAX_UPLOAD_BYTES.
+            form = await request.form(max_files=1, max_fields=32, max_part_size=4 * 1024 * 1024)
         except MultiPartException as exc:
             raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
         stack = contextlib.AsyncExitStack()
