@@ -36,6 +36,23 @@ MSG
     fi
 done
 
+# Speaker diarization's two models (model=gpt-4o-transcribe-diarize) are small (35 MB) and optional:
+# fetched now when the network allows; without them the bridge still serves, and a request for
+# speakers gets a 409 that names the command to run.
+if [ "${DIARIZATION_MODELS:-download}" = "download" ]; then
+    for id in "${DIARIZATION_SEGMENTATION_MODEL:-pyannote-segmentation-3.0}" \
+              "${DIARIZATION_EMBEDDING_MODEL:-3dspeaker-campplus-en-voxceleb}"; do
+        if "$PYTHON" -m bridge models check "$id" > /dev/null; then
+            echo "entrypoint: diarization model $id is present in $MODELS_DIR"
+        elif "$PYTHON" -m bridge models download "$id"; then
+            echo "entrypoint: diarization model $id downloaded"
+        else
+            echo "entrypoint: WARNING: diarization model $id could not be fetched; speaker diarization stays off" \
+                 "until it is (python -m bridge models download $id, or docker compose cp as above)" >&2
+        fi
+    done
+fi
+
 if [ "$#" -gt 0 ]; then
     exec "$@"
 fi

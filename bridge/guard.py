@@ -31,6 +31,8 @@ from bridge.ports import SAMPLE_RATE, EngineResult
 from bridge.vad import SpeechDetector
 
 Submit = Callable[[np.ndarray], Awaitable[EngineResult]]
+# Seconds of speech in [start, end) samples of the piece, as the cut's VAD found it; None: not known.
+SpeechAt = Callable[[int, int], "float | None"]
 
 
 @dataclass
@@ -64,7 +66,8 @@ class PieceGuard:
     improved: int = 0  # ... where the halves were kept
     unreliable: int = 0  # pieces that still fail, kept with their flags
 
-    async def judge(self, result: EngineResult, samples: np.ndarray) -> Verdict:
+    async def judge(self, result: EngineResult, samples: np.ndarray, speech_at: SpeechAt | None = None,
+                    offset: int = 0) -> Verdict:
         limits = self.limits
         seconds = len(samples) / SAMPLE_RATE
         words = len(result.text.split())
@@ -78,7 +81,8 @@ class PieceGuard:
             reasons.append("repetitive")
             severity += ratio - limits.max_compression_ratio
         if seconds >= 2 and words < limits.min_words_per_speech_second * seconds:
-            speech = await asyncio.to_thread(self.speech_seconds, samples)
+            known = speech_at(offset, offset + len(samples)) if speech_at is not None else None
+            speech = known if known is not None else await asyncio.to_thread(self.speech_seconds, samples)
             if speech >= seconds / 2 and words < limits.min_words_per_speech_second * speech:
                 reasons.append("empty")
                 severity += limits.min_words_per_speech_second - words / speech
@@ -91,16 +95,18 @@ class PieceGuard:
             return float(np.sum(rms > 0.01)) * FRAME / SAMPLE_RATE
         return sum(b - a for a, b in self.detector.speech_segments(samples)) / SAMPLE_RATE
 
-    async def run(self, submit: Submit, samples: np.ndarray) -> EngineResult:
-        """``submit(samples)`` the piece, then check it and retry it in halves where it fails."""
-        result, _ = await self._guarded(submit, samples)
+    async def run(self, submit: Submit, samples: np.ndarray, speech_at: SpeechAt | None = None) -> EngineResult:
+        """``submit(samples)`` the piece, then check it and retry it in halves where it fails.
+        ``speech_at`` reuses the speech the cut found (no second scan of the audio)."""
+        result, _ = await self._guarded(submit, samples, speech_at, 0)
         if result.flags:
             self.unreliable += 1
         return result
 
-    async def _guarded(self, submit: Submit, samples: np.ndarray) -> tuple[EngineResult, Verdict]:
+    async def _guarded(self, submit: Submit, samples: np.ndarray, speech_at: SpeechAt | None,
+                       offset: int) -> tuple[EngineResult, Verdict]:
         result = await submit(samples)
-        verdict = await self.judge(result, samples)
+        verdict = await self.judge(result, samples, speech_at, offset)
         if not verdict.reasons:
             return result, verdict
         self.failed.update(verdict.reasons)
@@ -110,10 +116,10 @@ class PieceGuard:
             return result, verdict
         self.retried += 1
         cut = quietest_point(samples, floor)
-        (left, _), (right, _) = await asyncio.gather(self._guarded(submit, samples[:cut]),
-                                                     self._guarded(submit, samples[cut:]))
+        (left, _), (right, _) = await asyncio.gather(self._guarded(submit, samples[:cut], speech_at, offset),
+                                                     self._guarded(submit, samples[cut:], speech_at, offset + cut))
         joined = join_results(left, right, cut / SAMPLE_RATE)  # flags: the halves' that still fail
-        joined_verdict = await self.judge(joined, samples)
+        joined_verdict = await self.judge(joined, samples, speech_at, offset)
         if joined_verdict < verdict:
             self.improved += 1
             return replace(joined, flags=sorted(set(joined.flags) | set(joined_verdict.reasons))), joined_verdict

@@ -41,6 +41,7 @@ class SpeechMap:
         self.audio = audio
         self.chunking = chunking or Chunking()
         self.found: list[tuple[int, int]] = []  # sample ranges, filled by the cut's scan thread
+        self.scanning = False  # the cut runs the VAD (the audio did not go whole)
         self.complete = False  # the cut scanned the whole file
         self.rescans = 0  # scans made after the cut (none when the cut scanned)
 
@@ -57,6 +58,20 @@ class SpeechMap:
                 merged.append((a, b))
         self.found = merged
         self.complete = True
+
+    def speech_seconds(self, start: int, end: int) -> float | None:
+        """Seconds of speech in [start, end) samples as the cut found it (the piece guard's check);
+        None where the cut did not scan. A piece is handed over only once the scan has passed its
+        end, so what it found there is all there is."""
+        if not (self.scanning or self.complete):
+            return None
+        covered, reach = 0, start
+        for a, b in sorted(self.found):
+            a, b = max(a, reach), min(b, end)
+            if b > a:
+                covered += b - a
+                reach = b
+        return covered / SAMPLE_RATE
 
     def spans(self, start: float, end: float) -> Spans:
         """Speech within [start, end] s, as (start, end) seconds on the file's time line."""
@@ -140,6 +155,8 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
         lower_thread_priority()
         scan()
 
+    if speech is not None:
+        speech.scanning = True
     # A thread of its own (not the shared pool), since its priority is lowered for good.
     scanner = threading.Thread(target=scan_at_low_priority, name="vad-scan", daemon=True)
     scanner.start()
@@ -164,11 +181,12 @@ Plan = list[tuple[int, int]] | AsyncGenerator[tuple[int, int], None]
 
 
 async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
-                      plan: Plan | None = None, guard: PieceGuard | None = None) -> AsyncIterator[PieceResult]:
+                      plan: Plan | None = None, guard: PieceGuard | None = None,
+                      speech: SpeechMap | None = None) -> AsyncIterator[PieceResult]:
     """Each piece's result in time order. Pieces go to the scheduler as soon as the plan yields
     them, so the engine works on the first ones while later ones are still being found. With a
     ``guard`` each result is checked, and a failed piece is transcribed again in halves through
-    the same request's queue (``bridge.guard``)."""
+    the same request's queue (``bridge.guard``), its "mostly speech" check read from ``speech``."""
     stream = as_stream(audio)
     if plan is None:
         plan = cut_pieces(stream, engine.spec.max_piece_seconds, None)
@@ -183,7 +201,8 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
         piece = stream.view(a, b)
         future: asyncio.Future[EngineResult] | None = None
         if not is_silent(piece):
-            future = run(piece) if guard is None else asyncio.ensure_future(guard.run(run, piece))
+            speech_at = None if speech is None else (lambda x, y: speech.speech_seconds(a + x, a + y))
+            future = run(piece) if guard is None else asyncio.ensure_future(guard.run(run, piece, speech_at))
         if future is not None:
             futures.append(future)
         queued.put_nowait((a, b, future))

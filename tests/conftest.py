@@ -3,6 +3,7 @@ per test session, reached over loopback HTTP."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bridge.catalog import BUILTIN_MODELS
+from bridge.catalog import BUILTIN_MODELS, ModelFile, ModelSpec
 from bridge.model_store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -221,3 +222,57 @@ def five_minutes_answer(bridge: BridgeProcess, five_minutes) -> dict:
                    data={"response_format": "verbose_json"}, timeout=600)
     assert r.status_code == 200, r.text
     return {"body": r.json(), "guard_before": guard_before, "guard_after": bridge.health()["guard"]}
+
+
+# --- speaker diarization with the test stand-ins of its models ---------------------------------
+
+STANDINS = ROOT.parent / "shared" / "models" / "diarization"
+
+
+def standin_spec(model_id: str, kind: str, name: str) -> ModelSpec:
+    data = (STANDINS / name).read_bytes()
+    return ModelSpec(id=model_id, kind=kind, description=f"test stand-in: {name}", languages=[],
+                     source="huggingface", repo_id=f"test/{model_id}", revision="main",
+                     files=[ModelFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())])
+
+
+@pytest.fixture(scope="session")
+def diarizing(tmp_path_factory):
+    """A bridge (Moonshine) whose diarization models were downloaded from a Hugging Face stand-in
+    with ``python -m bridge models download``, and the proxy in front of it (tests/test_diarization.py,
+    tests/test_toolbar.py)."""
+    from tests.hf_mirror import MirrorServer
+    from tests.test_proxy import ProxyProcess, add_key
+
+    work = tmp_path_factory.mktemp("diarization")
+    specs = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
+             standin_spec("test-embedding", "embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx")]
+    for spec in specs:
+        repo = work / "mirror" / "test" / spec.id
+        repo.mkdir(parents=True)
+        (repo / spec.files[0].name).write_bytes((STANDINS / spec.files[0].name).read_bytes())
+    catalog = work / "catalog.json"
+    catalog.write_text(json.dumps([s.model_dump() for s in specs]))
+    models = work / "models"
+    ModelStore(models).prepare(MOONSHINE)
+    mirror = MirrorServer(work / "mirror").start()
+    env = bridge_env(models, catalog, DIARIZATION_SEGMENTATION_MODEL=specs[0].id,
+                     DIARIZATION_EMBEDDING_MODEL=specs[1].id, DIARIZATION_THRESHOLD="0.45", SPEED_CHECK="false")
+    try:
+        for spec in specs:
+            subprocess.run([sys.executable, "-m", "bridge", "models", "download", spec.id], cwd=ROOT, check=True,
+                           env={**os.environ, **env, "HF_ENDPOINT": mirror.url}, capture_output=True)
+    finally:
+        mirror.shutdown()
+    bridge = BridgeProcess(env, work / "bridge.log")
+    proxy = None
+    try:
+        bridge.wait_ready()
+        proxy = ProxyProcess(bridge.url, work / "proxy")
+        proxy.key = add_key(proxy.keys_file, "meetings")
+        proxy.bridge = bridge
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        bridge.stop()

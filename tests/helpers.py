@@ -6,6 +6,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import jiwer
@@ -136,9 +137,9 @@ def live_turns(url: str, key: str, pcm: bytes, *, commit_at_end: bool = False, f
     completed: list[str] = []
     audio_format, chunk = LIVE_FORMATS[fmt]
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        conn.session.update(session={"type": "transcription", "audio": {"input": {
-            "format": audio_format,
-            "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}})
+        session: Any = {"type": "transcription", "audio": {"input": {
+            "format": audio_format, "turn_detection": {"type": "server_vad", "silence_duration_ms": 500}}}}
+        conn.session.update(session=session)
 
         def send() -> None:
             for i in range(0, len(pcm), chunk):

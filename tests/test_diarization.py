@@ -9,12 +9,7 @@ the real download code from a local Hugging Face stand-in, as the production mod
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
-import json
-import os
-import subprocess
-import sys
 import wave
 
 import httpx
@@ -24,64 +19,14 @@ import pytest
 from pyannote.core import Annotation, Segment, Timeline
 from pyannote.metrics.diarization import DiarizationErrorRate
 
-from bridge.catalog import ModelFile, ModelSpec
 from bridge.diarization import Turn, split_by_speaker, turn_pieces
-from bridge.model_store import ModelStore
 from bridge.transcript import Segment as TextSegment
 from bridge.transcript import Word
-from tests.conftest import MOONSHINE, ROOT, BridgeProcess, bridge_env
 from tests.helpers import assert_openai_error, wer
-from tests.hf_mirror import MirrorServer
 from tests.speech import LIBRISPEECH, conversation, librispeech_samples, librispeech_text, speech_span
-from tests.test_proxy import ProxyProcess, add_key
+from tests.test_proxy import ProxyProcess
 
-STANDINS = LIBRISPEECH.parent.parent / "models" / "diarization"
 DIARIZE = "gpt-4o-transcribe-diarize"
-
-
-def standin_spec(model_id: str, kind: str, name: str) -> ModelSpec:
-    data = (STANDINS / name).read_bytes()
-    return ModelSpec(id=model_id, kind=kind, description=f"test stand-in: {name}", languages=[],
-                     source="huggingface", repo_id=f"test/{model_id}", revision="main",
-                     files=[ModelFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())])
-
-
-@pytest.fixture(scope="module")
-def diarizing(tmp_path_factory):
-    """A bridge (Moonshine) whose diarization models were downloaded from a Hugging Face stand-in
-    with ``python -m bridge models download``, and the proxy in front of it."""
-    work = tmp_path_factory.mktemp("diarization")
-    specs = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
-             standin_spec("test-embedding", "embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx")]
-    for spec in specs:
-        repo = work / "mirror" / "test" / spec.id
-        repo.mkdir(parents=True)
-        (repo / spec.files[0].name).write_bytes((STANDINS / spec.files[0].name).read_bytes())
-    catalog = work / "catalog.json"
-    catalog.write_text(json.dumps([s.model_dump() for s in specs]))
-    models = work / "models"
-    ModelStore(models).prepare(MOONSHINE)
-    mirror = MirrorServer(work / "mirror").start()
-    env = bridge_env(models, catalog, DIARIZATION_SEGMENTATION_MODEL=specs[0].id,
-                     DIARIZATION_EMBEDDING_MODEL=specs[1].id, DIARIZATION_THRESHOLD="0.45", SPEED_CHECK="false")
-    try:
-        for spec in specs:
-            subprocess.run([sys.executable, "-m", "bridge", "models", "download", spec.id], cwd=ROOT, check=True,
-                           env={**os.environ, **env, "HF_ENDPOINT": mirror.url}, capture_output=True)
-    finally:
-        mirror.shutdown()
-    bridge = BridgeProcess(env, work / "bridge.log")
-    proxy = None
-    try:
-        bridge.wait_ready()
-        proxy = ProxyProcess(bridge.url, work / "proxy")
-        proxy.key = add_key(proxy.keys_file, "meetings")
-        proxy.bridge = bridge
-        yield proxy
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        bridge.stop()
 
 
 def client_for(proxy: ProxyProcess) -> openai.OpenAI:

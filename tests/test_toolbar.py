@@ -144,3 +144,23 @@ def test_a_wrong_key_shows_the_error_in_words(browser, page_stack, beckett):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "toolbar-wrong-key.png"), full_page=True)
     page.context.close()
+
+
+def test_speakers_are_shown_when_the_diarize_model_is_chosen(browser, diarizing, tmp_path):
+    """A two-voice recording picked as a file, with "who spoke when": each line says who spoke it."""
+    from tests.speech import conversation
+
+    path, _ = conversation(tmp_path / "talk.wav", ["1688", "2609"], turns=4)
+    page, problems = open_page(browser, diarizing)
+    page.fill("#key", diarizing.key)
+    page.dispatch_event("#key", "change")  # the model list loads with the key
+    expect(page.locator("#model option[value='gpt-4o-transcribe-diarize']")).to_have_count(1, timeout=30000)
+    page.select_option("#model", "gpt-4o-transcribe-diarize")
+    page.set_input_files("#file", str(path))
+    expect(page.locator("#status")).to_contain_text("Done", timeout=180000)
+    speakers = [text.split(":")[0] for text in page.locator("#transcript .seg span").all_inner_texts()]
+    assert [s for i, s in enumerate(speakers) if not i or speakers[i - 1] != s] == ["A", "B", "A", "B"], speakers
+    assert page.inner_text("#error") == "" and not problems
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "toolbar-speakers.png"), full_page=True)
+    page.context.close()

@@ -3,6 +3,7 @@
 import { OpenAI } from "./vendor/openai-7.57.0.min.mjs";
 
 const $ = (id) => document.getElementById(id);
+const DIARIZE = "gpt-4o-transcribe-diarize";
 const keyInput = $("key"), modeSelect = $("mode"), modelSelect = $("model"), formatSelect = $("format");
 const recordButton = $("record"), fileInput = $("file"), statusLine = $("status"), errorLine = $("error");
 const transcript = $("transcript");
@@ -52,7 +53,9 @@ function showResult(result) {
     pre.textContent = result;
     transcript.append(pre);
   } else if (result.segments) {
-    for (const seg of result.segments) line(seg.start, seg.end, seg.text.trim());
+    for (const seg of result.segments) {
+      line(seg.start, seg.end, seg.speaker ? `${seg.speaker}: ${seg.text.trim()}` : seg.text.trim());
+    }
   } else {
     transcript.textContent = result.text;
   }
@@ -65,10 +68,11 @@ async function loadModels() {
     const loaded = models.data.find((m) => m.loaded);
     if (loaded) {
       modelSelect.textContent = "";
-      for (const id of [loaded.id, "whisper-1"]) {
+      for (const id of [loaded.id, "whisper-1", DIARIZE]) {
         const option = document.createElement("option");
         option.value = id;
-        option.textContent = id === loaded.id ? `${id} (loaded)` : `${id} (alias)`;
+        option.textContent = id === loaded.id ? `${id} (loaded)` : id === DIARIZE ? "who spoke when (speakers)"
+          : `${id} (alias)`;
         modelSelect.append(option);
       }
     }
@@ -84,9 +88,10 @@ async function upload(file) {
   status(`Transcribing ${file.name} (${Math.round(file.size / 1024)} KiB)…`);
   const started = performance.now();
   try {
-    const result = await client().audio.transcriptions.create({
-      file, model: modelSelect.value, response_format: formatSelect.value,
-    });
+    // Speakers come with diarized_json ("with times", "text only") or as [A] in subtitle cues.
+    const diarize = modelSelect.value === DIARIZE;
+    const format = diarize && formatSelect.value.endsWith("json") ? "diarized_json" : formatSelect.value;
+    const result = await client().audio.transcriptions.create({ file, model: modelSelect.value, response_format: format });
     showResult(result);
     status(`Done in ${((performance.now() - started) / 1000).toFixed(1)} s.`);
   } catch (err) {
@@ -118,6 +123,10 @@ function base64(buffer) {
 }
 
 async function startLive() {
+  if (modelSelect.value === DIARIZE) {
+    showError("Who spoke when works on uploads (record, then upload, or a file), not live.");
+    return;
+  }
   const key = keyInput.value.trim();
   const url = `${location.origin.replace(/^http/, "ws")}/v1/realtime?intent=transcription`;
   const ws = new WebSocket(url, ["realtime", `openai-insecure-api-key.${key}`]);

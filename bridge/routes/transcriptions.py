@@ -298,7 +298,7 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
                     if not engine.spec.token_timestamps:
                         await plan.aclose()
                         plan = speaker_plan(turns, audio, engine.spec.max_piece_seconds)
-                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
+                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard, speech))
                 try:
                     await audio.wait_done()
                     state.metrics.decode_seconds.observe(time.monotonic() - decode_started)
