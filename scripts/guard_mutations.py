@@ -77,6 +77,22 @@ MUTATIONS = [
     Mutation("one engine connection kept for newcomers", "bridge/scheduler.py",
              "self._per_request = max(1, workers - 1)", "self._per_request = max(1, workers)",
              ("tests/test_long_audio.py::test_stream_delivers_early_and_a_disconnect_cancels_the_rest",)),
+    Mutation("one VAD pass: the guard reads the cut's speech", "bridge/guard.py",
+             "speech = known if known is not None else await", "speech = await",
+             ("tests/test_one_vad_pass.py::test_the_guard_reuses_the_cuts_scan",)),
+    Mutation("one VAD pass: cues read the cut's speech", "bridge/transcription.py",
+             "        if not self.complete:\n            self.rescans += 1",
+             "        if True:\n            self.rescans += 1",
+             ("tests/test_one_vad_pass.py::test_cues_and_scores_reuse_the_cuts_scan",)),
+    Mutation("include[]=logprobs refused where the model has none", "bridge/routes/transcriptions.py",
+             "if wanted and not spec.token_logprobs:", "if False:",
+             ("tests/test_openai_fields.py::test_logprobs_are_refused_where_the_model_has_none",)),
+    Mutation("a translation never answered by a model that cannot translate", "bridge/routes/transcriptions.py",
+             "if model_id in state.catalog and state.catalog.get(model_id).translates:", "if True:",
+             ("tests/test_openai_fields.py::test_translations",)),
+    Mutation("known speakers' references 2-10 s", "bridge/routes/transcriptions.py",
+             "if not low <= stream.seconds <= high:", "if False:",
+             ("tests/test_diarization.py::test_bad_diarize_requests_name_their_field",)),
 ]
 
 
