@@ -10,12 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import mimetypes
-import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +20,6 @@ import httpx
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from limits import RateLimitItemPerMinute
 from starlette.background import BackgroundTask
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -31,15 +27,26 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.staticfiles import StaticFiles
 from starlette.websockets import WebSocket
 
+from auth_proxy.auth import authenticate
 from auth_proxy.bridges import Bridge, BridgePool, answer_from_pool
 from auth_proxy.config import ProxySettings
-from auth_proxy.forwarding import SSEUsageScanner, downstream_headers, file_chunks, form_field, upstream_headers
-from auth_proxy.keys import ApiKey, KeyStore
+from auth_proxy.forwarding import (
+    SSEUsageScanner,
+    downstream_headers,
+    file_chunks,
+    form_field,
+    spool_body,
+    upstream_headers,
+)
+from auth_proxy.keys import KeyStore
 from auth_proxy.limiter import Limiter, redact
+from auth_proxy.metering import export_loop, record_usage, retry_loop, usage_unavailable, write_usage
 from auth_proxy.metrics import ROUTES, ProxyMetrics
+from auth_proxy.quotas import check_limits
 from auth_proxy.realtime import realtime_session
+from auth_proxy.state import ProxyState
 from auth_proxy.usage_store import UsageRecord, UsageStore
-from common.access import AccessMiddleware, access_record, key_hint, serve_metrics
+from common.access import AccessMiddleware, access_record, serve_metrics
 from common.errors import APIError, error_response, validation_error_response
 from common.openapi import error as openapi_error
 from common.openapi import proxy_schema
@@ -49,110 +56,6 @@ log = logging.getLogger("auth_proxy")
 FORWARDED_PREFIXES = ("/v1/audio/", "/v1/models")
 STATIC = Path(__file__).resolve().parent / "static"
 mimetypes.add_type("text/javascript", ".mjs")  # module scripts need a JavaScript type (not every Python knows .mjs)
-
-
-@dataclass
-class ProxyState:
-    settings: ProxySettings
-    keys: KeyStore
-    usage: UsageStore
-    client: httpx.AsyncClient
-    limiter: Limiter
-    metrics: ProxyMetrics
-    pool: BridgePool | None = None  # several bridges (BRIDGE_URLS); None: the one BRIDGE_URL
-    in_flight: int = 0
-    realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
-    export_task: asyncio.Task[None] | None = None
-    retry_task: asyncio.Task[None] | None = None
-    unwritten: list[Callable[[], Any]] = field(default_factory=list)  # usage writes the store refused, in order
-    dirty: asyncio.Event = field(default_factory=asyncio.Event)
-
-
-def bearer_token(request: Request) -> str | None:
-    auth = request.headers.get("authorization", "")
-    scheme, _, token = auth.partition(" ")
-    if scheme.lower() == "bearer" and token.strip():
-        return token.strip()
-    return None
-
-
-def client_address(scope: Any) -> str:
-    """The peer's address: limits are keyed by it, never by a header the client sets."""
-    client = scope.get("client")
-    return str(client[0]) if client else "unknown"
-
-
-async def check_guessing(state: ProxyState, address: str) -> None:
-    """An address with too many failed keys in the last minute is refused outright (429) until the
-    window moves on, valid key or not: key guessing cannot go on at full speed."""
-    per_minute = state.settings.auth_failures_per_minute
-    if not per_minute:
-        return
-    item = RateLimitItemPerMinute(per_minute)
-    if not await state.limiter.test(item, "auth-failures", address):
-        reset = max(1.0, (await state.limiter.window(item, "auth-failures", address)).reset_time - time.time())
-        state.metrics.refused.labels("-", "auth_failures").inc()
-        raise APIError(429, f"too many requests with a wrong API key from this address; retry in {reset:.0f} s",
-                       code="too_many_auth_failures", type="rate_limit_error", retry_after=reset)
-
-
-async def note_auth_failure(state: ProxyState, address: str) -> None:
-    if state.settings.auth_failures_per_minute:
-        item = RateLimitItemPerMinute(state.settings.auth_failures_per_minute)
-        await state.limiter.hit(item, "auth-failures", address)
-
-
-async def authenticate(state: ProxyState, request: Request) -> ApiKey:
-    address = client_address(request.scope)
-    await check_guessing(state, address)
-    token = bearer_token(request)
-    key = state.keys.authenticate(token) if token else None
-    record = access_record(request)
-    if key is None:
-        await note_auth_failure(state, address)
-        record.key_hint = key_hint(token) if token else ""
-        raise APIError(401, "Incorrect API key provided. Create one with: python -m auth_proxy keys add NAME"
-                       if token else "Missing API key: send Authorization: Bearer <key>",
-                       code="invalid_api_key", should_retry=False)
-    record.key = key.name
-    return key
-
-
-def start_of_utc_day(now: float) -> float:
-    day = datetime.fromtimestamp(now, tz=timezone.utc).replace(hour=0, minute=0, second=0, microsecond=0)
-    return day.timestamp()
-
-
-async def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict[str, str]:
-    """Raises 429 when the key is over a limit; returns the x-ratelimit-* headers."""
-    headers: dict[str, str] = {}
-    rpm = key.rpm if key.rpm is not None else state.settings.default_rpm
-    if rpm:
-        item = RateLimitItemPerMinute(rpm)
-        allowed = await state.limiter.hit(item, key.id)
-        stats = await state.limiter.window(item, key.id)
-        reset = max(0.0, stats.reset_time - time.time())
-        headers = {
-            "x-ratelimit-limit-requests": str(rpm),
-            "x-ratelimit-remaining-requests": str(stats.remaining),
-            "x-ratelimit-reset-requests": f"{reset:.3f}s",
-        }
-        if not allowed:
-            raise APIError(429, f"Rate limit reached: {rpm} requests per minute for key {key.name!r}",
-                           code="rate_limit_exceeded", retry_after=max(1.0, reset), headers=headers)
-    quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
-        else state.settings.default_audio_seconds_per_day
-    if quota and is_transcription:
-        now = time.time()
-        used = state.usage.audio_seconds_since(key.id, start_of_utc_day(now))
-        headers["x-ratelimit-limit-audio-seconds"] = f"{quota:g}"
-        headers["x-ratelimit-remaining-audio-seconds"] = f"{max(0.0, quota - used):.3f}"
-        if used >= quota:
-            until_midnight = start_of_utc_day(now) + 86400 - now
-            raise APIError(429, f"Daily audio quota of {quota:g} s used up for key {key.name!r}; "
-                           "it resets at 00:00 UTC", code="insufficient_quota", retry_after=until_midnight,
-                           should_retry=False, headers=headers)
-    return headers
 
 
 def create_app(settings: ProxySettings) -> FastAPI:
@@ -322,122 +225,6 @@ def create_app(settings: ProxySettings) -> FastAPI:
     )
     app.add_middleware(AccessMiddleware, logger="auth_proxy.access", routes=ROUTES, observe=metrics.observe_request)
     return app
-
-
-async def export_loop(state: ProxyState) -> None:
-    assert state.settings.usage_json is not None
-    while True:
-        await state.dirty.wait()
-        state.dirty.clear()
-        try:
-            await asyncio.to_thread(state.usage.export_json, state.settings.usage_json)
-        except Exception as exc:  # noqa: BLE001 - the export is a convenience; the database is the record
-            log.warning("writing %s failed: %s", state.settings.usage_json, exc)
-            state.dirty.set()  # again on the next round
-        await asyncio.sleep(5)
-
-
-async def body_chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
-    """The request body as it arrives; a client that sends nothing for ``timeout`` seconds (a slow
-    upload holding a slot: slowloris) gets a 408."""
-    chunks = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
-        except StopAsyncIteration:
-            return
-        except asyncio.TimeoutError:
-            raise APIError(408, f"the request body stalled: nothing arrived for {timeout:g} s (BODY_READ_TIMEOUT)",
-                           code="request_timeout") from None
-        yield chunk
-
-
-async def spool_body(request: Request, cap: int, timeout: float = 30.0,
-                     spool: bool = False) -> tuple[Any, int, str | None]:
-    """Returns (body to forward, its length, temp path to delete).
-
-    With Content-Length the body streams straight through (checked against the cap first), unless
-    ``spool``. A chunked body, or any body with ``spool`` (several bridges: the body is read for
-    its model and may be sent to a second bridge), is spooled to a temporary file while counting,
-    so an oversized one is refused before anything reaches a bridge."""
-    declared = request.headers.get("content-length")
-    too_large = APIError(413, f"request body larger than {cap // (1024 * 1024)} MiB", code="file_too_large",
-                         param="file", should_retry=False)
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise APIError(400, "invalid Content-Length", code="invalid_request") from None
-        if length > cap:
-            raise too_large
-
-    if declared is not None and not spool:
-
-        async def counted() -> AsyncIterator[bytes]:
-            seen = 0
-            async for chunk in body_chunks(request, timeout):
-                seen += len(chunk)
-                if seen > cap:
-                    raise too_large
-                yield chunk
-
-        return counted(), length, None
-    if request.method in ("GET", "DELETE") and declared is None:
-        return b"", 0, None
-    tmp = tempfile.NamedTemporaryFile(prefix="auth-upload-", delete=False)
-    size = 0
-    try:
-        async for chunk in body_chunks(request, timeout):
-            size += len(chunk)
-            if size > cap:
-                raise too_large
-            await asyncio.to_thread(tmp.write, chunk)
-        tmp.close()
-    except BaseException:
-        tmp.close()
-        import os
-
-        os.unlink(tmp.name)
-        raise
-    return file_chunks(tmp.name), size, tmp.name
-
-
-def usage_unavailable() -> APIError:
-    return APIError(503, "usage cannot be recorded right now, so nothing is served; retry shortly",
-                    code="usage_unavailable", type="server_error", retry_after=5)
-
-
-def write_usage(state: ProxyState, write: Callable[[], Any], what: object) -> bool:
-    """Run one usage write, timed and counted; False (logged) when the store refused it."""
-    started = time.monotonic()
-    try:
-        write()
-    except Exception as exc:  # noqa: BLE001 - the caller decides: refuse, or keep it for later
-        state.metrics.usage_write_errors.inc()
-        log.warning("usage store unavailable (%s: %s) for %s", exc.__class__.__name__, exc, what)
-        return False
-    state.metrics.usage_write_seconds.observe(time.monotonic() - started)
-    state.dirty.set()
-    return True
-
-
-def record_usage(state: ProxyState, rec: UsageRecord) -> None:
-    """Write one usage record of something already served; kept in memory and written again later
-    (``retry_loop``) if the store refuses it now."""
-    if state.unwritten or not write_usage(state, lambda: state.usage.record(rec), rec):
-        state.unwritten.append(lambda: state.usage.record(rec))
-
-
-async def retry_loop(state: ProxyState) -> None:
-    """Writes what the store refused earlier, in order, once it takes writes again."""
-    while True:
-        await asyncio.sleep(2)
-        while state.unwritten:
-            if not await asyncio.to_thread(write_usage, state, state.unwritten[0], "a record kept for later"):
-                break
-            state.unwritten.pop(0)
-            if not state.unwritten:
-                log.info("usage store back: every record kept meanwhile is written")
 
 
 async def forward_request(request: Request) -> Response:

@@ -1,12 +1,20 @@
 """Streamed forwarding to the bridge with httpx: bodies flow through in chunks both ways, SSE
-included; hop-by-hop headers and the client's credentials never reach the bridge."""
+included; hop-by-hop headers and the client's credentials never reach the bridge. A body is read
+with a stall timeout and a size cap (``spool_body``), spooled to a temporary file when it must be.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import tempfile
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+from starlette.requests import Request
+
+from common.errors import APIError
 
 # RFC 9110 7.6.1 hop-by-hop headers, plus what the proxy sets itself.
 HOP_BY_HOP = {
@@ -113,3 +121,66 @@ def form_field(path: str, content_type: str, name: str, limit: int = 256) -> str
     except Exception:  # noqa: BLE001 - a malformed body: the bridge says what is wrong with it
         return state["found"]
     return state["found"]
+
+
+async def body_chunks(request: Request, timeout: float) -> AsyncIterator[bytes]:
+    """The request body as it arrives; a client that sends nothing for ``timeout`` seconds (a slow
+    upload holding a slot: slowloris) gets a 408."""
+    chunks = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise APIError(408, f"the request body stalled: nothing arrived for {timeout:g} s (BODY_READ_TIMEOUT)",
+                           code="request_timeout") from None
+        yield chunk
+
+
+async def spool_body(request: Request, cap: int, timeout: float = 30.0,
+                     spool: bool = False) -> tuple[Any, int, str | None]:
+    """Returns (body to forward, its length, temp path to delete).
+
+    With Content-Length the body streams straight through (checked against the cap first), unless
+    ``spool``. A chunked body, or any body with ``spool`` (several bridges: the body is read for
+    its model and may be sent to a second bridge), is spooled to a temporary file while counting,
+    so an oversized one is refused before anything reaches a bridge."""
+    declared = request.headers.get("content-length")
+    too_large = APIError(413, f"request body larger than {cap // (1024 * 1024)} MiB", code="file_too_large",
+                         param="file", should_retry=False)
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise APIError(400, "invalid Content-Length", code="invalid_request") from None
+        if length > cap:
+            raise too_large
+
+    if declared is not None and not spool:
+
+        async def counted() -> AsyncIterator[bytes]:
+            seen = 0
+            async for chunk in body_chunks(request, timeout):
+                seen += len(chunk)
+                if seen > cap:
+                    raise too_large
+                yield chunk
+
+        return counted(), length, None
+    if request.method in ("GET", "DELETE") and declared is None:
+        return b"", 0, None
+    tmp = tempfile.NamedTemporaryFile(prefix="auth-upload-", delete=False)
+    size = 0
+    try:
+        async for chunk in body_chunks(request, timeout):
+            size += len(chunk)
+            if size > cap:
+                raise too_large
+            await asyncio.to_thread(tmp.write, chunk)
+        tmp.close()
+    except BaseException:
+        tmp.close()
+        os.unlink(tmp.name)
+        raise
+    return file_chunks(tmp.name), size, tmp.name

@@ -33,13 +33,16 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
+from auth_proxy.auth import check_guessing, client_address, note_auth_failure
+from auth_proxy.metering import record_usage, usage_unavailable
+from auth_proxy.quotas import check_limits, start_of_utc_day
+from auth_proxy.state import ProxyState
 from auth_proxy.usage_store import UsageRecord
 from common.access import key_hint, request_id_from
 from common.errors import APIError
 from common.logs import request_id_var
 
 if TYPE_CHECKING:
-    from auth_proxy.app import ProxyState
     from auth_proxy.bridges import Bridge
 
 log = logging.getLogger("auth_proxy.realtime")
@@ -101,15 +104,6 @@ def bridge_ws_url(bridge_url: str, query: str) -> str:
 
 
 async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
-    from auth_proxy.app import (
-        check_guessing,
-        check_limits,
-        client_address,
-        note_auth_failure,
-        record_usage,
-        usage_unavailable,
-    )
-
     settings = state.settings
     request_id = request_id_from(ws.scope["headers"])
     token_var = request_id_var.set(request_id)
@@ -322,8 +316,6 @@ class QuotaUsedUp(Exception):
 
 
 def over_quota(state: ProxyState, key: Any) -> bool:
-    from auth_proxy.app import start_of_utc_day
-
     quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
         else state.settings.default_audio_seconds_per_day
     if not quota:

@@ -8,16 +8,13 @@ restarts, pieces waiting and running, the speed check) is read when Prometheus s
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from common.access import AccessRecord
-
-if TYPE_CHECKING:
-    from bridge.state import BridgeState
 
 ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/v1/models/switch",
           "/v1/models/{model_id}", "/health")
@@ -60,13 +57,14 @@ class BridgeMetrics:
         if audio_seconds > 0:
             self.real_time_factor.labels(model).observe(processing_seconds / audio_seconds)
 
-    def watch(self, state: Callable[[], BridgeState | None]) -> None:
-        """Report what ``state()`` knows at each scrape (None before the lifespan built it)."""
+    def watch(self, state: Callable[[], Any]) -> None:
+        """Report what ``state()`` (the ``BridgeState``, which holds these metrics: not imported here,
+        no import circle) knows at each scrape (None before the lifespan built it)."""
         self.registry.register(_StateCollector(state))
 
 
 class _StateCollector(Collector):
-    def __init__(self, state: Callable[[], BridgeState | None]) -> None:
+    def __init__(self, state: Callable[[], Any]) -> None:
         self.state = state
 
     def collect(self) -> Iterator[Metric]:

@@ -38,14 +38,14 @@ MUTATIONS = [
     Mutation("demuxer whitelist", "bridge/audio.py",
              '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp"', '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp,nut"',
              ("tests/test_bad_inputs.py::test_a_valid_recording_in_a_container_off_the_whitelist_is_refused",)),
-    Mutation("proxy cap on chunked bodies", "auth_proxy/app.py", "if size > cap:", "if size > cap * 100:",
+    Mutation("proxy cap on chunked bodies", "auth_proxy/forwarding.py", "if size > cap:", "if size > cap * 100:",
              ("tests/test_proxy.py::test_oversized_bodies_are_refused_before_forwarding",)),
     # The decoders' own caps (the worker's sample count, ffmpeg's -t) sit behind this one, which holds
     # the memory: breaking either alone changes nothing a test can see, so the bridge's cap is the guard.
     Mutation("decoded audio capped at SHERPA_MAX_UTTERANCE (decompression bomb)", "bridge/audio.py",
              "self.limit = cap_samples(max_seconds)", "self.limit = cap_samples(max_seconds) * 7",
              ("tests/test_bad_inputs.py::test_audio_longer_than_the_limit_is_refused_without_decoding_it_all",)),
-    Mutation("key guessing refused", "auth_proxy/app.py",
+    Mutation("key guessing refused", "auth_proxy/auth.py",
              'if not await state.limiter.test(item, "auth-failures", address):', "if False:",
              ("tests/test_proxy_attacks.py::test_key_guessing_is_refused_after_a_few_tries",)),
     Mutation("model switch for admin keys only", "auth_proxy/app.py",

@@ -84,3 +84,48 @@ def test_the_proxy_image_holds_no_bridge_code():
     bridge_image = (ROOT / "Dockerfile.bridge").read_text()
     copied = {m.group(1) for m in re.finditer(r"^COPY\s+(\S+)\s", bridge_image, re.M)}
     assert "auth_proxy" not in copied and {"common", "bridge", "adapters"} <= copied
+
+
+def import_circles(package: str) -> list[list[str]]:
+    """Circles among the modules of ``package`` (imports inside functions and under TYPE_CHECKING
+    included): each as the list of modules around it."""
+    graph: dict[str, set[str]] = {}
+    for file, names in imports_of(package).items():
+        module = file[:-3].replace("/", ".").removesuffix(".__init__")
+        graph[module] = {n for n in names if n.split(".")[0] == package}
+    modules = set(graph)
+    edges = {m: {n if n in modules else ".".join(n.split(".")[:-1]) for n in names} & modules - {m}
+             for m, names in graph.items()}
+    circles, done = [], set()
+
+    def visit(module: str, path: list[str]) -> None:
+        if module in path:
+            circles.append(path[path.index(module):] + [module])
+            return
+        if module in done:
+            return
+        for nxt in sorted(edges[module]):
+            visit(nxt, path + [module])
+        done.add(module)
+
+    for module in sorted(edges):
+        visit(module, [])
+    return circles
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_package_has_an_import_circle(package):
+    assert import_circles(package) == []
+
+
+def test_the_circle_check_finds_a_deferred_import(monkeypatch):
+    """The proxy's live sessions once imported the guessing guard back from the app, inside a function."""
+    source = (ROOT / "auth_proxy/realtime.py").read_text()
+    real = Path.read_text
+
+    def patched(self: Path, *a, **kw) -> str:
+        extra = "\n\ndef _f():\n    from auth_proxy.app import create_app\n"
+        return source + extra if self == ROOT / "auth_proxy/realtime.py" else real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "read_text", patched)
+    assert any("auth_proxy.app" in circle for circle in import_circles("auth_proxy"))
