@@ -54,7 +54,8 @@ TRANSCRIPTION_FORM = {
         "model": {"type": "string", "description": "a catalog id, or an alias such as whisper-1"},
         "language": {"type": "string", "description": "ISO-639-1 code"},
         "prompt": {"type": "string", "maxLength": 10000},
-        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt", "diarized_json"],
+                            "description": "diarized_json: with model gpt-4o-transcribe-diarize only"},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
         "stream": {"type": "boolean"},
@@ -62,14 +63,21 @@ TRANSCRIPTION_FORM = {
                               "(or its fields as chunking_strategy[type], chunking_strategy[threshold], ...)"},
         "include[]": {"type": "array", "items": {"type": "string", "enum": ["logprobs"]},
                       "description": "logprobs: each token's log-probability (json; models that give them)"},
+        "known_speaker_names[]": {"type": "array", "maxItems": 4, "items": {"type": "string"},
+                                  "description": "with gpt-4o-transcribe-diarize: names of known speakers"},
+        "known_speaker_references[]": {"type": "array", "maxItems": 4, "items": {"type": "string"},
+                                       "description": "data URLs of 2-10 s of each known speaker's audio"},
     },
 }
 
 TRANSLATION_FORM = {
     "type": "object",
     "required": ["file"],
-    "properties": {name: TRANSCRIPTION_FORM["properties"][name]  # type: ignore[index]
-                   for name in ("file", "model", "prompt", "response_format", "temperature")},
+    "properties": {
+        **{name: TRANSCRIPTION_FORM["properties"][name]  # type: ignore[index]
+           for name in ("file", "model", "prompt", "temperature")},
+        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+    },
 }
 
 TRANSCRIPTION = {
