@@ -19,6 +19,8 @@ import os
 import shutil
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from bridge.catalog import MODEL_ID_RE, ModelFile, ModelSpec
@@ -80,7 +82,7 @@ class ModelStore:
     def download(self, spec: ModelSpec, *, endpoint: str | None = None) -> Path:
         if spec.source != "huggingface" or not spec.repo_id:
             raise ModelStoreError(f"{spec.id} does not come from Hugging Face; use 'prepare'")
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
         folder = self.path_for(spec.id)
@@ -92,6 +94,15 @@ class ModelStore:
             spec.id, spec.repo_id, spec.revision, folder,
             f"{total / 2**20:.0f} MiB" if total else "size unknown",
         )
+        # huggingface_hub retries an unreachable host five times over 23 s; without a network every
+        # start would wait that long per model. One quick look first, then the real download.
+        hub = endpoint or constants.ENDPOINT
+        why = _unreachable(hub)
+        if why is not None:
+            raise ModelStoreError(
+                f"could not download {spec.id}: {hub} cannot be reached ({why}). Check the network "
+                "(HF_ENDPOINT, HTTPS_PROXY) or copy the files into "
+                f"{folder} by hand, then run 'python -m bridge models download {spec.id}' again.")
         for f in spec.files:
             target = folder / f.name
             if target.is_file() and _matches(target, f):
@@ -178,6 +189,18 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _unreachable(endpoint: str, timeout: float = 5.0) -> str | None:
+    """None when ``endpoint`` answers HTTP at all (any status); otherwise why not (no such host,
+    refused, timed out). Proxies from the environment are used, as huggingface_hub uses them."""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout):
+            return None
+    except urllib.error.HTTPError:
+        return None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return str(getattr(exc, "reason", exc))
 
 
 def tokenizer_bin_to_tokens_txt(tokenizer_bin: Path) -> str:
