@@ -149,13 +149,17 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
         time.sleep(3)
         term = time.monotonic()
         in_flight = first.health()["requests_in_flight"]
-        rc = first.stop(signal.SIGTERM)
+        rc = first.stop(signal.SIGTERM, timeout=60)  # the bridge's own bound: 30 s of graceful shutdown
         exited = time.monotonic() - term
         time.sleep(1)  # the proxy meets an address with nothing behind it
         second = BridgeProcess(env, tmp_path / "bridge-2.log", port=port)
         second.wait_ready()
         ready = time.monotonic()
-        time.sleep(4)
+        # Until requests sent after the new bridge was ready have been answered (a few seconds, longer
+        # on a busy machine): counted, not timed.
+        deadline = ready + 60
+        while time.monotonic() < deadline and sum(o.started > ready + 0.5 for o in list(load.outcomes)) < 4:
+            time.sleep(0.5)
         outcomes = load.stop()
         served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200}, timeout=5)
     finally:
@@ -165,7 +169,9 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
             second.stop()
         first.stop()
     assert not load.errors, load.errors[:3]
-    assert rc == 0 and exited < 30, (rc, exited)
+    # Requests in flight get the 30 s of graceful shutdown; one still running then is cut off with 503
+    # shutting_down (a busy machine can get there), and the bridge exits 0 soon after.
+    assert rc == 0 and exited < 40, (rc, exited)
     statuses = sorted({o.status for o in outcomes})
     across = [o for o in outcomes if o.started < term < o.ended]
     after = [o for o in outcomes if o.started > ready + 0.5]
@@ -174,7 +180,7 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
           f"{ready - term:.1f} s after SIGTERM; {len(after)} after, {sorted({o.status for o in after})}")
     assert set(statuses) <= {200, 503}
     refused = [o for o in outcomes if o.status == 503]
-    assert refused and all(o.retry_after and o.code in ("bridge_unavailable", "engine_unavailable")
+    assert refused and all(o.retry_after and o.code in ("bridge_unavailable", "engine_unavailable", "shutting_down")
                            for o in refused)
     assert not [o for o in outcomes if o.code == "stream_incomplete"]
     assert any(o.status == 200 for o in across), "requests in flight at SIGTERM should have finished"
