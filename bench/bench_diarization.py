@@ -19,8 +19,6 @@ SA-WER: each reference speaker's words against the text of the segments mapped t
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import itertools
 import os
 import statistics
@@ -32,12 +30,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from pyannote.core import Annotation, Segment, Timeline
-from pyannote.metrics.diarization import DiarizationErrorRate
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import Services, wait_http
-from tests.helpers import wer
+from tests.helpers import data_url, diarization_score, wer
 from tests.speech import (
     HELD_OUT_SPEAKERS,
     conversation,
@@ -49,47 +45,6 @@ from tests.speech import (
 )
 
 DIARIZE = "gpt-4o-transcribe-diarize"
-
-
-def score(rows: list[tuple[float, float, str, str]], segments: list[dict], duration: float) -> dict[str, float]:
-    reference, hypothesis = Annotation(), Annotation()
-    for start, end, speaker, _ in rows:
-        reference[Segment(start, end)] = speaker
-    for i, seg in enumerate(segments):
-        hypothesis[Segment(seg["start"], seg["end"]), i] = seg["speaker"]
-    metric = DiarizationErrorRate(collar=0.5, skip_overlap=True)
-    der = metric(reference, hypothesis, uem=Timeline([Segment(0, duration)]))
-    mapping = metric.optimal_mapping(reference, hypothesis)
-    right = total = 0
-    for start, end, speaker, utterance in rows:
-        words = len(librispeech_text(utterance).split())
-        total += words
-        overlaps: dict[str, float] = {}
-        for seg in segments:
-            overlap = min(end, seg["end"]) - max(start, seg["start"])
-            if overlap > 0:
-                overlaps[seg["speaker"]] = overlaps.get(seg["speaker"], 0) + overlap
-        if overlaps and mapping.get(max(overlaps, key=lambda s: overlaps[s])) == speaker:
-            right += words
-    errors = words_total = 0.0
-    for speaker in {r[2] for r in rows}:
-        ref = " ".join(librispeech_text(u) for _, _, s, u in rows if s == speaker)
-        hyp = " ".join(seg["text"] for seg in segments if mapping.get(seg["speaker"]) == speaker)
-        n = len(ref.split())
-        errors += wer(ref, hyp) * n if hyp else n
-        words_total += n
-    return {"der": der, "words_right": right / total, "found": len({s["speaker"] for s in segments}),
-            "sa_wer": errors / words_total}
-
-
-def data_url(samples: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def main() -> int:
@@ -129,7 +84,7 @@ def main() -> int:
             path, rows = conversation(work / f"{'-'.join(speakers)}.wav", speakers, turns)
             answer, t_diarized = post(path, model=DIARIZE, response_format="diarized_json")
             plain, t_plain = post(path, model="whisper-1")
-            s = score(rows, answer["segments"], answer["duration"])
+            s = diarization_score(rows, answer["segments"], answer["duration"])
             reference = " ".join(librispeech_text(u) for *_, u in rows)
             s["wer"] = wer(reference, plain["text"])
             by_size.setdefault(len(speakers), []).append(s)

@@ -20,7 +20,7 @@ from bridge.cutting import PAD, Chunking, PieceBuilder, is_silent, plan_pieces, 
 from bridge.guard import PieceGuard
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
-from bridge.transcript import Spans, Transcript, build_transcript
+from bridge.transcript import Spans, Transcript, build_transcript, speech_share
 from bridge.vad import SpeechDetector, lower_thread_priority
 
 PieceResult = tuple[float, float, EngineResult | None]
@@ -65,13 +65,8 @@ class SpeechMap:
         end, so what it found there is all there is."""
         if not (self.scanning or self.complete):
             return None
-        covered, reach = 0, start
-        for a, b in sorted(self.found):
-            a, b = max(a, reach), min(b, end)
-            if b > a:
-                covered += b - a
-                reach = b
-        return covered / SAMPLE_RATE
+        found: Spans = [(float(a), float(b)) for a, b in sorted(self.found)]  # sample counts
+        return speech_share(found, start, end, pad=0) * max(0, end - start) / SAMPLE_RATE
 
     def spans(self, start: float, end: float) -> Spans:
         """Speech within [start, end] s, as (start, end) seconds on the file's time line."""

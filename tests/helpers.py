@@ -1,17 +1,24 @@
 from __future__ import annotations
 
 import base64
+import io
 import re
 import subprocess
 import threading
 import time
+import wave
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jiwer
+import numpy as np
 import openai
 import pytest
+from pyannote.core import Annotation, Segment, Timeline
+from pyannote.metrics.diarization import DiarizationErrorRate
+
+from tests.speech import librispeech_text
 
 
 def normalize(text: str) -> str:
@@ -163,3 +170,56 @@ def live_turns(url: str, key: str, pcm: bytes, *, commit_at_end: bool = False, f
                 break
         sender.join()
     return completed
+
+
+def sdk_client(proxy: Any, timeout: float = 300) -> openai.OpenAI:
+    """The openai SDK pointed at a test proxy, with its key; no retries (a test sees each answer)."""
+    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.key, max_retries=0, timeout=timeout)
+
+
+def diarization_score(rows: list[tuple[float, float, str, str]], segments: list[dict],
+                      duration: float) -> dict[str, Any]:
+    """A diarized answer's ``segments`` (dicts) against reference ``rows`` (start, end, speaker,
+    LibriSpeech utterance): ``der`` (pyannote.metrics, collar 0.25 s each side, overlap skipped),
+    ``words_right`` (the share of the reference's words in segments whose speaker maps to theirs
+    under the DER's optimal ``mapping``), speakers ``found``, and ``sa_wer`` (each speaker's words
+    against the text of the segments mapped to them)."""
+    reference, hypothesis = Annotation(), Annotation()
+    for start, end, speaker, _ in rows:
+        reference[Segment(start, end)] = speaker
+    for i, seg in enumerate(segments):
+        hypothesis[Segment(seg["start"], seg["end"]), i] = seg["speaker"]
+    metric = DiarizationErrorRate(collar=0.5, skip_overlap=True)
+    der = metric(reference, hypothesis, uem=Timeline([Segment(0, duration)]))
+    mapping = metric.optimal_mapping(reference, hypothesis)
+    right = total = 0
+    for start, end, speaker, utterance in rows:
+        words = len(librispeech_text(utterance).split())
+        total += words
+        overlaps: dict[str, float] = {}
+        for seg in segments:
+            overlap = min(end, seg["end"]) - max(start, seg["start"])
+            if overlap > 0:
+                overlaps[seg["speaker"]] = overlaps.get(seg["speaker"], 0) + overlap
+        if overlaps and mapping.get(max(overlaps, key=lambda s: overlaps[s])) == speaker:
+            right += words
+    errors = words_total = 0.0
+    for speaker in {r[2] for r in rows}:
+        ref = " ".join(librispeech_text(u) for _, _, s, u in rows if s == speaker)
+        hyp = " ".join(seg["text"] for seg in segments if mapping.get(seg["speaker"]) == speaker)
+        n = len(ref.split())
+        errors += wer(ref, hyp) * n if hyp else n
+        words_total += n
+    return {"der": der, "words_right": right / total, "found": len({s["speaker"] for s in segments}),
+            "sa_wer": errors / words_total, "mapping": mapping}
+
+
+def data_url(samples: np.ndarray) -> str:
+    """16 kHz samples as a WAV data URL (a known speaker's reference)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(16000)
+        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
+    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()

@@ -9,60 +9,24 @@ the real download code from a local Hugging Face stand-in, as the production mod
 from __future__ import annotations
 
 import base64
-import io
-import wave
 
 import httpx
 import numpy as np
-import openai
 import pytest
-from pyannote.core import Annotation, Segment, Timeline
-from pyannote.metrics.diarization import DiarizationErrorRate
 
 from bridge.diarization import Turn, split_by_speaker, turn_pieces
 from bridge.transcript import Segment as TextSegment
 from bridge.transcript import Word
-from tests.helpers import assert_openai_error, wer
+from tests.helpers import assert_openai_error, data_url, diarization_score, sdk_client, wer
 from tests.speech import LIBRISPEECH, conversation, librispeech_samples, librispeech_text, speech_span
-from tests.test_proxy import ProxyProcess
 
 DIARIZE = "gpt-4o-transcribe-diarize"
 
 
-def client_for(proxy: ProxyProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.key, max_retries=0, timeout=300)
-
-
 def diarize(proxy, path, **extra):
     with path.open("rb") as fh:
-        return client_for(proxy).audio.transcriptions.create(model=DIARIZE, file=fh, response_format="diarized_json",
+        return sdk_client(proxy).audio.transcriptions.create(model=DIARIZE, file=fh, response_format="diarized_json",
                                                              **extra)
-
-
-def score(rows, segments, duration: float) -> tuple[float, float, dict[str, str]]:
-    """DER (pyannote.metrics, collar 0.25 s each side) of the answer's segments, the share of the
-    reference's words that landed under their speaker's label (under the DER's optimal mapping),
-    and that mapping."""
-    reference, hypothesis = Annotation(), Annotation()
-    for start, end, speaker, _ in rows:
-        reference[Segment(start, end)] = speaker
-    for i, seg in enumerate(segments):
-        hypothesis[Segment(seg.start, seg.end), i] = seg.speaker
-    metric = DiarizationErrorRate(collar=0.5, skip_overlap=True)
-    der = metric(reference, hypothesis, uem=Timeline([Segment(0, duration)]))
-    mapping = metric.optimal_mapping(reference, hypothesis)
-    right = total = 0
-    for start, end, speaker, utterance in rows:
-        words = len(librispeech_text(utterance).split())
-        total += words
-        overlaps = {}
-        for seg in segments:
-            overlap = min(end, seg.end) - max(start, seg.start)
-            if overlap > 0:
-                overlaps[seg.speaker] = overlaps.get(seg.speaker, 0) + overlap
-        if overlaps and mapping.get(max(overlaps, key=overlaps.get)) == speaker:
-            right += words
-    return der, right / total, mapping
 
 
 # The share of words under the right speaker that each conversation reaches with the stand-in
@@ -76,21 +40,11 @@ def test_conversations_are_split_by_speaker(diarizing, tmp_path, speakers, words
     segments = answer.segments
     assert sorted({s.speaker for s in segments}) == [chr(ord("A") + i) for i in range(len(speakers))]
     assert segments[0].speaker == "A" and all(s.type == "transcript.text.segment" for s in segments)
-    der, words_right, _ = score(rows, segments, answer.duration)
-    assert der < 0.15 and words_right >= words_wanted, (der, words_right)
+    found = diarization_score(rows, [seg.model_dump() for seg in segments], answer.duration)
+    assert found["der"] < 0.15 and found["words_right"] >= words_wanted, found
     reference = " ".join(librispeech_text(u) for *_, u in rows)
     assert wer(reference, answer.text) < 0.2
     assert answer.text == " ".join(s.text for s in segments)
-
-
-def data_url(samples: np.ndarray) -> str:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as w:
-        w.setnchannels(1)
-        w.setsampwidth(2)
-        w.setframerate(16000)
-        w.writeframes((np.clip(samples, -1, 1) * 32767).astype("<i2").tobytes())
-    return "data:audio/wav;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 def reference_of(speaker: str) -> str:
@@ -115,7 +69,7 @@ def test_known_speakers_are_named(diarizing, tmp_path):
 
 def test_stream_and_subtitles_carry_the_speakers(diarizing, tmp_path):
     path, rows = conversation(tmp_path / "talk.wav", ["1688", "2609"], turns=4)
-    client = client_for(diarizing)
+    client = sdk_client(diarizing)
     with path.open("rb") as fh:
         events = list(client.audio.transcriptions.create(model=DIARIZE, file=fh, response_format="diarized_json",
                                                          stream=True))

@@ -20,15 +20,11 @@ import pytest
 
 from bridge.model_store import ModelStore
 from tests.conftest import MOONSHINE, BridgeProcess, bridge_env, start_instant_engine
-from tests.helpers import g711, live_turns, pcm24, wer
+from tests.helpers import g711, live_turns, pcm24, sdk_client, wer
 from tests.speech import librispeech_samples, librispeech_text, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
 
 TRANSDUCER = "instant-transducer"
-
-
-def client_for(proxy: ProxyProcess) -> openai.OpenAI:
-    return openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.key, max_retries=0)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +74,7 @@ def joined(path, utterances: list[str], pause: float = 0.6, between: np.ndarray 
 
 
 def test_logprobs_on_json_and_on_the_stream(transducer_proxy, beckett):
-    client = client_for(transducer_proxy)
+    client = sdk_client(transducer_proxy)
     with beckett.open("rb") as fh:
         answer = client.audio.transcriptions.create(model=TRANSDUCER, file=fh, include=["logprobs"])
     probs = answer.logprobs
@@ -101,7 +97,7 @@ def test_logprobs_on_json_and_on_the_stream(transducer_proxy, beckett):
 
 
 def test_logprobs_are_refused_where_the_model_has_none(moonshine_proxy, beckett):
-    client = client_for(moonshine_proxy)
+    client = sdk_client(moonshine_proxy)
     with beckett.open("rb") as fh, pytest.raises(openai.BadRequestError) as refused:
         client.audio.transcriptions.create(model="whisper-1", file=fh, include=["logprobs"])
     err = refused.value.body
@@ -125,7 +121,7 @@ def token_table(path) -> dict[str, int]:
 def test_verbose_json_segments_carry_the_engines_scores(transducer_proxy, tmp_path):
     path = joined(tmp_path / "talk.wav", ["1089-134686-0000", "1089-134691-0000"], pause=2.5)
     with path.open("rb") as fh:
-        answer = client_for(transducer_proxy).audio.transcriptions.create(
+        answer = sdk_client(transducer_proxy).audio.transcriptions.create(
             model=TRANSDUCER, file=fh, response_format="verbose_json", timestamp_granularities=["segment"])
     table = token_table(transducer_proxy.tokens_file)
     assert answer.segments
@@ -147,7 +143,7 @@ def test_segment_scores_are_real_on_moonshine(moonshine_proxy, tmp_path):
     noise = np.convolve(noise, np.ones(8) / 8, mode="same").astype(np.float32)  # a hiss, no speech in it
     noise *= 0.03 / float(np.sqrt(np.mean(noise ** 2)))
     words = librispeech_samples("1089-134691-0000")  # 2.1 s
-    client = client_for(moonshine_proxy)
+    client = sdk_client(moonshine_proxy)
     answers = {}
     for name, samples in (("clean", words), ("noisy", np.concatenate([words, noise]))):
         with write_wav16(tmp_path / f"{name}.wav", samples).open("rb") as fh:
@@ -166,7 +162,7 @@ def test_chunking_strategy_changes_the_cuts(moonshine_proxy, tmp_path):
     ``server_vad`` with a 2 s ``silence_duration_ms`` keeps the talk as one stretch."""
     utterances = ["1089-134686-0000", "1089-134691-0000", "367-130732-0001"]
     path = joined(tmp_path / "three.wav", utterances, pause=0.8)
-    client = client_for(moonshine_proxy)
+    client = sdk_client(moonshine_proxy)
 
     def segments(**extra) -> list:
         with path.open("rb") as fh:
@@ -190,16 +186,16 @@ def test_chunking_strategy_changes_the_cuts(moonshine_proxy, tmp_path):
 
 def test_translations(moonshine_proxy, transducer_proxy, beckett):
     with beckett.open("rb") as fh, pytest.raises(openai.BadRequestError) as refused:
-        client_for(moonshine_proxy).audio.translations.create(model="whisper-1", file=fh)
+        sdk_client(moonshine_proxy).audio.translations.create(model="whisper-1", file=fh)
     err = refused.value.body
     assert err["code"] == "model_cannot_translate" and err["param"] == "model"
     assert "/v1/audio/transcriptions" in err["message"]
     with beckett.open("rb") as fh, pytest.raises(openai.BadRequestError) as refused:
-        client_for(moonshine_proxy).audio.translations.create(model="whisper-1", file=fh,
+        sdk_client(moonshine_proxy).audio.translations.create(model="whisper-1", file=fh,
                                                               extra_body={"language": "en"})
     assert refused.value.body["code"] == "unknown_parameter"
     # A model the catalog says translates answers in OpenAI's shapes.
-    client = client_for(transducer_proxy)
+    client = sdk_client(transducer_proxy)
     with beckett.open("rb") as fh:
         assert client.audio.translations.create(model="whisper-1", file=fh).text.startswith("piece of")
     with beckett.open("rb") as fh:
@@ -226,7 +222,7 @@ def test_g711_live_sessions_hear_what_pcm16_hears(moonshine_proxy, tmp_path):
 
 def test_live_logprobs_on_completed_events(transducer_proxy, moonshine_proxy, beckett):
     events: list = []
-    client = client_for(transducer_proxy)
+    client = sdk_client(transducer_proxy)
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
         conn.session.update(session={"type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
                                      "audio": {"input": {"turn_detection": None}}})
@@ -243,7 +239,7 @@ def test_live_logprobs_on_completed_events(transducer_proxy, moonshine_proxy, be
     assert completed.logprobs and "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
     assert statistics.mean(p.logprob for p in completed.logprobs) < 0
     # A model without scores: the include is refused with an error event naming it.
-    client = client_for(moonshine_proxy)
+    client = sdk_client(moonshine_proxy)
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
         conn.session.update(session={"type": "transcription", "include": ["item.input_audio_transcription.logprobs"]})
         for event in conn:

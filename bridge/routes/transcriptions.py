@@ -12,8 +12,9 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Coroutine
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Depends
@@ -97,15 +98,18 @@ async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> 
         await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
     if path.stat().st_size == 0:
         raise APIError(400, "the uploaded file is empty", param="file", code="empty_file")
-    settings = state.settings
-    stream = AudioStream(settings.sherpa_max_utterance)
-    if state.decoders is not None:
-        decoding = state.decoders.decode(path, stream, timeout=settings.decode_timeout)
-    else:
-        decoding = ffmpeg_decode(path, stream, timeout=settings.decode_timeout, binary=settings.ffmpeg_binary)
-    task = asyncio.create_task(decoding)
+    stream = AudioStream(state.settings.sherpa_max_utterance)
+    task = asyncio.create_task(decode_into(state, path, stream))
     stream.on_abort(functools.partial(_cancel, task))
     return stream, task
+
+
+def decode_into(state: BridgeState, path: Path, stream: AudioStream) -> Coroutine[Any, Any, None]:
+    """Decode the file at ``path`` into ``stream`` with the bridge's decoder (AUDIO_DECODER)."""
+    settings = state.settings
+    if state.decoders is not None:
+        return state.decoders.decode(path, stream, timeout=settings.decode_timeout)
+    return ffmpeg_decode(path, stream, timeout=settings.decode_timeout, binary=settings.ffmpeg_binary)
 
 
 TIMED_FORMATS = ("srt", "vtt", "verbose_json")
@@ -172,11 +176,7 @@ async def decode_references(params: TranscriptionParams, state: BridgeState, fol
         path.write_bytes(raw)
         stream = AudioStream(REFERENCE_SECONDS[1] + 5)
         try:
-            if state.decoders is not None:
-                await state.decoders.decode(path, stream, timeout=state.settings.decode_timeout)
-            else:
-                await ffmpeg_decode(path, stream, timeout=state.settings.decode_timeout,
-                                    binary=state.settings.ffmpeg_binary)
+            await decode_into(state, path, stream)
             await stream.wait_done()
         except (AudioDecodeError, AudioTimeout, AudioTooLong) as exc:
             raise APIError(400, f"{param} cannot be decoded as audio: {exc}", param=param,
