@@ -42,7 +42,7 @@ import psutil
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
-from bench.bench_stack import Services, wait_http
+from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings, usable_cores
 from bridge.model_store import ModelStore
@@ -104,25 +104,10 @@ class Target:
 
 
 def in_process_target(spec: ModelSpec, model_dir: Path, settings: BridgeSettings, samples: np.ndarray) -> Target:
-    import sherpa_onnx
-
-    flags = dict(flag.split("=", 1) for flag in spec.engine_model(model_dir).flags)
-    common = {"tokens": flags["--tokens"], "num_threads": settings.sherpa_num_threads,
-              "provider": settings.sherpa_provider}
-    if "--moonshine-merged-decoder" in flags:
-        recognizer = sherpa_onnx.OfflineRecognizer.from_moonshine_v2(
-            encoder=flags["--moonshine-encoder"], decoder=flags["--moonshine-merged-decoder"], **common)
-    elif "--joiner" in flags:
-        recognizer = sherpa_onnx.OfflineRecognizer.from_transducer(
-            encoder=flags["--encoder"], decoder=flags["--decoder"], joiner=flags["--joiner"],
-            model_type=flags.get("--model-type", ""), **common)
-    else:
-        raise SystemExit(f"no in-process recognizer for {spec.id} in the bench yet")
+    recognizer = in_process_recognizer(spec, model_dir, settings.sherpa_num_threads, settings.sherpa_provider)
 
     def one() -> None:
-        stream = recognizer.create_stream()
-        stream.accept_waveform(RATE, samples)
-        recognizer.decode_stream(stream)
+        recognize(recognizer, samples)
 
     return Target("in-process OfflineRecognizer", one, [psutil.Process()], "the bench process itself")
 

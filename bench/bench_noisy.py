@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import Services, wait_http
+from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.model_store import ModelStore
@@ -94,22 +94,14 @@ def main() -> int:
     ap.add_argument("--snr", type=float, nargs="+", default=[20, 10, 0])
     ap.add_argument("--rounds", type=int, default=3, help="timings per bridge and file (median)")
     args = ap.parse_args()
-    import sherpa_onnx
-
     settings = load_settings()
     spec = Catalog.load(settings.catalog_file).get(settings.default_model)
     store = ModelStore(settings.models_dir)
     store.ensure(spec)
-    flags = dict(f.split("=", 1) for f in spec.engine_model(store.path_for(spec.id)).flags)
-    recognizer = sherpa_onnx.OfflineRecognizer.from_moonshine_v2(
-        encoder=flags["--moonshine-encoder"], decoder=flags["--moonshine-merged-decoder"], tokens=flags["--tokens"],
-        num_threads=max(1, settings.sherpa_num_threads))
+    recognizer = in_process_recognizer(spec, store.path_for(spec.id), settings.sherpa_num_threads)
 
     def raw(samples: np.ndarray) -> str:
-        stream = recognizer.create_stream()
-        stream.accept_waveform(RATE, samples)
-        recognizer.decode_stream(stream)
-        return str(stream.result.text)
+        return recognize(recognizer, samples)
 
     speech, noise, truth = build()
     reference = " ".join(s for s, _, _ in truth)

@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -32,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
-from bridge.catalog import Catalog  # noqa: E402
+from bridge.catalog import Catalog, ModelSpec  # noqa: E402
 from bridge.model_store import ModelStore  # noqa: E402
 
 
@@ -79,6 +80,30 @@ class Services:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def in_process_recognizer(spec: ModelSpec, model_dir: Path, num_threads: int, provider: str = "cpu") -> Any:
+    """sherpa-onnx's Python ``OfflineRecognizer`` for a catalog model, from the flags the bridge gives
+    its engine: the raw engine without a server or protocol."""
+    import sherpa_onnx
+
+    flags = dict(flag.split("=", 1) for flag in spec.engine_model(model_dir).flags)
+    common = {"tokens": flags["--tokens"], "num_threads": max(1, num_threads), "provider": provider}
+    if "--moonshine-merged-decoder" in flags:
+        return sherpa_onnx.OfflineRecognizer.from_moonshine_v2(
+            encoder=flags["--moonshine-encoder"], decoder=flags["--moonshine-merged-decoder"], **common)
+    if "--joiner" in flags:
+        return sherpa_onnx.OfflineRecognizer.from_transducer(
+            encoder=flags["--encoder"], decoder=flags["--decoder"], joiner=flags["--joiner"],
+            model_type=flags.get("--model-type", ""), **common)
+    raise SystemExit(f"no in-process recognizer for {spec.id} in the bench yet")
+
+
+def recognize(recognizer: Any, samples: np.ndarray, rate: int = 16000) -> str:
+    stream = recognizer.create_stream()
+    stream.accept_waveform(rate, samples)
+    recognizer.decode_stream(stream)
+    return str(stream.result.text)
 
 
 async def raw_one(url: str, samples: np.ndarray) -> float:
