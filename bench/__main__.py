@@ -1,6 +1,6 @@
 """``python -m bench``: one command, one table, every figure measured in the same run on the same audio.
 
-    .venv/bin/python -m bench [--quick] [--out bench/results]
+    .venv/bin/python -m bench [--quick] [--no-accuracy] [--out bench/results]
     .venv/bin/python -m bench --url https://stt.example.com --key sk-... [--model whisper-1]
 
 Locally it starts, on loopback, everything it compares: sherpa-onnx's Python ``OfflineRecognizer``
@@ -8,7 +8,8 @@ in this process (the ceiling: no server, no protocol), the raw sherpa-onnx WebSo
 flags the bridge gives its child, the bridge, the proxy in front of it, and a second bridge in front
 of a stand-in engine that answers at once (``bench/instant_engine.py``: what the bridge itself costs).
 Each path gets the same requests at concurrency 1, 4 and 8 (paths interleaved level by level), then
-one long upload goes through the bridge for its real-time factor. The model and engine tuning are
+one long upload goes through the bridge for its real-time factor. Then (not with ``--quick``) the
+accuracy on real read speech: ``bench/bench_real_speech.py``. The model and engine tuning are
 the bridge's own settings (``DEFAULT_MODEL``, ``MODELS_DIR``, ``SHERPA_PROVIDER``, ...).
 
 With ``--url`` and ``--key`` it measures a running deployment (a GPU host, through its proxy) with the
@@ -42,6 +43,7 @@ import psutil
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
+from bench import bench_real_speech
 from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings, usable_cores
@@ -283,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", help="a running deployment's proxy, e.g. https://stt.example.com (no local services)")
     ap.add_argument("--key", default=os.environ.get("STT_API_KEY", ""), help="API key for --url (or STT_API_KEY)")
     ap.add_argument("--model", default="", help="model field sent with --url (default: none, the loaded model)")
+    ap.add_argument("--no-accuracy", action="store_true",
+                    help="skip the accuracy section on real speech (bench/bench_real_speech.py; about 35 minutes "
+                         "with Moonshine on 2 cores; never run with --quick or --url)")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     clip = make_audio(sizes.clip_seconds)
@@ -330,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         long_lines.append(f"- {sizes.long_seconds:g} s upload through {long_target.name}: {elapsed:.2f} s, "
                           f"real-time factor {elapsed / sizes.long_seconds:.4f} "
                           f"({sizes.long_seconds / elapsed:.1f} audio s/s)")
+        if not (args.quick or args.url or args.no_accuracy):
+            services.stop()  # the speed rows' services are done: the accuracy bridges get the cores
+            services = Services(work)
+            long_lines += ["", *bench_real_speech.run(services, work, [300, 600], 150, [20, 10, 5])]
     finally:
         services.stop()
     text = table(rows, header, ["Ratios (each from this run):", *ratios] if ratios else [], long_lines)
