@@ -93,6 +93,23 @@ MUTATIONS = [
     Mutation("known speakers' references 2-10 s", "bridge/routes/transcriptions.py",
              "if not low <= stream.seconds <= high:", "if False:",
              ("tests/test_diarization.py::test_bad_diarize_requests_name_their_field",)),
+    # docs/reliability.md's faults: what must hold when a part fails.
+    Mutation("a request the usage store cannot record is refused, never served unmetered", "auth_proxy/app.py",
+             "    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):\n"
+             "        raise usage_unavailable()",
+             "    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):\n"
+             "        rows.append(-1)",
+             ("tests/test_faults.py::test_usage_disk_full_under_load",)),
+    Mutation("limits counted in memory while Redis is down", "auth_proxy/limiter.py",
+             "except Exception as exc:  # noqa: BLE001 - any storage failure: count locally meanwhile",
+             "except ZeroDivisionError as exc:",
+             ("tests/test_routing.py::test_redis_outage_limits_each_proxy_on_its_own_then_shares_again",)),
+    Mutation("the key file reloaded when it changes", "auth_proxy/keys.py",
+             "if not force and stamp == self._stamp:", "if not force:",
+             ("tests/test_proxy.py::test_key_file_hot_reload_malformed_and_revoke",)),
+    Mutation("a killed engine restarted", "adapters/managed_websocket.py",
+             "if len(self._crashes) > self.max_restarts:", "if True:",
+             ("tests/test_supervision.py::test_kill_9_of_the_engine_is_survived",)),
 ]
 
 
@@ -115,6 +132,9 @@ def run(mutation: Mutation, scratch: Path) -> tuple[bool, str, float]:
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{mutation.name}: pytest could not run the tests (exit {proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
+    # A test must fail on an assertion: an error in a fixture (a service that did not start) proves nothing.
+    if proc.returncode == 1 and (" error" in tail or " failed" not in tail):
+        raise SystemExit(f"{mutation.name}: the tests errored instead of failing:\n{proc.stdout[-3000:]}")
     return proc.returncode == 1, tail, time.monotonic() - started
 
 
