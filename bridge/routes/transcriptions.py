@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Depends
 from starlette.background import BackgroundTask
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -248,168 +248,200 @@ async def create_translation(request: Request, state: BridgeState = Depends(get_
 
 
 async def answer(request: Request, state: BridgeState, task: str) -> Response:
+    """The route: read the form, start the job (checks, then decode, cut and engine overlapped), and
+    answer it whole or as a stream. The job's ``aclose`` releases what it holds, on every path."""
     if state.in_flight >= state.settings.max_concurrent_requests:
         raise APIError(503, "the server is busy; retry shortly", code="overloaded", type="server_error",
                        retry_after=2)
     state.in_flight += 1
-    started = time.monotonic()
-    record = access_record(request)
     try:
+        job = Job(state, task, access_record(request))
+        form = await read_form(request)
         try:
-            # Fields are small, except known speakers' references: data URLs of up to 10 s of audio each. The
-            # body as a whole stays under MAX_UPLOAD_BYTES.
-            form = await request.form(max_files=1, max_fields=32, max_part_size=4 * 1024 * 1024)
-        except MultiPartException as exc:
-            raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
-        stack = contextlib.AsyncExitStack()
-        try:
-            parse = parse_translation_form if task == "translate" else parse_transcription_form
-            upload, params = parse(form)
-            # The lease pins the engine this request is checked against and answered by, even if
-            # the model is switched meanwhile (the old engine finishes its leases, then closes).
-            engine = await stack.enter_async_context(state.engines.lease())
-            record.model = engine.spec.id
-            if task == "translate":
-                check_translates(params.model, engine.spec, state)
-            check_model(params.model, engine.spec, state)
-            language = check_language(params.language, engine.spec)
-            check_logprobs(params.logprobs, engine.spec, state)
-            diarizer = check_diarize(params, state)
-            folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
-            try:
-                references = await decode_references(params, state, folder) if diarizer is not None else {}
-                decode_started = time.monotonic()
-                audio, decoding = await start_decode(upload, state, folder)
-                # Decoding, cutting and the engine overlap: the first pieces are transcribed while the
-                # rest of the file is still decoded and scanned. The answer's status waits for the
-                # decode (a file that turns out too long or corrupt is a 400, its pieces cancelled).
-                first = state.settings.stream_first_piece_seconds if params.stream else None
-                # What the VAD finds while cutting is kept for cue times and segment scores.
-                speech = SpeechMap(state.detector, audio, params.chunking) if state.detector is not None else None
-                plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
-                                  state.settings.piece_target_seconds, first or None,
-                                  vad_threads=state.settings.vad_threads, chunking=params.chunking, speech=speech)
-                turns = None
-                if diarizer is not None:
-                    # Speakers are found once the whole file is decoded, beside the engine; a model
-                    # without token times waits for them: its pieces are cut at speaker changes.
-                    turns = asyncio.create_task(find_speakers(state, diarizer, audio, references))
-                    stack.callback(turns.cancel)
-                    if not engine.spec.token_timestamps:
-                        await plan.aclose()
-                        plan = speaker_plan(turns, audio, engine.spec.max_piece_seconds)
-                pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard, speech))
-                try:
-                    await audio.wait_done()
-                    state.metrics.decode_seconds.observe(time.monotonic() - decode_started)
-                except BaseException as exc:
-                    audio.abort()
-                    await pieces.aclose()
-                    if isinstance(exc, Exception):
-                        raise decode_error(exc) from None
-                    raise
-                finally:
-                    with contextlib.suppress(BaseException):
-                        await decoding
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-            stack.push_async_callback(pieces.aclose)
+            await job.start(form)
         except BaseException:
-            await stack.aclose()
+            await job.aclose()
             raise
         finally:
             await form.close()
-        if params.stream:
-            return StreamingResponse(
-                stream_events(state, engine, audio, pieces, stack, record, started, params.logprobs, turns),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "x-model-id": engine.spec.id},
-                background=BackgroundTask(stack.aclose),
-            )
-        async with stack:
-            try:
-                results = [piece async for piece in pieces]
-            except (EngineUnavailable, EngineRejected) as exc:
-                raise engine_error(exc) from None
-            # The speech spans cut pieces without token times into cues (srt, vtt, verbose_json) and
-            # score verbose_json's segments (no_speech_prob); a file that went whole is scanned
-            # then, once: off the loop.
-            timed = params.response_format == "verbose_json" or (
-                params.response_format in TIMED_FORMATS and not engine.spec.token_timestamps)
-            transcript = await asyncio.to_thread(build_transcript, results, audio.seconds,
-                                                 engine.spec.token_timestamps,
-                                                 speech.spans if timed and speech is not None else None)
-            if turns is not None:
-                transcript.segments = split_by_speaker(transcript.segments, await turns)
-        model_id = engine.spec.id
-        elapsed = time.monotonic() - started
-        record.audio_seconds = audio.seconds
-        state.metrics.observe_transcription(model_id, audio.seconds, elapsed)
-        headers = {
-            "x-model-id": model_id,
-            "x-audio-seconds": f"{audio.seconds:.3f}",
-            "x-processing-ms": str(int(elapsed * 1000)),
-        }
-        want_words = "word" in params.timestamp_granularities
-        if want_words and not engine.spec.token_timestamps:
-            headers["x-warning"] = (f"model {model_id} gives no token times: word timestamps are not available "
-                                    "(segments only)")
-        return render(transcript, params.response_format, language=language or transcript.language,
-                      want_words=want_words, headers=headers, logprobs=params.logprobs,
-                      token_ids=functools.partial(token_ids, engine.spec), task=task)
+        if job.params.stream:
+            return StreamingResponse(job.events(), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+                                              "x-model-id": job.engine.spec.id},
+                                     background=BackgroundTask(job.aclose))
+        async with job:
+            return await job.whole_answer()
     finally:
         state.in_flight -= 1
+
+
+async def read_form(request: Request) -> FormData:
+    try:
+        # Fields are small, except known speakers' references: data URLs of up to 10 s of audio each. The
+        # body as a whole stays under MAX_UPLOAD_BYTES.
+        return await request.form(max_files=1, max_fields=32, max_part_size=4 * 1024 * 1024)
+    except MultiPartException as exc:
+        raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
 
 
 def _sse(event: dict[str, object]) -> bytes:
     return f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode()
 
 
-async def stream_events(state: BridgeState, engine: ModelEngine, audio: AudioStream, pieces: Prefetch,
-                        lease: contextlib.AsyncExitStack, record: AccessRecord,
-                        started: float, logprobs: bool = False,
-                        turns: asyncio.Task[list[Turn]] | None = None) -> AsyncIterator[bytes]:
-    """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``; with
-    ``logprobs`` each carries its tokens' log-probabilities (the done event all of them). With
-    ``turns`` (speakers), each segment of a piece comes as a ``transcript.text.segment`` event and
-    a ``delta`` that names it (``segment_id``).
+class Job:
+    """One upload, from its checks to its answer. It holds what must be released once whatever
+    happens (the engine lease, the queued pieces, the speaker search), and ``aclose`` (also
+    ``async with``) releases them: the whole answer and the stream both end with it."""
 
-    When the client goes away Starlette cancels this generator; leaving it cancels the pieces
-    that have not run (``Prefetch.aclose``)."""
-    texts: list[str] = []
-    scored: list[tuple[str, float]] = []
-    async with lease:
+    def __init__(self, state: BridgeState, task: str, record: AccessRecord) -> None:
+        self.state, self.task, self.record = state, task, record
+        self.started = time.monotonic()
+        self._held = contextlib.AsyncExitStack()
+        self.params: TranscriptionParams
+        self.engine: ModelEngine
+        self.audio: AudioStream
+        self.pieces: Prefetch
+        self.language = ""
+        self.speech: SpeechMap | None = None
+        self.turns: asyncio.Task[list[Turn]] | None = None
+
+    async def __aenter__(self) -> Job:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        await self._held.aclose()
+
+    async def start(self, form: FormData) -> None:
+        """Check the request, then decode, cut and transcribe, overlapped: the first pieces go to the
+        engine while the rest of the file is still decoded and scanned. Returns once the file is
+        decoded, so that the answer's status can say whether it was (a file that turns out too long
+        or corrupt is a 400, its pieces cancelled)."""
+        state = self.state
+        upload, self.params = (parse_translation_form if self.task == "translate" else parse_transcription_form)(form)
+        params = self.params
+        # The lease pins the engine this request is checked against and answered by, even if the
+        # model is switched meanwhile (the old engine finishes its leases, then closes).
+        self.engine = await self._held.enter_async_context(state.engines.lease())
+        spec = self.engine.spec
+        self.record.model = spec.id
+        if self.task == "translate":
+            check_translates(params.model, spec, state)
+        check_model(params.model, spec, state)
+        self.language = check_language(params.language, spec)
+        check_logprobs(params.logprobs, spec, state)
+        diarizer = check_diarize(params, state)
+        folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
         try:
-            async for start, end, result in pieces:
-                if result is None or not result.text:
-                    continue
-                if turns is not None:
-                    piece = build_transcript([(start, end, result)], audio.seconds, engine.spec.token_timestamps)
-                    for seg in split_by_speaker(piece.segments, await turns):
-                        if not seg.text:
-                            continue
-                        index = len(texts)
-                        yield _sse(diarized_segment(index, seg))
-                        yield _sse({"type": "transcript.text.delta", "delta": seg.text if not texts else " " + seg.text,
-                                    "segment_id": segment_id(index)})
-                        texts.append(seg.text)
-                    continue
-                delta = result.text if not texts else " " + result.text
-                texts.append(result.text)
-                event: dict[str, object] = {"type": "transcript.text.delta", "delta": delta}
-                if logprobs:
-                    pairs = scored_tokens(result)
-                    scored += pairs
-                    event["logprobs"] = logprob_entries(pairs)
-                yield _sse(event)
+            references = await decode_references(params, state, folder) if diarizer is not None else {}
+            decode_started = time.monotonic()
+            self.audio, decoding = await start_decode(upload, state, folder)
+            first = state.settings.stream_first_piece_seconds if params.stream else None
+            # What the VAD finds while cutting is kept for cue times and segment scores.
+            self.speech = SpeechMap(state.detector, self.audio, params.chunking) if state.detector is not None else None
+            plan = cut_pieces(self.audio, spec.max_piece_seconds, state.detector, state.settings.piece_target_seconds,
+                              first or None, vad_threads=state.settings.vad_threads, chunking=params.chunking,
+                              speech=self.speech)
+            if diarizer is not None:
+                # Speakers are found once the whole file is decoded, beside the engine; a model
+                # without token times waits for them: its pieces are cut at speaker changes.
+                self.turns = asyncio.create_task(find_speakers(state, diarizer, self.audio, references))
+                self._held.callback(self.turns.cancel)
+                if not spec.token_timestamps:
+                    await plan.aclose()
+                    plan = speaker_plan(self.turns, self.audio, spec.max_piece_seconds)
+            self.pieces = Prefetch(iter_pieces(state.scheduler, self.engine, self.audio, plan, state.guard,
+                                               self.speech))
+            self._held.push_async_callback(self.pieces.aclose)
+            try:
+                await self.audio.wait_done()
+                state.metrics.decode_seconds.observe(time.monotonic() - decode_started)
+            except BaseException as exc:
+                self.audio.abort()
+                await self.pieces.aclose()
+                if isinstance(exc, Exception):
+                    raise decode_error(exc) from None
+                raise
+            finally:
+                with contextlib.suppress(BaseException):
+                    await decoding
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    async def whole_answer(self) -> Response:
+        params, spec, audio = self.params, self.engine.spec, self.audio
+        try:
+            results = [piece async for piece in self.pieces]
         except (EngineUnavailable, EngineRejected) as exc:
-            err = engine_error(exc)
-            record.status = err.status  # the stream's 200 was sent already; the log says what happened
-            yield _sse({"type": "error", "error": {"message": err.message, "type": err.type, "code": err.code}})
-            return
-    record.audio_seconds = audio.seconds
-    state.metrics.observe_transcription(engine.spec.id, audio.seconds, time.monotonic() - started)
-    done: dict[str, object] = {"type": "transcript.text.done", "text": " ".join(texts)}
-    if logprobs:
-        done["logprobs"] = logprob_entries(scored)
-    yield _sse({**done, "usage": usage(audio.seconds)})
+            raise engine_error(exc) from None
+        # The speech spans cut pieces without token times into cues (srt, vtt, verbose_json) and
+        # score verbose_json's segments (no_speech_prob); a file that went whole is scanned then,
+        # once: off the loop.
+        timed = params.response_format == "verbose_json" or (
+            params.response_format in TIMED_FORMATS and not spec.token_timestamps)
+        transcript = await asyncio.to_thread(build_transcript, results, audio.seconds, spec.token_timestamps,
+                                             self.speech.spans if timed and self.speech is not None else None)
+        if self.turns is not None:
+            transcript.segments = split_by_speaker(transcript.segments, await self.turns)
+        elapsed = time.monotonic() - self.started
+        self.record.audio_seconds = audio.seconds
+        self.state.metrics.observe_transcription(spec.id, audio.seconds, elapsed)
+        headers = {"x-model-id": spec.id, "x-audio-seconds": f"{audio.seconds:.3f}",
+                   "x-processing-ms": str(int(elapsed * 1000))}
+        want_words = "word" in params.timestamp_granularities
+        if want_words and not spec.token_timestamps:
+            headers["x-warning"] = (f"model {spec.id} gives no token times: word timestamps are not available "
+                                    "(segments only)")
+        return render(transcript, params.response_format, language=self.language or transcript.language,
+                      want_words=want_words, headers=headers, logprobs=params.logprobs,
+                      token_ids=functools.partial(token_ids, spec), task=self.task)
+
+    async def events(self) -> AsyncIterator[bytes]:
+        """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``; with
+        ``logprobs`` each carries its tokens' log-probabilities (the done event all of them). With
+        speakers, each segment of a piece comes as a ``transcript.text.segment`` event and a
+        ``delta`` that names it (``segment_id``).
+
+        When the client goes away Starlette cancels this generator; leaving it releases the job
+        (the pieces that have not run are cancelled)."""
+        spec, audio, logprobs = self.engine.spec, self.audio, self.params.logprobs
+        texts: list[str] = []
+        scored: list[tuple[str, float]] = []
+        async with self:
+            try:
+                async for start, end, result in self.pieces:
+                    if result is None or not result.text:
+                        continue
+                    if self.turns is not None:
+                        piece = build_transcript([(start, end, result)], audio.seconds, spec.token_timestamps)
+                        for seg in split_by_speaker(piece.segments, await self.turns):
+                            if not seg.text:
+                                continue
+                            index = len(texts)
+                            yield _sse(diarized_segment(index, seg))
+                            yield _sse({"type": "transcript.text.delta",
+                                        "delta": seg.text if not texts else " " + seg.text,
+                                        "segment_id": segment_id(index)})
+                            texts.append(seg.text)
+                        continue
+                    delta = result.text if not texts else " " + result.text
+                    texts.append(result.text)
+                    event: dict[str, object] = {"type": "transcript.text.delta", "delta": delta}
+                    if logprobs:
+                        pairs = scored_tokens(result)
+                        scored += pairs
+                        event["logprobs"] = logprob_entries(pairs)
+                    yield _sse(event)
+            except (EngineUnavailable, EngineRejected) as exc:
+                err = engine_error(exc)
+                self.record.status = err.status  # the stream's 200 was sent already; the log says what happened
+                yield _sse({"type": "error", "error": {"message": err.message, "type": err.type, "code": err.code}})
+                return
+        self.record.audio_seconds = audio.seconds
+        self.state.metrics.observe_transcription(spec.id, audio.seconds, time.monotonic() - self.started)
+        done: dict[str, object] = {"type": "transcript.text.done", "text": " ".join(texts)}
+        if logprobs:
+            done["logprobs"] = logprob_entries(scored)
+        yield _sse({**done, "usage": usage(audio.seconds)})
