@@ -400,7 +400,8 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
     proxy_url = f"http://127.0.0.1:{proxy_port}"
     wait_http(proxy_url + "/health", proxy)
     instant_port = free_port()
-    services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(instant_port)], env)
+    services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(instant_port),
+                                       "--words-per-second", "2.5"], env)
     instant_url, instant_proc = bridge("instant-bridge", {
         "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{instant_port}", "SPEED_CHECK": "false",
         # The stand-in takes no CPU, like a GPU engine: the VAD gets every core, as on CUDA.

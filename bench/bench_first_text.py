@@ -159,8 +159,8 @@ def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path
     stack = Stack(work)
     try:
         port = free_port()
-        stack.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port)],
-                    dict(os.environ))
+        stack.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port),
+                                       "--words-per-second", "2.5"], dict(os.environ))
         # The stand-in is as fast as a GPU and takes no CPU: the VAD gets every core, as on CUDA.
         env = {**os.environ, "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{port}",
                "LOG_LEVEL": "warning", "DEFAULT_MODEL": "moonshine-base-en",

@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def start(services: Services, work: Path, env: dict[str, str], profile: Path | None = None) -> tuple[str, str, str]:
     """(bridge URL, proxy URL, key): the instant engine, a bridge before it, the proxy before that."""
     engine_port, bridge_port, proxy_port = free_port(), free_port(), free_port()
-    services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(engine_port)], env)
+    services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(engine_port),
+                                       "--words-per-second", "2.5"], env)
     time.sleep(0.5)
     bridge = f"http://127.0.0.1:{bridge_port}"
     proc = services.start("bridge", [sys.executable, "-m", "bridge"], {

@@ -56,7 +56,7 @@ def main() -> int:
         for i in range(2):
             engine_port, port = free_port(), free_port()
             services.start(f"engine-{i}", [sys.executable, "-m", "bench.instant_engine", "--port", str(engine_port),
-                                           "--delay", str(args.delay)], env)
+                                           "--delay", str(args.delay), "--words-per-second", "2.5"], env)
             time.sleep(0.5)
             proc = services.start(f"bridge-{i}", [sys.executable, "-m", "bridge"], {
                 **env, "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{engine_port}",

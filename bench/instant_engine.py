@@ -1,6 +1,11 @@
 """A stand-in engine that answers at once: a WebSocket server speaking the sherpa-onnx offline
 protocol (``adapters.sherpa_protocol``), for measuring what the bridge itself costs around an
-engine as fast as a GPU. It reads each utterance in full and replies with a short fixed text.
+engine as fast as a GPU. It reads each utterance in full and replies with a short fixed text, or
+(``--words-per-second``) with as many made-up words as a model would say for that much speech.
+
+A bench of the bridge's own cost wants ``--words-per-second 2.5``: the fixed one-word reply is what
+a model that failed says, so the piece guard (``bridge.guard``) checks each piece of 2 s or more
+with the VAD and transcribes it again in halves, which is not the bridge's cost for real answers.
 
     .venv/bin/python -m bench.instant_engine --port 6006
 
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import struct
 
 from websockets.asyncio.server import ServerConnection, serve
@@ -24,6 +30,16 @@ DELAY = 0.0  # seconds per second of audio (--delay): a slow engine for tests
 FAIL_OVER = 0.0  # --fail-over: utterances longer than this get a broken answer (tests of bridge.guard)
 FAIL_MODE = "empty"  # or "loop": the two ways a model fails on noisy speech
 TRANSDUCER = False  # --transducer: answer as parakeet does, with token times and log-probabilities
+WORDS_PER_SECOND = 0.0  # --words-per-second: a reply as long as a model's for that much speech
+SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "be", "fi", "ho", "ju"]
+
+
+def made_up_words(seconds: float) -> str:
+    """``WORDS_PER_SECOND`` words of one to three syllables, the same for the same length: as long as
+    real text and no more compressible (the guard's repetition check passes up to 60 s)."""
+    n = max(1, round(seconds * WORDS_PER_SECOND))
+    rng = random.Random(n)
+    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
 
 
 def transducer_reply(seconds: float) -> str:
@@ -43,6 +59,8 @@ def reply(seconds: float) -> str:
     that says how long the utterance was (so a test can tell which piece said what)."""
     if TRANSDUCER:
         return transducer_reply(seconds)
+    if WORDS_PER_SECOND and not FAIL_OVER:
+        return json.dumps({"text": made_up_words(seconds), "tokens": [], "timestamps": [], "lang": ""})
     if not FAIL_OVER:
         return REPLY
     if seconds > FAIL_OVER:
@@ -89,9 +107,12 @@ def main() -> None:
     ap.add_argument("--fail-mode", choices=["empty", "loop"], default="empty")
     ap.add_argument("--transducer", action="store_true",
                     help="answer 'piece of N seconds' with token times and log-probabilities (as parakeet)")
+    ap.add_argument("--words-per-second", type=float, default=0.0,
+                    help="answer with this many made-up words per second of audio (2.5: as a model would)")
     args = ap.parse_args()
-    global DELAY, FAIL_OVER, FAIL_MODE, TRANSDUCER
+    global DELAY, FAIL_OVER, FAIL_MODE, TRANSDUCER, WORDS_PER_SECOND
     DELAY, FAIL_OVER, FAIL_MODE, TRANSDUCER = args.delay, args.fail_over, args.fail_mode, args.transducer
+    WORDS_PER_SECOND = args.words_per_second
     asyncio.run(serve_forever(args.host, args.port))
 
 
