@@ -6,7 +6,8 @@
 Locally it starts, on loopback, everything it compares: sherpa-onnx's Python ``OfflineRecognizer``
 in this process (the ceiling: no server, no protocol), the raw sherpa-onnx WebSocket server with the
 flags the bridge gives its child, the bridge, the proxy in front of it, and a second bridge in front
-of a stand-in engine that answers at once (``bench/instant_engine.py``: what the bridge itself costs).
+of a stand-in engine that answers at once (``bench/instant_engine.py``: what the bridge itself costs),
+with a proxy in front of it too (what the proxy itself costs).
 Each path gets the same requests at concurrency 1, 4 and 8 (paths interleaved level by level), then
 one long upload goes through the bridge for its real-time factor. Then (not with ``--quick``) the
 accuracy on real read speech: ``bench/bench_real_speech.py``. The model and engine tuning are
@@ -278,6 +279,14 @@ def ratio_lines(rows: list[Row], over: str, under: str, label: str) -> list[str]
     return lines
 
 
+def cost_lines(rows: list[Row], over: str, under: str, label: str) -> list[str]:
+    """What ``over`` adds to ``under`` in milliseconds of p50 latency (the stand-in engine's rows: the
+    proxy's own cost; ``bench/bench_proxy.py`` measures it in pairs)."""
+    by = {(r.path, r.concurrency): r for r in rows}
+    return [f"- {label} at concurrency {c}: p50 {by[(over, c)].p50_ms - by[(under, c)].p50_ms:+.1f} ms"
+            for c in LEVELS if (over, c) in by and (under, c) in by]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small sizes (the test suite runs this)")
@@ -329,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         ratios += ratio_lines(rows, "bridge", "raw sherpa-onnx WebSocket", "bridge / raw")
         ratios += ratio_lines(rows, "proxy + bridge", "bridge", "proxy / bridge")
         ratios += ratio_lines(rows, "raw sherpa-onnx WebSocket", "in-process OfflineRecognizer", "raw / in-process")
+        ratios += cost_lines(rows, "proxy + bridge, instant engine", "bridge, instant engine", "the proxy's own cost")
         started = time.perf_counter()
         long_target.one()
         elapsed = time.perf_counter() - started
@@ -392,13 +402,20 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
     keys = work / "api-keys.json"
     key = subprocess.run([sys.executable, "-m", "auth_proxy", "keys", "add", "bench"], cwd=ROOT, capture_output=True,
                          text=True, check=True, env={**env, "API_KEYS_FILE": str(keys)}).stdout.strip()
-    proxy_port = free_port()
-    proxy = services.start("proxy", [sys.executable, "-m", "auth_proxy"],
-                           {**env, "AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(proxy_port), "BRIDGE_URL": bridge_url,
-                            "API_KEYS_FILE": str(keys), "USAGE_DB": str(work / "usage.db"),
-                            "USAGE_JSON": str(work / "usage.json")})
-    proxy_url = f"http://127.0.0.1:{proxy_port}"
-    wait_http(proxy_url + "/health", proxy)
+
+    def proxy_before(name: str, bridge_url: str) -> tuple[str, subprocess.Popen[bytes]]:
+        port = free_port()
+        folder = work / name
+        folder.mkdir()
+        proc = services.start(name, [sys.executable, "-m", "auth_proxy"],
+                              {**env, "AUTH_HOST": "127.0.0.1", "AUTH_PORT": str(port), "BRIDGE_URL": bridge_url,
+                               "API_KEYS_FILE": str(keys), "USAGE_DB": str(folder / "usage.db"),
+                               "USAGE_JSON": str(folder / "usage.json")})
+        url = f"http://127.0.0.1:{port}"
+        wait_http(url + "/health", proc)
+        return url, proc
+
+    proxy_url, proxy = proxy_before("proxy", bridge_url)
     instant_port = free_port()
     services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(instant_port),
                                        "--words-per-second", "2.5"], env)
@@ -406,6 +423,7 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
         "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{instant_port}", "SPEED_CHECK": "false",
         # The stand-in takes no CPU, like a GPU engine: the VAD gets every core, as on CUDA.
         "VAD_THREADS": str(usable_cores())})
+    instant_proxy_url, instant_proxy = proxy_before("instant-proxy", instant_url)
     bridge_ps = psutil.Process(bridge_proc.pid)
     targets = [
         in_process_target(spec, model_dir, settings, clip),
@@ -414,6 +432,9 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
         http_target("proxy + bridge", proxy_url, clip_wav, [psutil.Process(proxy.pid)],
                     {"Authorization": f"Bearer {key}"}),
         http_target("bridge, instant engine", instant_url, clip_wav, [psutil.Process(instant_proc.pid)], {}),
+        # The proxy's own cost: the same proxy in front of the stand-in's bridge.
+        http_target("proxy + bridge, instant engine", instant_proxy_url, clip_wav,
+                    [psutil.Process(instant_proxy.pid)], {"Authorization": f"Bearer {key}"}),
     ]
     return targets, http_target("bridge", bridge_url, long_wav, [bridge_ps], {})
 

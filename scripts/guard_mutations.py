@@ -133,7 +133,10 @@ def run(mutation: Mutation, scratch: Path) -> tuple[bool, str, float]:
         raise SystemExit(f"{mutation.name}: pytest could not run the tests (exit {proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
     # A test must fail on an assertion: only errors (a fixture whose service did not start) prove nothing.
-    if proc.returncode == 1 and " failed" not in tail:
+    # pytest's summary ("1 failed in 9.1s", "1 error in ...") is the last line of its output; the
+    # services' logs on stderr come after it.
+    summary = (proc.stdout.strip().splitlines() or [""])[-1]
+    if proc.returncode == 1 and " failed" not in summary:
         raise SystemExit(f"{mutation.name}: the tests errored instead of failing:\n{proc.stdout[-3000:]}")
     return proc.returncode == 1, tail, time.monotonic() - started
 

@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import ROOT
 
 PATHS = ["in-process OfflineRecognizer", "raw sherpa-onnx WebSocket", "bridge", "proxy + bridge",
-         "bridge, instant engine"]
+         "bridge, instant engine", "proxy + bridge, instant engine"]
 
 
 def parse_table(text: str) -> dict[tuple[str, int], dict[str, float]]:
@@ -50,5 +50,8 @@ def test_python_m_bench_quick_prints_and_writes_one_table(tmp_path, models_dir):
     for ratio in ("bridge / raw at concurrency 1", "proxy / bridge at concurrency 8"):
         match = re.search(re.escape(ratio) + r": p50 latency ([\d.]+), throughput ([\d.]+)", text)
         assert match and all(0.2 < float(v) < 5 for v in match.groups()), ratio
+    # The proxy's own cost, in front of the stand-in's bridge: a few milliseconds, never a second.
+    match = re.search(r"the proxy's own cost at concurrency 1: p50 ([+-][\d.]+) ms", text)
+    assert match and -50 < float(match.group(1)) < 1000
     match = re.search(r"30 s upload through bridge: [\d.]+ s, real-time factor ([\d.]+)", text)
     assert match and 0 < float(match.group(1)) < 2
