@@ -124,20 +124,23 @@ def run(mutation: Mutation, scratch: Path) -> tuple[bool, str, float]:
     started = time.monotonic()
     # cwd first on sys.path: the scratch copy's packages, not the installed ones, are imported (and
     # the processes the tests start run from the scratch copy too).
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-o", "addopts=",
-                           *mutation.tests], cwd=scratch, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-rfE", "-p", "no:cacheprovider",
+                           "-o", "addopts=", *mutation.tests], cwd=scratch, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "COLUMNS": "10000"})
     tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
     # 1: tests ran and failed. 0 would be a survivor; anything else (a collection error) proves nothing.
     if proc.returncode not in (0, 1):
         raise SystemExit(f"{mutation.name}: pytest could not run the tests (exit {proc.returncode}):\n"
                          f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}")
-    # A test must fail on an assertion: only errors (a fixture whose service did not start) prove nothing.
-    # pytest's summary ("1 failed in 9.1s", "1 error in ...") is the last line of its output; the
-    # services' logs on stderr come after it.
-    summary = (proc.stdout.strip().splitlines() or [""])[-1]
-    if proc.returncode == 1 and " failed" not in summary:
-        raise SystemExit(f"{mutation.name}: the tests errored instead of failing:\n{proc.stdout[-3000:]}")
+    # A test must fail on what it checks (an assertion, pytest.fail, pytest.raises): an error in a fixture
+    # or another exception in the test (a missing file, a service that did not start) proves nothing.
+    # pytest -rfE lists them as "FAILED test - AssertionError: ..." and "ERROR test - ...".
+    failures = [line for line in proc.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    on_checks = [line for line in failures if line.startswith("FAILED ")
+                 and line.partition(" - ")[2].startswith(("AssertionError", "Failed", "assert "))]
+    if proc.returncode == 1 and (not on_checks or len(on_checks) != len(failures)):
+        raise SystemExit(f"{mutation.name}: the tests broke on something other than what they check:\n"
+                         f"{proc.stdout[-3000:]}")
     return proc.returncode == 1, tail, time.monotonic() - started
 
 
@@ -146,6 +149,9 @@ def main(words: list[str]) -> int:
     survived = []
     with tempfile.TemporaryDirectory(prefix="guard-mutations-") as tmp:
         pristine = clean_clone(Path(tmp) / "pristine")
+        # The tests read ../shared (LibriSpeech, the diarization stand-ins) beside the checkout.
+        if (ROOT.parent / "shared").is_dir():
+            (Path(tmp) / "shared").symlink_to(ROOT.parent / "shared")
         check = subprocess.run([sys.executable, "-c", "import bridge; print(bridge.__file__)"], cwd=pristine,
                                capture_output=True, text=True)
         assert check.stdout.startswith(str(pristine)), f"the scratch copy is not what gets imported: {check}"
