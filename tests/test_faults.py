@@ -109,9 +109,10 @@ def served_ids(db: Path | str, want: set[str], timeout: float = 20) -> dict[str,
 def check_fail_closed(outcomes: list[Outcome], bridge_log: str, served: dict[str, dict], *, lost: float,
                       down: tuple[float, float], back: float, what: str) -> tuple[list[Outcome], list[Outcome]]:
     """What a usage-store outage under load must show: every refusal a 503 usage_unavailable with
-    Retry-After, every request started within ``down`` refused and none of them forwarded, every
-    one started after ``back`` served, and every served request (those in flight at ``lost``, when
-    the store went away, included) metered with its audio. Returns (refused, served across ``lost``)."""
+    Retry-After, requests started within ``down`` refused unless their record could be written first
+    and none of the refused forwarded, every one started after ``back`` served, and every served
+    request (those in flight at ``lost``, when the store went away, included) metered with its
+    audio. Returns (refused, served across ``lost``)."""
     refused = [o for o in outcomes if o.status != 200]
     during = [o for o in outcomes if down[0] < o.started < down[1]]
     spanning = [o for o in outcomes if o.started < lost < o.ended and o.status == 200]
@@ -119,7 +120,11 @@ def check_fail_closed(outcomes: list[Outcome], bridge_log: str, served: dict[str
     print(f"\n{what}: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started meanwhile "
           f"({sorted({o.status for o in during})}), {len(spanning)} served across it, {len(after)} after")
     assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
-    assert during and all(o.status == 503 for o in during), "nothing may be served while usage cannot be written"
+    # Nothing is served unmetered: a request started meanwhile is refused, or its record was written
+    # before it was served (SQLite can still append into the space its WAL already holds on a full disk).
+    assert during and any(o.status == 503 for o in during)
+    assert all(o.status == 503 or o.request_id in served for o in during), \
+        "a request was served while its usage could not be written"
     assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
     assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
     missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
