@@ -59,16 +59,24 @@ def build(seed: int = 7) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, i
             out.append(clips[int(rng.integers(len(clips)))][::-1])
         return np.concatenate(out)[:n]
 
-    babble = np.sum([babble_stream() for _ in range(4)], axis=0)
+    streams = [babble_stream() for _ in range(4)]
+    return speech, babble_and_pink(streams, pink_noise(n, rng)), truth
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return x / np.sqrt(np.mean(x.astype(np.float64) ** 2))
+
+
+def pink_noise(n: int, rng: np.random.Generator) -> np.ndarray:
     white = rng.standard_normal(n + 1)
     freqs = np.fft.rfftfreq(n + 1)
     freqs[0] = freqs[1]
-    pink = np.fft.irfft(np.fft.rfft(white) / np.sqrt(freqs), n + 1)[:n]
+    return np.fft.irfft(np.fft.rfft(white) / np.sqrt(freqs), n + 1)[:n]
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.sqrt(np.mean(x.astype(np.float64) ** 2))
 
-    return speech, unit(unit(babble) + unit(pink)), truth
+def babble_and_pink(streams: list[np.ndarray], pink: np.ndarray) -> np.ndarray:
+    """The babble streams summed, plus the pink noise at the same power: unit power."""
+    return unit(unit(np.sum(streams, axis=0)) + unit(pink))
 
 
 def mix(speech: np.ndarray, noise: np.ndarray, snr: float | None) -> np.ndarray:

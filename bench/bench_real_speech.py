@@ -34,7 +34,7 @@ import httpx
 import numpy as np
 
 from adapters.managed_websocket import free_port
-from bench.bench_noisy import hand_cut, mix
+from bench.bench_noisy import babble_and_pink, hand_cut, mix, pink_noise
 from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
@@ -97,14 +97,8 @@ def babble(n: int, utts: list[Utterance], seed: int = 1) -> np.ndarray:
             out.append(clips[int(rng.integers(len(clips)))])
         return np.concatenate(out)[:n]
 
-    def unit(x: np.ndarray) -> np.ndarray:
-        return x / np.sqrt(np.mean(x.astype(np.float64) ** 2))
-
-    white = rng.standard_normal(n + 1)
-    freqs = np.fft.rfftfreq(n + 1)
-    freqs[0] = freqs[1]
-    pink = np.fft.irfft(np.fft.rfft(white) / np.sqrt(freqs), n + 1)[:n]
-    return unit(unit(np.sum([stream() for _ in range(4)], axis=0)) + unit(pink)).astype(np.float32)
+    pink = pink_noise(n, rng)
+    return babble_and_pink([stream() for _ in range(4)], pink).astype(np.float32)
 
 
 def noisy_speech(utts: list[Utterance], seconds: float) -> tuple[np.ndarray, np.ndarray, list[tuple[str, int, int]]]:
