@@ -97,6 +97,18 @@ def hand_cut(truth: list[tuple[str, int, int]], limit: float = 25.0) -> list[tup
     return [(max(0, a - RATE // 5), b + RATE // 5) for a, b in pieces]
 
 
+def start_bridges(services: Services, env: dict[str, str], prefix: str = "") -> dict[str, str]:
+    """Two bridges with the bridge's settings, one with ``GUARD_PIECES=false``."""
+    urls = {}
+    for name, extra in (("guard", {}), ("no guard", {"GUARD_PIECES": "false"})):
+        port = free_port()
+        proc = services.start(prefix + name.replace(" ", "-"), [sys.executable, "-m", "bridge"],
+                              {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port), **extra})
+        urls[name] = f"http://127.0.0.1:{port}"
+        wait_http(urls[name] + "/health", proc, timeout=300)
+    return urls
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_noisy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--snr", type=float, nargs="+", default=[20, 10, 0])
@@ -117,14 +129,8 @@ def main() -> int:
     services = Services(work)
     env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "MODELS_DIR": str(settings.models_dir),
            "DEFAULT_MODEL": spec.id}
-    urls = {}
     try:
-        for name, extra in (("guard", {}), ("no guard", {"GUARD_PIECES": "false"})):
-            port = free_port()
-            proc = services.start(name.replace(" ", "-"), [sys.executable, "-m", "bridge"],
-                                  {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port), **extra})
-            urls[name] = f"http://127.0.0.1:{port}"
-            wait_http(urls[name] + "/health", proc, timeout=300)
+        urls = start_bridges(services, env)
         client = httpx.Client(timeout=900)
         print(f"{len(speech) / RATE:.0f} s of Festival speech, {spec.id}; hand cut = whole sentences in pieces "
               "of at most 25 s\n")

@@ -33,9 +33,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from adapters.managed_websocket import free_port
-from bench.bench_noisy import babble_and_pink, hand_cut, mix, pink_noise
-from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
+from bench.bench_noisy import babble_and_pink, hand_cut, mix, pink_noise, start_bridges
+from bench.bench_stack import Services, in_process_recognizer, recognize
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.model_store import ModelStore
@@ -172,18 +171,6 @@ def measure(post_to: Callable[[str, Path], str], raw: Callable[[np.ndarray], str
     return lines
 
 
-def start_bridges(services: Services, env: dict[str, str]) -> dict[str, str]:
-    """Two bridges with the bridge's settings, one with ``GUARD_PIECES=false``."""
-    urls = {}
-    for name, extra in (("guard", {}), ("no guard", {"GUARD_PIECES": "false"})):
-        port = free_port()
-        proc = services.start("accuracy-" + name.replace(" ", "-"), [sys.executable, "-m", "bridge"],
-                              {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port), **extra})
-        urls[name] = f"http://127.0.0.1:{port}"
-        wait_http(urls[name] + "/health", proc, timeout=300)
-    return urls
-
-
 def run(services: Services, work: Path, long_seconds: list[float], noisy_seconds: float, snrs: list[float],
         limit: int | None = None) -> list[str]:
     settings = load_settings()
@@ -194,7 +181,7 @@ def run(services: Services, work: Path, long_seconds: list[float], noisy_seconds
                                        settings.sherpa_provider)
     env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "MODELS_DIR": str(settings.models_dir),
            "DEFAULT_MODEL": spec.id}
-    urls = start_bridges(services, env)
+    urls = start_bridges(services, env, "accuracy-")
     with httpx.Client(timeout=1800) as client:
         lines = measure(lambda name, path: post(client, urls[name], path), lambda a: recognize(recognizer, a), work,
                         long_seconds, noisy_seconds, snrs, limit)
