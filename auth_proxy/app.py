@@ -40,7 +40,7 @@ from auth_proxy.forwarding import (
 )
 from auth_proxy.keys import KeyStore
 from auth_proxy.limiter import Limiter, redact
-from auth_proxy.metering import export_loop, record_usage, retry_loop, usage_unavailable, write_usage
+from auth_proxy.metering import Metered, UsageWriter, export_loop, retry_loop, usage_unavailable
 from auth_proxy.metrics import ROUTES, ProxyMetrics
 from auth_proxy.quotas import check_limits
 from auth_proxy.realtime import realtime_session
@@ -54,6 +54,7 @@ from common.openapi import proxy_schema
 log = logging.getLogger("auth_proxy")
 
 FORWARDED_PREFIXES = ("/v1/audio/", "/v1/models")
+WHOLE_ANSWER_BYTES = 1 << 20  # a bridge's answer up to this size with a Content-Length is passed on whole
 STATIC = Path(__file__).resolve().parent / "static"
 mimetypes.add_type("text/javascript", ".mjs")  # module scripts need a JavaScript type (not every Python knows .mjs)
 
@@ -85,15 +86,16 @@ def create_app(settings: ProxySettings) -> FastAPI:
 
         client = bridge_client(settings.bridge_url)
         limiter = Limiter(settings.rate_limit_storage, on_fallback=metrics.limits_local.set)
-        state = ProxyState(settings, keys, usage, client, limiter, metrics)
+        writer = UsageWriter(usage, metrics)
+        state = ProxyState(settings, keys, usage, writer, client, limiter, metrics)
         if settings.bridge_urls:
             state.pool = BridgePool(settings.bridge_urls, poll_seconds=settings.bridge_poll_seconds,
                                     make_client=bridge_client)
             await state.pool.start()
         app.state.proxy = state
         if settings.usage_json is not None:
-            state.export_task = asyncio.create_task(export_loop(state))
-        state.retry_task = asyncio.create_task(retry_loop(state))
+            state.export_task = asyncio.create_task(export_loop(writer, settings.usage_json))
+        state.retry_task = asyncio.create_task(retry_loop(writer))
         log.info("proxy ready: forwarding to %s, %d key(s), usage in %s, rate limits in %s",
                  ", ".join(settings.bridge_urls) if settings.bridge_urls else settings.bridge_url, len(keys),
                  "PostgreSQL" if usage.postgres else settings.usage_db, redact(settings.rate_limit_storage))
@@ -106,11 +108,7 @@ def create_app(settings: ProxySettings) -> FastAPI:
             await client.aclose()
             if state.pool is not None:
                 await state.pool.close()
-            while state.unwritten and write_usage(state, state.unwritten[0], "a record kept for later"):
-                state.unwritten.pop(0)
-            if state.unwritten:
-                log.error("%d usage writes could not be made before the stop (the store is down); see the "
-                          "warnings above for each", len(state.unwritten))
+            writer.close()
             if settings.usage_json is not None:
                 usage.export_json(settings.usage_json)
             usage.close()
@@ -190,10 +188,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
         elif key is not None and key not in (caller.name, caller.id):
             raise APIError(403, "only admin keys can read other keys' usage", code="forbidden", should_retry=False)
         limit = max(1, min(limit, 1000))
-        totals, records = await asyncio.gather(
-            asyncio.to_thread(state.usage.totals, key_id, since, until),
-            asyncio.to_thread(state.usage.records, key_id, since, until, limit),
-        )
+        totals = await state.writer.run(state.usage.totals, key_id, since, until)
+        records = await state.writer.run(state.usage.records, key_id, since, until, limit)
         return JSONResponse({"object": "usage", "since": since, "until": until, "totals": totals,
                              "records": records})
 
@@ -206,9 +202,8 @@ def create_app(settings: ProxySettings) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return error_response(500, "internal error; see the proxy log", code="internal_error", type="server_error")
 
-    @app.api_route("/v1/{path:path}", methods=["GET", "POST"], include_in_schema=False)
-    async def forward(request: Request, path: str) -> Response:
-        return await forward_request(request)
+    # A plain Starlette route: nothing for FastAPI's parameter handling to do on the hot path.
+    app.add_route("/v1/{path:path}", forward_request, methods=["GET", "POST"], include_in_schema=False)
 
     app.add_middleware(
         CORSMiddleware,
@@ -251,29 +246,38 @@ async def forward_request(request: Request) -> Response:
     except APIError as exc:  # refused requests are metered too (status 429, no audio)
         limit = "audio_quota" if exc.code == "insufficient_quota" else "rpm"
         state.metrics.refused.labels(key.name, limit).inc()
-        record_usage(state, UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
+        state.writer.record(UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
                                         route=path, status=exc.status, audio_seconds=0.0,
                                         latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
         raise
     except Exception:  # the quota could not be read: the store is down
         raise usage_unavailable() from None
     # Metered before it is served: a request the store cannot record is refused, never served free.
-    pending = UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="", route=path, status=0,
-                          audio_seconds=0.0, latency_ms=0.0, created=time.time())
-    rows: list[int] = []
-    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):
-        raise usage_unavailable()
-    row = rows[0]
-    state.in_flight += 1
+    # Its pending record is written before anything reaches a bridge, and on disk (fsync) before
+    # any of the answer goes out: the fsync runs while the bridge works (``Metered``).
+    metered = Metered(state.writer, UsageRecord(request_id=request_id, key_id=key.id, key_name=key.name, model="",
+                                                route=path, status=0, audio_seconds=0.0, latency_ms=0.0,
+                                                created=time.time()))
+    state.in_flight += 1  # taken before the wait, so that the cap holds while records are written
     state.metrics.in_flight.inc()
+    try:
+        await metered.written()
+    except BaseException as exc:  # refused (the store is down), or the client left meanwhile
+        state.in_flight -= 1
+        state.metrics.in_flight.dec()
+        metered.finish(status=exc.status if isinstance(exc, APIError) else 499, model="", audio_seconds=0.0,
+                       latency_ms=(time.monotonic() - started) * 1000)
+        raise
     released = False
     spooled: str | None = None
     chosen: Bridge | None = None  # with several bridges: the one serving this request
 
-    def finish(status: int, audio_seconds: float, model: str) -> None:
+    def finish(status: int, audio_seconds: float, model: str) -> asyncio.Future[bool]:
+        """Frees the request's slot and completes its usage record (queued at once; the caller may
+        await it)."""
         nonlocal released
-        if released:
-            return
+        if released:  # the first outcome stands
+            return metered.finish(status=status, model=model, audio_seconds=audio_seconds, latency_ms=0.0)
         released = True
         state.in_flight -= 1
         state.metrics.in_flight.dec()
@@ -288,29 +292,24 @@ async def forward_request(request: Request) -> Response:
                 pass
         record.status, record.model = status, model
         record.audio_seconds = audio_seconds if is_transcription else None
-        latency_ms = (time.monotonic() - started) * 1000
-
-        def complete() -> None:
-            state.usage.complete(row, status=status, model=model, audio_seconds=audio_seconds, latency_ms=latency_ms)
-
-        # Synchronous: a cancelled task cannot await. If the store refuses it now, kept for later.
-        if state.unwritten or not write_usage(state, complete, pending):
-            state.unwritten.append(complete)
+        return metered.finish(status=status, model=model, audio_seconds=audio_seconds,
+                              latency_ms=(time.monotonic() - started) * 1000)
 
     try:
         body, length, spooled = await spool_body(request, settings.max_upload_bytes + 64 * 1024,
                                                  settings.body_read_timeout, spool=state.pool is not None)
-        # The path as the client encoded it (the checks above read it decoded): "%2F" stays one
-        # segment, and bytes that are no URL's are never re-encoded into something else.
+        # The path and query as the client encoded them (the checks above read the path decoded):
+        # "%2F" stays one segment, and bytes that are no URL's are never re-encoded into something else.
         raw_path = request.scope.get("raw_path") or path.encode()
+        query = request.scope.get("query_string") or b""
         try:
-            target = httpx.URL(raw_path.decode("latin-1"))
+            target = httpx.URL((raw_path + b"?" + query if query else raw_path).decode("latin-1"))
         except httpx.InvalidURL:
             raise APIError(400, "the request path is not a valid URL path", code="invalid_request") from None
 
         def build(client: httpx.AsyncClient, content: Any) -> httpx.Request:
             return client.build_request(
-                request.method, target, params=request.query_params,
+                request.method, target,
                 headers=upstream_headers(request.headers.items(), request_id,
                                          length if request.method != "GET" else None),
                 content=content if request.method != "GET" else None,
@@ -321,7 +320,8 @@ async def forward_request(request: Request) -> Response:
         else:
             local = await answer_from_pool(state.pool, request, path, spooled, request_id)
             if local is not None:
-                finish(local.status_code, 0.0, "")
+                await metered.durable()
+                await asyncio.shield(finish(local.status_code, 0.0, ""))
                 return local
             model = ""
             if is_transcription and spooled is not None:
@@ -343,10 +343,10 @@ async def forward_request(request: Request) -> Response:
             # A bridge never reached: the body is on disk, so another one gets it.
             chosen, upstream = await state.pool.reach(model, send, (httpx.ConnectError, httpx.ConnectTimeout))
     except APIError as exc:
-        finish(exc.status, 0.0, "")
+        await asyncio.shield(finish(exc.status, 0.0, ""))
         raise
     except httpx.HTTPError as exc:
-        finish(503, 0.0, "")
+        await asyncio.shield(finish(503, 0.0, ""))
         state.metrics.bridge_errors.labels("unreachable").inc()
         log.warning("bridge unreachable: %r", exc)
         return error_response(503, "the transcription service is not reachable; retry shortly",
@@ -354,11 +354,54 @@ async def forward_request(request: Request) -> Response:
     except BaseException:
         finish(499, 0.0, "")
         raise
+    try:
+        await metered.durable()  # the fsync ran while the bridge worked: usually done by now
+    except BaseException as exc:
+        completed = finish(exc.status if isinstance(exc, APIError) else 499, 0.0, "")
+        await asyncio.shield(upstream.aclose())
+        if isinstance(exc, APIError):
+            await asyncio.shield(completed)
+        raise
 
     headers = downstream_headers(upstream.headers)
     headers.update(limit_headers)
     is_sse = upstream.headers.get("content-type", "").startswith("text/event-stream")
     scanner = SSEUsageScanner() if is_sse else None
+    model_id = upstream.headers.get("x-model-id", "")
+
+    def answered_seconds() -> float:
+        seconds = scanner.audio_seconds if scanner is not None else None
+        if seconds is None:
+            try:
+                seconds = float(upstream.headers.get("x-audio-seconds", "0"))
+            except ValueError:
+                seconds = 0.0
+        return seconds or 0.0
+
+    if scanner is None and upstream.headers.get("content-length", "").isdigit() \
+            and int(upstream.headers["content-length"]) <= WHOLE_ANSWER_BYTES:
+        # A short answer the bridge sent whole (a transcript, an error): passed on whole. Nothing is
+        # gained by streaming it, and a plain response is cheaper than a stream.
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError as exc:
+            await asyncio.shield(finish(502, 0.0, model_id))
+            state.metrics.bridge_errors.labels("stream_broken").inc()
+            log.warning("bridge answer broke off: %r", exc)
+            return error_response(502, "the transcription service's answer broke off; retry", code="bridge_error",
+                                  type="server_error", retry_after=1)
+        except BaseException:
+            finish(499, 0.0, model_id)
+            raise
+        finally:
+            await asyncio.shield(upstream.aclose())
+        completed = finish(upstream.status_code, answered_seconds(), model_id)
+
+        async def committed() -> None:  # before the response ends; the client has it all by then
+            await asyncio.shield(completed)
+
+        return Response(content, status_code=upstream.status_code, headers=headers,
+                        media_type=upstream.headers.get("content-type"), background=BackgroundTask(committed))
 
     async def relay() -> AsyncIterator[bytes]:
         status = upstream.status_code
@@ -375,21 +418,17 @@ async def forward_request(request: Request) -> Response:
             status = 499  # the client went away
             raise
         finally:
-            seconds = scanner.audio_seconds if scanner is not None else None
-            if seconds is None:
-                try:
-                    seconds = float(upstream.headers.get("x-audio-seconds", "0"))
-                except ValueError:
-                    seconds = 0.0
-            # Committed before the response ends, synchronously: a cancelled task cannot await.
-            finish(status, seconds or 0.0, upstream.headers.get("x-model-id", ""))
+            # Queued at once (a cancelled task cannot await), and committed before the response ends.
+            completed = finish(status, answered_seconds(), model_id)
             await asyncio.shield(upstream.aclose())
+            if status != 499:
+                await asyncio.shield(completed)
 
     async def never_started() -> None:
         # Runs after the response in every case; matters only when the client left before the
         # body was iterated (then relay's finally never ran): record it and free the slot.
         if not released:
-            finish(499, 0.0, upstream.headers.get("x-model-id", ""))
+            finish(499, 0.0, model_id)
             await upstream.aclose()
 
     return StreamingResponse(relay(), status_code=upstream.status_code, headers=headers,

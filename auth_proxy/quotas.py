@@ -39,7 +39,7 @@ async def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -
         else state.settings.default_audio_seconds_per_day
     if quota and is_transcription:
         now = time.time()
-        used = state.usage.audio_seconds_since(key.id, start_of_utc_day(now))
+        used = await state.writer.run(state.usage.audio_seconds_since, key.id, start_of_utc_day(now))
         headers["x-ratelimit-limit-audio-seconds"] = f"{quota:g}"
         headers["x-ratelimit-remaining-audio-seconds"] = f"{max(0.0, quota - used):.3f}"
         if used >= quota:

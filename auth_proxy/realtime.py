@@ -34,7 +34,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from auth_proxy.auth import check_guessing, client_address, note_auth_failure
-from auth_proxy.metering import record_usage, usage_unavailable
+from auth_proxy.metering import usage_unavailable
 from auth_proxy.quotas import check_limits, start_of_utc_day
 from auth_proxy.state import ProxyState
 from auth_proxy.usage_store import UsageRecord
@@ -258,13 +258,13 @@ async def realtime_session(ws: WebSocket, state: ProxyState) -> None:
                                 if seconds is not None:
                                     audio_seconds += seconds
                                     turns += 1
-                                    record_usage(state, UsageRecord(
+                                    state.writer.record(UsageRecord(
                                         request_id=request_id, key_id=key.id, key_name=key.name, model=model,
                                         route="/v1/realtime", status=200, audio_seconds=seconds,
                                         latency_ms=(time.monotonic() - started) * 1000, created=time.time()))
                                     state.metrics.audio_seconds.labels(key.name).inc(seconds)
                                     await ws.send_text(text)
-                                    if over_quota(state, key):
+                                    if await over_quota(state, key):
                                         raise QuotaUsedUp()
                                     continue
                             await ws.send_text(text)
@@ -315,13 +315,14 @@ class QuotaUsedUp(Exception):
     pass
 
 
-def over_quota(state: ProxyState, key: Any) -> bool:
+async def over_quota(state: ProxyState, key: Any) -> bool:
     quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
         else state.settings.default_audio_seconds_per_day
     if not quota:
         return False
     now = time.time()
-    return bool(state.usage.audio_seconds_since(key.id, start_of_utc_day(now)) >= quota)
+    # On the store's thread, after the turn just recorded.
+    return bool(await state.writer.run(state.usage.audio_seconds_since, key.id, start_of_utc_day(now)) >= quota)
 
 
 def turn_seconds(text: str) -> float | None:

@@ -1,12 +1,10 @@
 """What the proxy holds for its lifetime, built once in the app's lifespan: settings, keys, usage
-store, HTTP client, limiter, metrics, the bridges, and the usage writes waiting for the store."""
+store and its writer thread, HTTP client, limiter, metrics, and the bridges."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import httpx
 
@@ -14,6 +12,7 @@ from auth_proxy.bridges import BridgePool
 from auth_proxy.config import ProxySettings
 from auth_proxy.keys import KeyStore
 from auth_proxy.limiter import Limiter
+from auth_proxy.metering import UsageWriter
 from auth_proxy.metrics import ProxyMetrics
 from auth_proxy.usage_store import UsageStore
 
@@ -23,6 +22,7 @@ class ProxyState:
     settings: ProxySettings
     keys: KeyStore
     usage: UsageStore
+    writer: UsageWriter  # every read and write of ``usage`` goes through it
     client: httpx.AsyncClient
     limiter: Limiter
     metrics: ProxyMetrics
@@ -31,5 +31,3 @@ class ProxyState:
     realtime_sessions: dict[str, int] = field(default_factory=dict)  # open live sessions by key id
     export_task: asyncio.Task[None] | None = None
     retry_task: asyncio.Task[None] | None = None
-    unwritten: list[Callable[[], Any]] = field(default_factory=list)  # usage writes the store refused, in order
-    dirty: asyncio.Event = field(default_factory=asyncio.Event)

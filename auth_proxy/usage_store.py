@@ -9,6 +9,12 @@ A forwarded request is metered in two steps: ``begin`` writes its record (status
 before anything is forwarded, so that when the store cannot be written the proxy refuses the
 request (503) rather than serve it unmetered; ``complete`` fills in the outcome. A PostgreSQL
 connection that was lost is opened again on the next call.
+
+Durability: ``record`` and ``complete`` are on disk when they return. ``begin`` returns once the
+row is written, and ``sync`` puts it on disk: the proxy runs that fsync while the bridge works,
+and answers nothing before it is done. SQLite runs in WAL mode with ``synchronous=NORMAL`` (no
+fsync at each commit), and ``sync`` is an fsync of the WAL file, which is what ``synchronous=FULL``
+does at each commit; PostgreSQL commits are durable when they return.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ class UsageStore:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(url, check_same_thread=False, isolation_level=None, timeout=30)
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")  # the fsync is ``sync``'s
+            self._wal = f"{url}-wal"
             self._param = "?"
             pk = "INTEGER PRIMARY KEY AUTOINCREMENT"
         with self._lock:
@@ -105,12 +112,26 @@ class UsageStore:
                              tuple(asdict(rec).values()))
         return int(rows[0][0])
 
+    def sync(self) -> None:
+        """Every write made so far on disk. SQLite: an fsync of the WAL (committed transactions are
+        appended there; a checkpoint that moved them into the database file has synced both)."""
+        if self.postgres:
+            return
+        with self._lock:
+            fd = os.open(self._wal, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
     def complete(self, row: int, *, status: int, model: str, audio_seconds: float, latency_ms: float) -> None:
         self._execute("UPDATE usage SET status = ?, model = ?, audio_seconds = ?, latency_ms = ? WHERE id = ?",
                       (status, model, audio_seconds, latency_ms, row))
+        self.sync()
 
     def record(self, rec: UsageRecord) -> None:
         self._execute(f"INSERT INTO usage ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", tuple(asdict(rec).values()))
+        self.sync()
 
     @staticmethod
     def _where(key_id: str | None, since: float | None, until: float | None) -> tuple[str, tuple[Any, ...]]:

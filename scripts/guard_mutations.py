@@ -94,12 +94,17 @@ MUTATIONS = [
              "if not low <= stream.seconds <= high:", "if False:",
              ("tests/test_diarization.py::test_bad_diarize_requests_name_their_field",)),
     # docs/reliability.md's faults: what must hold when a part fails.
-    Mutation("a request the usage store cannot record is refused, never served unmetered", "auth_proxy/app.py",
-             "    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):\n"
-             "        raise usage_unavailable()",
-             "    if not write_usage(state, lambda: rows.append(state.usage.begin(pending)), pending):\n"
-             "        rows.append(-1)",
+    Mutation("a request the usage store cannot record is refused, never served unmetered", "auth_proxy/metering.py",
+             "        if not await asyncio.shield(step):\n            raise usage_unavailable()",
+             "        if not await asyncio.shield(step):\n            return",
              ("tests/test_faults.py::test_usage_disk_full_under_load",)),
+    Mutation("nothing answered before its usage record is on disk", "auth_proxy/app.py",
+             "        await metered.durable()  # the fsync ran", "        pass  # the fsync ran",
+             ("tests/test_proxy.py::test_nothing_is_answered_before_its_usage_record_is_on_disk",)),
+    Mutation("the usage store's WAL synced (synchronous=NORMAL leaves it to us)", "auth_proxy/usage_store.py",
+             "        if self.postgres:\n            return\n        with self._lock:",
+             "        if True:\n            return\n        with self._lock:",
+             ("tests/test_proxy.py::test_nothing_is_answered_before_its_usage_record_is_on_disk",)),
     Mutation("limits counted in memory while Redis is down", "auth_proxy/limiter.py",
              "except Exception as exc:  # noqa: BLE001 - any storage failure: count locally meanwhile",
              "except ZeroDivisionError as exc:",

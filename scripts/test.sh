@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need_apt=0
-for tool in ffmpeg sox text2wave shellcheck pg_ctlcluster prometheus chromium redis-server dockerd mmdebstrap; do
+for tool in ffmpeg sox text2wave shellcheck pg_ctlcluster prometheus chromium redis-server dockerd mmdebstrap strace; do
     command -v "$tool" >/dev/null 2>&1 || need_apt=1
 done
 [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || need_apt=1
@@ -14,10 +14,10 @@ if [ "$need_apt" = 1 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
             ffmpeg sox festival festvox-us-slt-hts shellcheck postgresql prometheus chromium redis-server \
-            docker.io mmdebstrap >/dev/null
+            docker.io mmdebstrap strace >/dev/null
     else
         echo "missing system packages; run as root or: sudo apt-get install ffmpeg sox festival festvox-us-slt-hts" \
-            "shellcheck postgresql prometheus chromium redis-server docker.io mmdebstrap" >&2
+            "shellcheck postgresql prometheus chromium redis-server docker.io mmdebstrap strace" >&2
         exit 1
     fi
 fi

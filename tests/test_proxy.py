@@ -19,6 +19,7 @@ import pytest
 
 from tests.conftest import BECKETT_TEXT, ROOT, free_port
 from tests.helpers import assert_openai_error, wer
+from tests.reliability import record
 
 ALLOWED = "http://toolbar.example"
 
@@ -31,7 +32,8 @@ def add_key(keys_file: Path, name: str, *args: str) -> str:
 
 
 class ProxyProcess:
-    def __init__(self, bridge_url: str, work: Path, **env: str) -> None:
+    def __init__(self, bridge_url: str, work: Path, *, wrap: tuple[str, ...] = (), **env: str) -> None:
+        """``wrap``: a command the proxy runs under (e.g. strace and its options)."""
         work.mkdir(parents=True, exist_ok=True)
         self.work = work
         self.keys_file = work / "api-keys.json"
@@ -46,7 +48,8 @@ class ProxyProcess:
                 "API_KEYS_FILE": str(self.keys_file), "USAGE_DB": str(self.db),
                 "USAGE_JSON": str(work / "usage.json"), "CORS_ORIGINS": ALLOWED, "TMPDIR": str(work), **env}
         self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "auth_proxy"], cwd=ROOT, env=full,
+        self.wrapped = bool(wrap)
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "auth_proxy"], cwd=ROOT, env=full,
                                      stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -59,7 +62,9 @@ class ProxyProcess:
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
-            self.proc.send_signal(sig)
+            # Under a wrapper the proxy is its child, and the wrapper ends with it.
+            for target in psutil.Process(self.proc.pid).children() if self.wrapped else [self.proc]:
+                target.send_signal(sig)
             self.proc.wait(60)
         self._log.close()
         return self.proc.returncode
@@ -251,6 +256,50 @@ def test_plaintext_key_written_by_hand_is_hashed(proxy):
         assert time.monotonic() < deadline
         time.sleep(0.3)
     assert "plaintext keys" in proxy.log_path.read_text()
+
+
+def test_nothing_is_answered_before_its_usage_record_is_on_disk(bridge, tmp_path):
+    """The pending usage record is fsync'd while the bridge works, and the answer waits for that
+    fsync. Under strace, every fsync returns only after 1.5 s, far longer than the bridge takes to
+    answer: each request's answer must still leave after the fsync of the WAL that follows its
+    record's write has returned."""
+    import re
+
+    trace = tmp_path / "strace.log"
+    p = ProxyProcess(bridge.url, tmp_path / "p", wrap=(
+        "strace", "-f", "-qq", "-s", "8192", "-o", str(trace), "-e", "trace=openat,fsync,pwrite64,write,writev,sendto",
+        "-e", "inject=fsync:delay_exit=1500000"))
+    try:
+        key = add_key(p.keys_file, "frank")
+        time.sleep(1.2)
+        ids = [f"durable-{i}-{os.getpid()}" for i in range(3)]
+        waits: list[float] = []
+        for request_id in ids:
+            started = time.monotonic()
+            r = httpx.get(p.url + "/v1/models", headers={"Authorization": f"Bearer {key}", "x-request-id": request_id},
+                          timeout=30)
+            assert r.status_code == 200 and r.headers["x-request-id"] == request_id
+            waits.append(time.monotonic() - started)
+            assert waits[-1] >= 1.4  # the answer waited for the fsync
+    finally:
+        p.stop()
+    lines = trace.read_text(errors="replace").splitlines()
+    wal_fds = {m.group(1) for line in lines if "usage.db-wal" in line and "openat(" in line
+               for m in [re.search(r"= (\d+)", line)] if m}
+    assert wal_fds, "the usage store's WAL was never opened"
+    synced = [i for i, line in enumerate(lines)  # where an fsync of the WAL returned
+              if re.search(r"fsync\((\d+)\)\s+= 0", line) and re.search(r"fsync\((\d+)", line).group(1) in wal_fds
+              or "<... fsync resumed>" in line and "= 0" in line]
+    for request_id in ids:
+        written = next(i for i, line in enumerate(lines) if "pwrite64(" in line and request_id in line)
+        answered = next(i for i, line in enumerate(lines)
+                        if re.search(r"(write|writev|sendto)\(", line) and "HTTP/1.1 200" in line
+                        and f"x-request-id: {request_id}" in line)
+        assert any(written < i < answered for i in synced), \
+            f"{request_id}: answered (line {answered}) before its record (line {written}) was on disk"
+    record("Slow disk under the usage store", "faults",
+           "each answer left only after the fsync that put its request's usage record on disk had returned",
+           how="every fsync held 1.5 s (strace fault injection)", requests=len(ids), waited_s=round(min(waits), 2))
 
 
 def test_uploads_stream_through_without_buffering(proxy, tmp_path):
