@@ -14,7 +14,8 @@ Durability: ``record`` and ``complete`` are on disk when they return. ``begin`` 
 row is written, and ``sync`` puts it on disk: the proxy runs that fsync while the bridge works,
 and answers nothing before it is done. SQLite runs in WAL mode with ``synchronous=NORMAL`` (no
 fsync at each commit), and ``sync`` is an fsync of the WAL file, which is what ``synchronous=FULL``
-does at each commit; PostgreSQL commits are durable when they return.
+does at each commit (where WAL mode is refused, every commit is synced as with FULL); PostgreSQL
+commits are durable when they return.
 """
 
 from __future__ import annotations
@@ -73,9 +74,11 @@ class UsageStore:
         else:
             Path(url).parent.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(url, check_same_thread=False, isolation_level=None, timeout=30)
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.execute("PRAGMA synchronous=NORMAL")  # the fsync is ``sync``'s
-            self._wal = f"{url}-wal"
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            # In WAL mode the fsync of a commit is ``sync``'s; where WAL is refused (some network
+            # file systems), every commit is synced as it is made.
+            self._wal: str | None = f"{url}-wal" if str(mode).lower() == "wal" else None
+            self._conn.execute(f"PRAGMA synchronous={'NORMAL' if self._wal else 'FULL'}")
             self._param = "?"
             pk = "INTEGER PRIMARY KEY AUTOINCREMENT"
         with self._lock:
@@ -115,7 +118,7 @@ class UsageStore:
     def sync(self) -> None:
         """Every write made so far on disk. SQLite: an fsync of the WAL (committed transactions are
         appended there; a checkpoint that moved them into the database file has synced both)."""
-        if self.postgres:
+        if self.postgres or self._wal is None:
             return
         with self._lock:
             fd = os.open(self._wal, os.O_RDONLY)
