@@ -47,7 +47,7 @@ from adapters.websocket import ConnectionPool
 from bench import bench_real_speech
 from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
-from bridge.config import BridgeSettings, load_settings, usable_cores
+from bridge.config import BridgeSettings, load_settings
 from bridge.model_store import ModelStore
 from bridge.speed_check import PROBE
 
@@ -420,9 +420,7 @@ def start_local(services: Services, work: Path, clip: np.ndarray, clip_wav: byte
     services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(instant_port),
                                        "--words-per-second", "2.5"], env)
     instant_url, instant_proc = bridge("instant-bridge", {
-        "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{instant_port}", "SPEED_CHECK": "false",
-        # The stand-in takes no CPU, like a GPU engine: the VAD gets every core, as on CUDA.
-        "VAD_THREADS": str(usable_cores())})
+        "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{instant_port}", "SPEED_CHECK": "false"})
     instant_proxy_url, instant_proxy = proxy_before("instant-proxy", instant_url)
     bridge_ps = psutil.Process(bridge_proc.pid)
     targets = [

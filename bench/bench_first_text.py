@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_first_text.py --engine instant   # the bridge's own cost
     .venv/bin/python bench/bench_first_text.py --engine real      # Moonshine on CPU
     .venv/bin/python bench/bench_first_text.py                    # both
+    ... --compare DIR [--compare-env VAD_THREADS=2]                 # another checkout's bridge beside
 
 ``instant``: a stand-in engine that answers at once (``bench.instant_engine``), so that everything
 measured is the bridge's: two bridges in front of it, one per decoder (``AUDIO_DECODER=pyav``, the
@@ -46,7 +47,7 @@ from bench.bench_long import speech  # noqa: E402
 from bench.bench_stack import Services, raw_one, wait_http  # noqa: E402
 from bridge.audio import cap_samples  # noqa: E402
 from bridge.catalog import Catalog  # noqa: E402
-from bridge.config import load_settings, usable_cores  # noqa: E402
+from bridge.config import load_settings  # noqa: E402
 from bridge.model_store import ModelStore  # noqa: E402
 from tests.speech import write_wav16  # noqa: E402
 
@@ -155,21 +156,21 @@ class Stack(Services):
         return url
 
 
-def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path | None) -> dict[str, object]:
+def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path | None,
+                  compare_env: dict[str, str]) -> dict[str, object]:
     stack = Stack(work)
     try:
         port = free_port()
         stack.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port),
                                        "--words-per-second", "2.5"], dict(os.environ))
-        # The stand-in is as fast as a GPU and takes no CPU: the VAD gets every core, as on CUDA.
+        # The stand-in is as fast as a GPU and takes no CPU, like a GPU engine.
         env = {**os.environ, "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{port}",
-               "LOG_LEVEL": "warning", "DEFAULT_MODEL": "moonshine-base-en",
-               "VAD_THREADS": os.environ.get("VAD_THREADS", str(usable_cores()))}
+               "LOG_LEVEL": "warning", "DEFAULT_MODEL": "moonshine-base-en"}
         time.sleep(1)
         urls = {"pyav": stack.bridge("instant-pyav", {**env, "AUDIO_DECODER": "pyav"}),
                 "ffmpeg": stack.bridge("instant-ffmpeg", {**env, "AUDIO_DECODER": "ffmpeg"})}
         if compare is not None:
-            urls["compared"] = stack.bridge("instant-compared", env, tree=compare)
+            urls["compared"] = stack.bridge("instant-compared", {**env, **compare_env}, tree=compare)
         client = httpx.Client(timeout=600)
         for url in urls.values():  # warm up
             for f in files.values():
@@ -203,7 +204,8 @@ def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path
         stack.stop()
 
 
-def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | None) -> dict[str, object]:
+def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | None,
+               compare_env: dict[str, str]) -> dict[str, object]:
     settings = load_settings()
     catalog = Catalog.load(settings.catalog_file)
     spec = catalog.get(settings.default_model)
@@ -215,7 +217,7 @@ def bench_real(files: dict[str, Path], work: Path, rounds: int, compare: Path | 
         urls = {"pyav": stack.bridge("real-pyav", {**env, "AUDIO_DECODER": "pyav"}),
                 "ffmpeg": stack.bridge("real-ffmpeg", {**env, "AUDIO_DECODER": "ffmpeg"})}
         if compare is not None:
-            urls["compared"] = stack.bridge("real-compared", env, tree=compare)
+            urls["compared"] = stack.bridge("real-compared", {**env, **compare_env}, tree=compare)
         # The raw engine, started with exactly the flags the bridge gives its child.
         sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
                                provider=settings.sherpa_provider, num_threads=settings.sherpa_num_threads,
@@ -266,15 +268,18 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--compare", type=Path, help="another checkout of the project (e.g. a git worktree of an "
                     "older commit): its bridge is measured beside this one's, as 'compared'")
+    ap.add_argument("--compare-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a setting for the compared bridge only (its best settings may differ), e.g. VAD_THREADS=2")
     args = ap.parse_args()
+    compare_env = dict(item.split("=", 1) for item in args.compare_env)
     work = Path(tempfile.mkdtemp(prefix="bench-first-text-"))
     os.environ.setdefault("MODELS_DIR", str(ROOT / "models"))
     files = prepare(work)
     result: dict[str, object] = {"machine_cores": os.cpu_count(), "rounds": args.rounds}
     if args.engine in ("instant", "both"):
-        result["instant_engine"] = bench_instant(files, work, args.rounds, args.compare)
+        result["instant_engine"] = bench_instant(files, work, args.rounds, args.compare, compare_env)
     if args.engine in ("real", "both"):
-        result["real_engine"] = bench_real(files, work, args.rounds, args.compare)
+        result["real_engine"] = bench_real(files, work, args.rounds, args.compare, compare_env)
     print(json.dumps(result, indent=2))
     return 0
 

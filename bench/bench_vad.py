@@ -5,16 +5,18 @@
 The audio is LibriSpeech joined as in ``bench/bench_real_speech.py`` (utterances with 0.3-1.0 s
 pauses). CPU seconds of one thread, and audio seconds scanned per CPU second, for:
 
-- the bridge's scan today: Silero through sherpa-onnx's ``VoiceActivityDetector`` (16 kHz, 32 ms
+- the bridge's scan before: Silero through sherpa-onnx's ``VoiceActivityDetector`` (16 kHz, 32 ms
   windows, one window per call);
+- the bridge's scan now (``bridge.vad.SpeechDetector``, onnxruntime with sherpa-onnx's segment
+  logic ported, ``bridge.silero``): one pass, and 16 regions of the file in one model run;
 - Silero through onnxruntime directly, at 16 and 8 kHz (sherpa-onnx 1.13 runs Silero at 16 kHz
   only: any other ``sample_rate`` exits the process), one stream, then regions of the file as one
   batch (16 regions side by side in one model run per window);
 - TEN-VAD (its own library, 16 ms hops), if the ``ten-vad`` wheel is importable;
 - an energy gate: the share of the audio in quiet runs a gate could skip, an upper bound of its gain.
 
-onnxruntime and ten-vad are not the bridge's dependencies: install them to get those rows
-(``pip install onnxruntime ten-vad``; ten-vad needs libc++1). Rows whose package is missing say so.
+ten-vad is not a dependency of the bridge: install it to get its row (``pip install ten-vad``;
+it needs libc++1). A row whose package is missing says so.
 """
 
 from __future__ import annotations
@@ -46,6 +48,22 @@ def sherpa_scan(x: np.ndarray) -> float:
         while not vad.empty():
             vad.pop()
     return time.process_time() - started
+
+
+def bridge_scan(x: np.ndarray, regions: int) -> tuple[float, list[tuple[int, int]]]:
+    """The bridge's own detector: CPU seconds and the segments, one pass or ``regions`` side by side."""
+    import threading
+
+    from bridge.audio import AudioStream
+    from bridge.vad import SpeechDetector
+
+    model = find_vad_model(None)
+    assert model is not None, "no Silero VAD model (pip install --no-deps silero-vad)"
+    detector = SpeechDetector(model)
+    started = time.process_time()
+    found = list(detector.iter_segments_parallel(AudioStream.from_samples(x), workers=regions,
+                                                 stop=threading.Event()))
+    return time.process_time() - started, found
 
 
 def onnx_scan(x: np.ndarray, rate: int, batch: int) -> tuple[float, np.ndarray]:
@@ -107,7 +125,13 @@ def main() -> int:
     audio = len(x) / RATE
     x8 = x[: len(x) // 2 * 2].reshape(-1, 2).mean(axis=1).astype(np.float32)  # 2:1, enough for a VAD
     base = sherpa_scan(x)
-    rows = [("Silero, sherpa-onnx VoiceActivityDetector (the bridge today)", base, "")]
+    rows = [("Silero, sherpa-onnx VoiceActivityDetector (the bridge before)", base, "")]
+    one, one_found = bridge_scan(x, 1)
+    many, many_found = bridge_scan(x, 16)
+    rows += [("the bridge now (bridge.vad): onnxruntime, sherpa-onnx's segment logic, one pass", one,
+              f"{len(one_found)} segments"),
+             ("the bridge now (bridge.vad): 16 regions of the file in one model run", many,
+              f"{len(many_found)} segments")]
     try:
         t16, p16 = onnx_scan(x, 16000, 1)
         t8, p8 = onnx_scan(x8, 8000, 1)

@@ -1,8 +1,11 @@
-"""Voice activity detection (Silero VAD through sherpa-onnx's Python package) for cutting long audio.
+"""Voice activity detection (Silero VAD through onnxruntime, ``bridge.silero``) for cutting long audio.
 
 The Silero ONNX file comes from ``VAD_MODEL`` or from the ``silero-vad`` package's data folder
 (installed with ``--no-deps``: only the 2 MB model file is needed, not the package's torch).
 Without either, the bridge logs it once and cuts by energy alone (``bridge.cutting``).
+
+A long file is scanned in regions, side by side in one model run (``iter_segments_parallel``):
+the model's per-call cost, not its arithmetic, is most of a one-stream scan's CPU time.
 """
 
 from __future__ import annotations
@@ -10,22 +13,23 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import queue
 import threading
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from bridge.audio import AudioStream, StreamWindow
 from bridge.ports import SAMPLE_RATE
+from bridge.silero import SHIFT, WINDOW, SegmentTracker, SileroModel
 
 log = logging.getLogger("bridge.vad")
-BUFFER_SECONDS = 60.0
 REGION_SECONDS = 60.0  # a long file is scanned in regions this long, side by side
 LEAD = 0.5  # seconds each region starts before its border
-MAX_IDLE = 8  # detectors kept for reuse
+ALONE_SECONDS = 20.0  # the first region is scanned alone this far (the first pieces wait for it)
+STEP_WINDOWS = 32  # windows of each region per round (~1 s of audio) before segments are handed on
 
 
 def find_vad_model(configured: Path | None) -> Path | None:
@@ -55,56 +59,21 @@ def lower_thread_priority() -> None:
 
 
 class SpeechDetector:
-    """Finds speech in 16 kHz audio. The sherpa-onnx VAD is stateful: each scan takes a detector of
-    its own from a small pool (``_acquire``), reset before reuse."""
+    """Finds speech in 16 kHz audio: sherpa-onnx 1.13.3's Silero detector, segment for segment
+    (``bridge.silero``), with the windows of several regions of a file in one model run."""
 
     def __init__(self, model: Path, *, threshold: float = 0.5, min_silence: float = 0.25,
                  min_speech: float = 0.25) -> None:
-        import sherpa_onnx
-
-        self._sherpa = sherpa_onnx
         self.model = model
         self.threshold = threshold
         self.min_silence = min_silence
         self.min_speech = min_speech
-        # The detector must be fed exactly one window at a time (longer chunks are not split into
-        # windows: checked, they give one segment for the whole file).
-        self.window = int(sherpa_onnx.VadModelConfig().silero_vad.window_size)
-        # Loading the ONNX model costs ~40 ms: detectors are kept and reset between scans, by
-        # their settings (max speech, threshold, min silence).
-        self._idle: dict[tuple[float, float, float], list[Any]] = {}
-        self._lock = threading.Lock()
+        self.silero = SileroModel(model)
 
-    def _settings(self, max_speech: float, threshold: float | None, min_silence: float | None
-                  ) -> tuple[float, float, float]:
-        return (max_speech, self.threshold if threshold is None else threshold,
-                self.min_silence if min_silence is None else min_silence)
-
-    def _acquire(self, key: tuple[float, float, float]) -> Any:
-        max_speech, threshold, min_silence = key
-        with self._lock:
-            idle = self._idle.get(key)
-            if idle:
-                vad = idle.pop()
-                vad.reset()
-                return vad
-        cfg = self._sherpa.VadModelConfig()
-        cfg.silero_vad.model = str(self.model)
-        cfg.silero_vad.threshold = threshold
-        cfg.silero_vad.min_silence_duration = min_silence
-        cfg.silero_vad.min_speech_duration = self.min_speech
-        cfg.silero_vad.max_speech_duration = max_speech
-        cfg.sample_rate = SAMPLE_RATE
-        cfg.num_threads = 1
-        cfg.provider = "cpu"
-        # The buffer holds the speech segment being built; it grows when needed (with a log line).
-        return self._sherpa.VoiceActivityDetector(cfg, buffer_size_in_seconds=BUFFER_SECONDS)
-
-    def _release(self, key: tuple[float, float, float], vad: Any) -> None:
-        with self._lock:
-            idle = self._idle.setdefault(key, [])
-            if len(idle) < MAX_IDLE:
-                idle.append(vad)
+    def _tracker(self, max_speech: float, threshold: float | None, min_silence: float | None) -> SegmentTracker:
+        return SegmentTracker(threshold=self.threshold if threshold is None else threshold,
+                              min_silence=self.min_silence if min_silence is None else min_silence,
+                              min_speech=self.min_speech, max_speech=max_speech)
 
     def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0, *, threshold: float | None = None,
                         min_silence: float | None = None) -> list[tuple[int, int]]:
@@ -119,93 +88,118 @@ class SpeechDetector:
         decoded): the scan then follows the decoder. ``threshold`` and ``min_silence`` (seconds)
         replace the detector's own for this scan (a request's ``chunking_strategy``)."""
         stream = AudioStream.from_samples(samples) if isinstance(samples, np.ndarray) else samples
-        key = self._settings(max_speech, threshold, min_silence)
-        vad = self._acquire(key)
-        try:
-            yield from self._scan(vad, stream, stop)
-        finally:
-            self._release(key, vad)
+        region = _Region(stream, 0, self._tracker(max_speech, threshold, min_silence))
+        yield from self._scan([region], lambda regions: False, stop)
 
     def iter_segments_parallel(self, stream: AudioStream, *, workers: int, stop: threading.Event,
                                region_seconds: float = REGION_SECONDS, threshold: float | None = None,
                                min_silence: float | None = None) -> Iterator[tuple[int, int]]:
-        """Like ``iter_segments``, with up to ``workers`` regions of the file scanned side by side
-        (one Silero pass scans a few hundred seconds of audio per second of one core, which bounds
-        long files once the engine is fast). Region k scans ``LEAD`` seconds before its start, so
-        speech that crosses a border is found by both sides and comes out as overlapping segments,
-        which ``PieceBuilder`` merges. Segments come out in order of their regions."""
+        """Like ``iter_segments``, with up to ``workers`` regions of the file scanned side by side in
+        one model run. Region k scans ``LEAD`` seconds before its start, so speech that crosses a
+        border is found by both sides and comes out as overlapping segments, which ``PieceBuilder``
+        merges. A region joins once the decoder has reached it and the first region has been
+        scanned ``ALONE_SECONDS`` (the first pieces wait for that one). Segments come out in order
+        of their regions."""
         if workers <= 1:
             yield from self.iter_segments(stream, stop=stop, threshold=threshold, min_silence=min_silence)
             return
-        region, lead = int(region_seconds * SAMPLE_RATE), int(LEAD * SAMPLE_RATE)
-        queues: list[queue.Queue[tuple[int, int] | BaseException | None]] = []
+        size, lead = int(region_seconds * SAMPLE_RATE), int(LEAD * SAMPLE_RATE)
 
-        def scan(k: int) -> None:
-            lower_thread_priority()
-            start = max(0, k * region - lead)
-            out = queues[k]
-            try:
-                for a, b in self.iter_segments(stream.window(start, (k + 1) * region), stop=stop,
-                                               threshold=threshold, min_silence=min_silence):
-                    out.put((start + a, start + b))
-                out.put(None)
-            except BaseException as exc:  # noqa: BLE001 - raised in order by the reader
-                out.put(exc)
+        def more(regions: list[_Region]) -> bool:
+            """Adds the regions the scan may start now; False once no region will come any more."""
+            while True:
+                k = len(regions)
+                if stream.done and stream.available <= k * size:
+                    return False
+                start = max(0, k * size - lead)
+                first = regions[0] if regions else None
+                if first is not None and not first.finished \
+                        and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:
+                    return True
+                if sum(not r.finished for r in regions) >= workers or stream.available <= start:
+                    return True
+                regions.append(_Region(stream.window(start, (k + 1) * size), start,
+                                       self._tracker(3600.0, threshold, min_silence)))
 
-        def launch() -> None:
-            queues.append(queue.Queue())
-            threading.Thread(target=scan, args=(len(queues) - 1,), daemon=True,
-                             name=f"vad-region-{len(queues) - 1}").start()
+        yield from self._scan([], more, stop, stream)
 
-        def reaches(k: int) -> bool:  # the file may have audio in region k
-            return not stream.done or stream.available > k * region
-
-        current = 0
-        launch()
-        while current < len(queues):
-            # More regions while fewer than ``workers`` run and the file may reach them.
-            while len(queues) - current < workers and reaches(len(queues)):
-                launch()
-            try:
-                item = queues[current].get(timeout=0.25)
-            except queue.Empty:
-                if stop.is_set():
-                    return
-                continue
-            if item is None:
-                current += 1
-            elif isinstance(item, BaseException):
-                raise item
-            else:
-                yield item
-
-    def _scan(self, vad: Any, stream: AudioStream | StreamWindow, stop: threading.Event | None
-              ) -> Iterator[tuple[int, int]]:
-        window = self.window
-        step = window * 32  # ~1 s of audio between hand-overs
-
-        def drain() -> Iterator[tuple[int, int]]:
-            while not vad.empty():
-                seg = vad.front
-                yield int(seg.start), int(seg.start) + len(seg.samples)
-                vad.pop()
-
-        pos = 0
+    def _scan(self, regions: list[_Region], more: Callable[[list[_Region]], bool], stop: threading.Event | None,
+              stream: AudioStream | StreamWindow | None = None) -> Iterator[tuple[int, int]]:
+        """Runs the model over every region that has audio for it, all in one batch, until each is
+        at its end and ``more`` adds no region (``stream``: what to wait on while no region is
+        open); hands on the segments in order of the regions."""
+        current = 0  # the region whose segments go out now
+        coming = True
         while True:
-            stream.wait_samples(pos + step, stop)
-            if stop is not None and stop.is_set():
+            if coming:
+                coming = more(regions)
+            ready = []
+            for region in regions:
+                if region.finished:
+                    continue
+                done = region.source.done  # read before the count: once done, the count is final
+                if region.step():
+                    ready.append(region)
+                elif done:
+                    region.finish()
+            if ready:
+                self._run(ready)
+            while current < len(regions):
+                region = regions[current]
+                while region.found:
+                    yield region.found.popleft()
+                if not region.finished:
+                    break
+                current += 1
+            if (current == len(regions) and not coming) or (stop is not None and stop.is_set()):
                 return
-            done = stream.done  # read before the count: once done, the count is final
-            available = stream.available
-            end = min(pos + step, available)  # a step at a time, so closed segments go out at once
-            if not done:
-                end -= (end - pos) % window
-            data = stream.view(pos, end)
-            for offset in range(0, len(data), window):
-                vad.accept_waveform(data[offset:offset + window])
-            pos = end
-            yield from drain()
-            if done and pos >= available:
-                break
-        vad.flush()
-        yield from drain()
+            if not ready:  # every open region is at the decoder's front, or none is open yet
+                waiting = next((r for r in regions if not r.finished), None)
+                if waiting is not None:
+                    waiting.source.wait_samples(waiting.tracker.windows * SHIFT + WINDOW, stop)
+                elif stream is not None:
+                    stream.wait_samples(stream.available + 1, stop)
+
+    def _run(self, ready: list[_Region]) -> None:
+        """The next windows of each ready region (as many as all of them have, up to
+        ``STEP_WINDOWS``): one model run per window, a batch row per region."""
+        steps = min(r.step() for r in ready)
+        for _ in range(steps):
+            frames = np.stack([r.frame() for r in ready])
+            probs, states = self.silero.run(frames, [r.tracker.state for r in ready])
+            for r, p, state in zip(ready, probs, states, strict=True):
+                r.tracker.state = state
+                r.push(float(p))
+
+
+@dataclass(eq=False)
+class _Region:
+    """One stretch of the audio being scanned: its reader, where it starts in the file, its tracker,
+    and the segments it found that are not handed on yet (in file positions)."""
+
+    source: AudioStream | StreamWindow
+    offset: int
+    tracker: SegmentTracker
+    found: deque[tuple[int, int]] = field(default_factory=deque)
+    finished: bool = False
+
+    def step(self) -> int:
+        """How many of its next windows the audio holds now (at most ``STEP_WINDOWS``)."""
+        have = (self.source.available - self.tracker.windows * SHIFT - WINDOW) // SHIFT + 1
+        return max(0, min(STEP_WINDOWS, have))
+
+    def frame(self) -> np.ndarray:
+        at = self.tracker.windows * SHIFT
+        return self.source.view(at, at + WINDOW)
+
+    def push(self, prob: float) -> None:
+        segment = self.tracker.push(prob)
+        if segment is not None:
+            self.found.append((self.offset + segment[0], self.offset + segment[1]))
+
+    def finish(self) -> None:
+        """The audio ended: close the open segment."""
+        segment = self.tracker.flush()
+        if segment is not None:
+            self.found.append((self.offset + segment[0], self.offset + segment[1]))
+        self.finished = True

@@ -1,0 +1,133 @@
+"""Silero VAD (v5 and later) through onnxruntime, several streams in one model run.
+
+sherpa-onnx's ``VoiceActivityDetector`` runs the model on one 32 ms window per call; the call's
+own cost is most of a scan's CPU time. Here the windows of several streams (the regions of a long
+file, ``bridge.vad``) go through the model together, one batch row each: measured with
+``bench/bench_vad.py``, 16 regions in one batch scan 3.5x as much audio per CPU second as
+sherpa-onnx's detector.
+
+``SegmentTracker`` turns one stream's probabilities into speech segments exactly as sherpa-onnx
+1.13.3 does (``silero-vad-model.cc`` ``IsSpeech`` and ``voice-activity-detector.cc``
+``AcceptWaveform``/``Flush``): the threshold with its 0.15 hysteresis, the minimum speech and
+silence, the look-back before a start, and past ``max_speech`` a threshold of 0.9 and a minimum
+silence of 0.1 s until the segment ends. A window is 576 samples (64 of context and 512 new), one
+every 512 samples.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16000
+SHIFT = 512  # new samples per window
+WINDOW = 576  # what the model reads: 64 samples of context, then the 512 new ones
+STATE = (2, 1, 128)  # one stream's LSTM state
+
+
+def f32(x: float) -> float:
+    """``x`` as the C++ code holds it (a float), so that comparisons match sherpa-onnx's."""
+    return float(np.float32(x))
+
+
+class SileroModel:
+    """The ONNX model, shared by every scan (onnxruntime runs may be concurrent)."""
+
+    def __init__(self, path: Path) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # scans run side by side instead
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        names = sorted(i.name for i in self.session.get_inputs())
+        if names != ["input", "sr", "state"]:
+            raise ValueError(f"{path} is not a Silero VAD v5 model (inputs {names}; want input, state, sr)")
+        self._rate = np.array(SAMPLE_RATE, np.int64)
+
+    def run(self, frames: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Speech probabilities of ``frames`` (one row of ``WINDOW`` samples per stream) and each
+        stream's next state."""
+        state = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
+        out, state = self.session.run(None, {"input": frames, "state": state, "sr": self._rate})
+        return out[:, 0], [state[:, i:i + 1] for i in range(len(states))]
+
+
+class SegmentTracker:
+    """One stream's speech segments from its windows' probabilities (sherpa-onnx's logic, above).
+    Positions are samples from the stream's start."""
+
+    def __init__(self, *, threshold: float, min_silence: float, min_speech: float, max_speech: float) -> None:
+        self.threshold = f32(threshold)
+        self.min_silence = int(SAMPLE_RATE * f32(min_silence))
+        self.min_speech = int(SAMPLE_RATE * f32(min_speech))
+        self.max_length = int(SAMPLE_RATE * f32(max_speech))
+        self.state = np.zeros(STATE, np.float32)
+        self.windows = 0  # windows seen; the next one starts at windows * SHIFT
+        self.head = 0  # the oldest sample sherpa-onnx's buffer still holds
+        self.start = -1  # where the open segment starts, -1: none
+        self.triggered = False
+        self.temp_start = 0
+        self.temp_end = 0
+
+    def push(self, prob: float) -> tuple[int, int] | None:
+        """The next window's probability; a segment when this window closes one."""
+        long = self.windows * SHIFT - self.head > self.max_length  # what is buffered before this window
+        threshold = f32(0.9) if long else self.threshold
+        min_silence = int(SAMPLE_RATE * f32(0.1)) if long else self.min_silence
+        self.windows += 1
+        tail = self.windows * SHIFT
+        if self._is_speech(prob, tail, threshold, min_silence):
+            if self.start == -1:
+                self.start = max(tail - 2 * WINDOW - self.min_speech, self.head)
+            return None
+        segment = None
+        if self.start != -1 and tail > self.head:
+            end = tail - min_silence
+            if end > self.start:
+                segment = (self.start, end)
+            self.head = max(self.head, end)
+        elif self.start == -1:
+            self.head = max(self.head, tail - 2 * WINDOW - self.min_speech)
+        self.start = -1
+        return segment
+
+    def flush(self) -> tuple[int, int] | None:
+        """The open segment, at the end of the stream."""
+        tail = self.windows * SHIFT
+        if self.start == -1 or tail <= self.start:
+            self.start = -1
+            return None
+        segment = (self.start, tail)
+        self.head, self.start = tail, -1
+        return segment
+
+    def _is_speech(self, prob: float, current: int, threshold: float, min_silence: int) -> bool:
+        if prob > threshold and self.temp_end != 0:
+            self.temp_end = 0
+        if prob > threshold and self.temp_start == 0:
+            self.temp_start = current  # speech may start: it must last min_speech
+            return False
+        if prob > threshold and self.temp_start != 0 and not self.triggered:
+            if current - self.temp_start < self.min_speech:
+                return False
+            self.triggered = True
+            return True
+        if prob < threshold and not self.triggered:
+            self.temp_start = self.temp_end = 0
+            return False
+        if prob > max(f32(threshold - f32(0.15)), f32(0.01)) and self.triggered:
+            return True
+        if prob > threshold and not self.triggered:
+            self.triggered = True
+            return True
+        if prob < threshold and self.triggered:
+            if self.temp_end == 0:
+                self.temp_end = current
+            if current - self.temp_end < min_silence:
+                return True
+            self.temp_start = self.temp_end = 0
+            self.triggered = False
+            return False
+        return False
