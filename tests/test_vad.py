@@ -1,0 +1,102 @@
+"""The bridge's Silero scan (``bridge.vad`` over ``bridge.silero``): the segments sherpa-onnx's own
+detector finds, on real speech, with every setting a request can change; and regions of a file
+scanned in one model run find what each region finds scanned alone."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from bridge.audio import AudioStream
+from bridge.vad import SpeechDetector, find_vad_model
+from tests.speech import librispeech_samples
+
+# Eight speakers; pauses of 0.3-1.0 s between them, and pink noise at 20 dB under all of it, so
+# that the speech probability often hovers near the thresholds.
+UTTERANCES = ["1089-134686-0000", "1688-142285-0000", "367-130732-0001", "1998-15444-0001", "2033-164914-0002",
+              "2414-128291-0003", "3080-5032-0001", "533-1066-0002", "1089-134691-0001", "1688-142285-0002"]
+RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def model():
+    path = find_vad_model(None)
+    if path is None:
+        pytest.skip("no Silero VAD model")
+    return path
+
+
+@pytest.fixture(scope="module")
+def talk() -> np.ndarray:
+    rng = np.random.default_rng(7)
+    parts = []
+    for u in UTTERANCES:
+        parts += [librispeech_samples(u), np.zeros(int(RATE * rng.uniform(0.3, 1.0)), np.float32)]
+    speech = np.concatenate(parts)
+    white = rng.standard_normal(len(speech) + 1)
+    spectrum = np.fft.rfft(white)
+    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))  # 1/f power: pink
+    pink = np.fft.irfft(spectrum, len(white))[: len(speech)]
+    level = np.sqrt(np.mean(speech ** 2)) / 10  # 20 dB below the speech
+    return (speech + pink / np.sqrt(np.mean(pink ** 2)) * level).astype(np.float32)
+
+
+def sherpa_segments(model, samples: np.ndarray, *, threshold: float = 0.5, min_silence: float = 0.25,
+                    max_speech: float = 3600.0) -> list[tuple[int, int]]:
+    """sherpa-onnx's VoiceActivityDetector, fed one 512-sample window per call as the bridge fed it."""
+    import sherpa_onnx
+
+    cfg = sherpa_onnx.VadModelConfig()
+    cfg.silero_vad.model = str(model)
+    cfg.silero_vad.threshold = threshold
+    cfg.silero_vad.min_silence_duration = min_silence
+    cfg.silero_vad.min_speech_duration = 0.25
+    cfg.silero_vad.max_speech_duration = max_speech
+    cfg.sample_rate = RATE
+    cfg.num_threads = 1
+    vad = sherpa_onnx.VoiceActivityDetector(cfg, buffer_size_in_seconds=60)
+    found = []
+
+    def drain() -> None:
+        while not vad.empty():
+            found.append((int(vad.front.start), int(vad.front.start) + len(vad.front.samples)))
+            vad.pop()
+
+    for offset in range(0, len(samples), 512):
+        vad.accept_waveform(samples[offset:offset + 512])
+        drain()
+    vad.flush()
+    drain()
+    return found
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"max_speech": 6.0},  # past it: threshold 0.9 and 0.1 s of silence until the segment ends
+    {"threshold": 0.3, "min_silence": 0.6},  # a request's chunking_strategy
+    {"threshold": 0.75, "min_silence": 0.1},
+], ids=["defaults", "max-speech", "low-threshold", "high-threshold"])
+def test_the_scan_finds_sherpa_onnx_segments_on_real_speech(model, talk, settings):
+    ours = SpeechDetector(model).speech_segments(talk, **settings)
+    theirs = sherpa_segments(model, talk, **settings)
+    assert len(theirs) >= 8
+    assert ours == theirs
+
+
+def test_regions_in_one_model_run_find_what_each_finds_alone(model, talk):
+    """Sixteen regions go through the model together (one batch row each): each must find exactly
+    what it finds scanned on its own, so no region's state leaks into another's."""
+    detector = SpeechDetector(model)
+    region = len(talk) // 16 + 1
+    stream = AudioStream.from_samples(talk)
+    together = list(detector.iter_segments_parallel(stream, workers=16, stop=threading.Event(),
+                                                     region_seconds=region / RATE))
+    alone = []
+    for k in range(16):
+        start = max(0, k * region - RATE // 2)  # each region starts LEAD (0.5 s) early
+        window = stream.window(start, (k + 1) * region)
+        alone += [(start + a, start + b) for a, b in detector.iter_segments(window)]
+    assert len(together) >= 16
+    assert together == alone
