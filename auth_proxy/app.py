@@ -105,6 +105,11 @@ def create_app(settings: ProxySettings) -> FastAPI:
             if state.export_task is not None:
                 state.export_task.cancel()
             state.retry_task.cancel()
+            # Requests the stop cut off unwind after this starts: each frees its slot and asks for
+            # its outcome to be written. Wait a moment for them, so that their writes are drained.
+            deadline = time.monotonic() + 5
+            while state.in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             await client.aclose()
             if state.pool is not None:
                 await state.pool.close()

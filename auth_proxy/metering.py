@@ -46,8 +46,18 @@ class UsageWriter:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="usage")
 
     def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
-        """``fn(*args)`` on the store's thread, after everything asked before it."""
-        return asyncio.wrap_future(self._thread.submit(fn, *args), loop=self._loop)
+        """``fn(*args)`` on the store's thread, after everything asked before it. Once the writer is
+        closed (the proxy is stopping) it runs at once, here: a request cut off by the stop still
+        gets its outcome written while the store is open."""
+        try:
+            return asyncio.wrap_future(self._thread.submit(fn, *args), loop=self._loop)
+        except RuntimeError:  # cannot schedule new futures after shutdown
+            done: asyncio.Future[T] = self._loop.create_future()
+            try:
+                done.set_result(fn(*args))
+            except Exception as exc:  # noqa: BLE001 - handed to whoever awaits it
+                done.set_exception(exc)
+            return done
 
     def write(self, write: Callable[[], Any], what: object) -> bool:
         """On the store's thread: one write, timed and counted; False (logged) when refused."""
