@@ -46,12 +46,22 @@ class SileroModel:
             raise ValueError(f"{path} is not a Silero VAD v5 model (inputs {names}; want input, state, sr)")
         self._rate = np.array(SAMPLE_RATE, np.int64)
 
-    def run(self, frames: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Speech probabilities of ``frames`` (one row of ``WINDOW`` samples per stream) and each
-        stream's next state."""
+    def run(self, windows: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Speech probabilities of ``windows`` (streams x windows x ``WINDOW`` samples: each stream's
+        next windows in order), one model run per window position with a batch row per stream, and
+        each stream's state after its last window."""
         state = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
-        out, state = self.session.run(None, {"input": frames, "state": state, "sr": self._rate})
-        return out[:, 0], [state[:, i:i + 1] for i in range(len(states))]
+        probs = np.empty(windows.shape[:2], np.float32)
+        for j in range(windows.shape[1]):
+            out, state = self.session.run(None, {"input": windows[:, j], "state": state, "sr": self._rate})
+            probs[:, j] = out[:, 0]
+        return probs, [state[:, i:i + 1] for i in range(len(states))]
+
+
+def windows_of(samples: np.ndarray, count: int) -> np.ndarray:
+    """The first ``count`` windows of ``samples`` (one every ``SHIFT``), as a view."""
+    return np.lib.stride_tricks.as_strided(samples, (count, WINDOW), (SHIFT * samples.strides[0], samples.strides[0]),
+                                           writeable=False)
 
 
 class SegmentTracker:

@@ -23,7 +23,7 @@ import numpy as np
 
 from bridge.audio import AudioStream, StreamWindow
 from bridge.ports import SAMPLE_RATE
-from bridge.silero import SHIFT, WINDOW, SegmentTracker, SileroModel
+from bridge.silero import SHIFT, WINDOW, SegmentTracker, SileroModel, windows_of
 
 log = logging.getLogger("bridge.vad")
 REGION_SECONDS = 60.0  # a long file is scanned in regions this long, side by side
@@ -164,12 +164,12 @@ class SpeechDetector:
         """The next windows of each ready region (as many as all of them have, up to
         ``STEP_WINDOWS``): one model run per window, a batch row per region."""
         steps = min(r.step() for r in ready)
-        for _ in range(steps):
-            frames = np.stack([r.frame() for r in ready])
-            probs, states = self.silero.run(frames, [r.tracker.state for r in ready])
-            for r, p, state in zip(ready, probs, states, strict=True):
-                r.tracker.state = state
-                r.push(float(p))
+        windows = np.stack([r.windows(steps) for r in ready])
+        probs, states = self.silero.run(windows, [r.tracker.state for r in ready])
+        for r, region_probs, state in zip(ready, probs.tolist(), states, strict=True):
+            r.tracker.state = state
+            for p in region_probs:
+                r.push(p)
 
 
 @dataclass(eq=False)
@@ -188,9 +188,10 @@ class _Region:
         have = (self.source.available - self.tracker.windows * SHIFT - WINDOW) // SHIFT + 1
         return max(0, min(STEP_WINDOWS, have))
 
-    def frame(self) -> np.ndarray:
+    def windows(self, count: int) -> np.ndarray:
+        """Its next ``count`` windows (a view of the audio)."""
         at = self.tracker.windows * SHIFT
-        return self.source.view(at, at + WINDOW)
+        return windows_of(self.source.view(at, at + (count - 1) * SHIFT + WINDOW), count)
 
     def push(self, prob: float) -> None:
         segment = self.tracker.push(prob)
