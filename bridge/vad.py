@@ -111,7 +111,9 @@ class SpeechDetector:
                 k = len(regions)
                 if stream.done and stream.available <= k * size:
                     return False
-                start = max(0, k * size - lead)
+                # On the windows' grid of a scan from the file's start, so that a region's segment
+                # bounds fall where one pass puts them (a bound moves with the grid by up to 32 ms).
+                start = max(0, k * size - lead) // SHIFT * SHIFT
                 first = regions[0] if regions else None
                 if first is not None and not first.finished \
                         and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:

@@ -251,9 +251,8 @@ def test_a_crashed_decoder_fails_its_request_alone(one_worker_bridge, beckett):
 
 @needs_speech
 def test_regions_scanned_side_by_side_cut_like_one_scan(work):
-    """A long file's regions scanned by two VADs at once give the pieces one scan gives, within a
-    few hundredths of a second at the borders (each region starts its scan a little early), in
-    order and without overlap."""
+    """A long file's regions scanned side by side (2, and 16 in one model run) give the pieces one
+    scan gives, in order and without overlap."""
     model = find_vad_model(None)
     if model is None:
         pytest.skip("no Silero VAD model")
@@ -264,8 +263,8 @@ def test_regions_scanned_side_by_side_cut_like_one_scan(work):
     async def plan(threads: int) -> list[tuple[int, int]]:
         return [p async for p in cut_pieces(samples, 30, detector, vad_threads=threads)]
 
-    one, two = asyncio.run(plan(1)), asyncio.run(plan(2))
-    assert len(one) == len(two) >= 10
-    for (a1, b1), (a2, b2) in zip(one, two, strict=True):
-        assert abs(a1 - a2) <= 0.1 * 16000 and abs(b1 - b2) <= 0.1 * 16000
-    assert all(p[1] <= q[0] for p, q in zip(two, two[1:], strict=False))
+    one, two, many = asyncio.run(plan(1)), asyncio.run(plan(2)), asyncio.run(plan(16))
+    assert len(one) >= 10
+    # The regions scan on the one pass's window grid, so the cuts are the same to the sample.
+    assert two == one and many == one
+    assert all(p[1] <= q[0] for p, q in zip(many, many[1:], strict=False))
