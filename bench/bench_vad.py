@@ -68,11 +68,11 @@ def bridge_scan(x: np.ndarray, regions: int) -> tuple[float, list[tuple[int, int
 
 def onnx_scan(x: np.ndarray, rate: int, batch: int) -> tuple[float, np.ndarray]:
     """Silero v5 through onnxruntime: CPU seconds, and the speech probability of each window."""
-    import onnxruntime as ort
+    from bridge.silero import SileroModel
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(find_vad_model(None)), opts, providers=["CPUExecutionProvider"])
+    model = find_vad_model(None)
+    assert model is not None, "no Silero VAD model (pip install --no-deps silero-vad)"
+    session = SileroModel(model).session  # the bridge's session, one thread
     window, context_size = (512, 64) if rate == 16000 else (256, 32)
     length = (len(x) // batch) // window * window
     regions = x[:length * batch].reshape(batch, length)
@@ -132,18 +132,15 @@ def main() -> int:
               f"{len(one_found)} segments"),
              ("the bridge now (bridge.vad): 16 regions of the file in one model run", many,
               f"{len(many_found)} segments")]
-    try:
-        t16, p16 = onnx_scan(x, 16000, 1)
-        t8, p8 = onnx_scan(x8, 8000, 1)
-        n = min(len(p16), len(p8))
-        agree = float(np.mean((p16[:n] > 0.5) == (p8[:n] > 0.5)))
-        rows += [("Silero, onnxruntime, 16 kHz, one stream", t16, ""),
-                 ("Silero, onnxruntime, 8 kHz, one stream", t8, f"same speech/no-speech call as 16 kHz on "
-                                                              f"{agree:.1%} of 32 ms windows"),
-                 ("Silero, onnxruntime, 16 kHz, 16 regions in one batch", onnx_scan(x, 16000, 16)[0], ""),
-                 ("Silero, onnxruntime, 8 kHz, 16 regions in one batch", onnx_scan(x8, 8000, 16)[0], "")]
-    except ImportError:
-        rows.append(("Silero through onnxruntime", float("nan"), "onnxruntime not installed"))
+    t16, p16 = onnx_scan(x, 16000, 1)
+    t8, p8 = onnx_scan(x8, 8000, 1)
+    n = min(len(p16), len(p8))
+    agree = float(np.mean((p16[:n] > 0.5) == (p8[:n] > 0.5)))
+    rows += [("Silero, onnxruntime, 16 kHz, one stream", t16, ""),
+             ("Silero, onnxruntime, 8 kHz, one stream", t8, f"same speech/no-speech call as 16 kHz on "
+                                                          f"{agree:.1%} of 32 ms windows"),
+             ("Silero, onnxruntime, 16 kHz, 16 regions in one batch", onnx_scan(x, 16000, 16)[0], ""),
+             ("Silero, onnxruntime, 8 kHz, 16 regions in one batch", onnx_scan(x8, 8000, 16)[0], "")]
     try:
         rows.append(("TEN-VAD 1.0.6.9, its own library, 16 ms hops", ten_vad_scan(x), "licence: see bench/README.md"))
     except (ImportError, OSError) as exc:

@@ -9,6 +9,7 @@ import threading
 import numpy as np
 import pytest
 
+from bench.bench_noisy import mix, pink_noise, unit
 from bridge.audio import AudioStream
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.speech import librispeech_samples
@@ -35,12 +36,7 @@ def talk() -> np.ndarray:
     for u in UTTERANCES:
         parts += [librispeech_samples(u), np.zeros(int(RATE * rng.uniform(0.3, 1.0)), np.float32)]
     speech = np.concatenate(parts)
-    white = rng.standard_normal(len(speech) + 1)
-    spectrum = np.fft.rfft(white)
-    spectrum /= np.sqrt(np.maximum(np.arange(len(spectrum)), 1))  # 1/f power: pink
-    pink = np.fft.irfft(spectrum, len(white))[: len(speech)]
-    level = np.sqrt(np.mean(speech ** 2)) / 10  # 20 dB below the speech
-    return (speech + pink / np.sqrt(np.mean(pink ** 2)) * level).astype(np.float32)
+    return mix(speech, unit(pink_noise(len(speech), rng)), 20)
 
 
 def sherpa_segments(model, samples: np.ndarray, *, threshold: float = 0.5, min_silence: float = 0.25,
