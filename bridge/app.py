@@ -109,7 +109,7 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
                  "threads, provider %s", settings.engine_connections, settings.sherpa_num_threads,
                  settings.sherpa_num_work_threads, settings.sherpa_provider)
         vad_model = find_vad_model(settings.vad_model)
-        detector = SpeechDetector(vad_model) if vad_model is not None else None
+        detector = SpeechDetector(vad_model, rate=settings.vad_sample_rate) if vad_model is not None else None
         if detector is None:
             log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
                         "cut by energy only")

@@ -90,6 +90,16 @@ def decode(av: Any, path: str, max_samples: int, out: BinaryIO) -> int:
                 pending.clear()
                 pending_samples = 0
 
+        # Decoded frames are gathered into blocks of about half a second before the resampler: a
+        # call per decoded frame (1152 samples of mp3) cost as much as the decoding itself. The
+        # resampler sees the same samples in the same order, so its output is the same to the bit.
+        fifo: Any = None
+        shape: tuple[str, str, int] | None = None
+
+        def resample_gathered() -> None:
+            if fifo is not None and fifo.samples:
+                emit(resampler.resample(fifo.read()))
+
         try:
             for packet in container.demux(stream):
                 if packet.is_corrupt:  # as ffmpeg -xerror: "corrupt input packet" ends the decode
@@ -97,7 +107,16 @@ def decode(av: Any, path: str, max_samples: int, out: BinaryIO) -> int:
                 for frame in packet.decode():
                     if to_drop is None:
                         to_drop = _priming(stream, frame)
-                    emit(resampler.resample(frame))
+                    if (frame.format.name, frame.layout.name, frame.sample_rate) != shape:
+                        # A new shape mid-stream (or the first frame): what was gathered goes first.
+                        resample_gathered()
+                        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+                        fifo = av.AudioFifo()
+                    frame.pts = None  # the FIFO checks pts against its count; positions are not used
+                    fifo.write(frame)
+                    if fifo.samples >= frame.sample_rate // 2:
+                        resample_gathered()
+            resample_gathered()
             emit(resampler.resample(None))
         except av.FFmpegError as exc:
             # As ffmpeg's -xerror: a corrupt packet is an error, not a silently partial answer.

@@ -12,6 +12,11 @@ sherpa-onnx's detector.
 silence, the look-back before a start, and past ``max_speech`` a threshold of 0.9 and a minimum
 silence of 0.1 s until the segment ends. A window is 576 samples (64 of context and 512 new), one
 every 512 samples.
+
+The model also runs at 8 kHz (its own 8 kHz branch: 256 new samples and 32 of context per 32 ms
+window), for about half the CPU of a 16 kHz scan in a batch (``bench/bench_vad.py``). The windows
+stay those of the 16 kHz scan, each one's samples halved by averaging pairs (``halve``), so
+``SegmentTracker`` and every position stay in 16 kHz samples.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ SAMPLE_RATE = 16000
 SHIFT = 512  # new samples per window
 WINDOW = 576  # what the model reads: 64 samples of context, then the 512 new ones
 STATE = (2, 1, 128)  # one stream's LSTM state
+RATES = (8000, 16000)  # what the model runs at
 
 
 def f32(x: float) -> float:
@@ -34,8 +40,11 @@ def f32(x: float) -> float:
 class SileroModel:
     """The ONNX model, shared by every scan (onnxruntime runs may be concurrent)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, rate: int = SAMPLE_RATE) -> None:
         import onnxruntime as ort
+
+        if rate not in RATES:
+            raise ValueError(f"Silero VAD runs at 8000 or 16000 Hz, not {rate}")
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = opts.inter_op_num_threads = 1  # scans run side by side instead
@@ -44,12 +53,13 @@ class SileroModel:
         names = sorted(i.name for i in self.session.get_inputs())
         if names != ["input", "sr", "state"]:
             raise ValueError(f"{path} is not a Silero VAD v5 model (inputs {names}; want input, state, sr)")
-        self._rate = np.array(SAMPLE_RATE, np.int64)
+        self.rate = rate
+        self._rate = np.array(rate, np.int64)
 
     def run(self, windows: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Speech probabilities of ``windows`` (streams x windows x ``WINDOW`` samples: each stream's
-        next windows in order), one model run per window position with a batch row per stream, and
-        each stream's state after its last window."""
+        """Speech probabilities of ``windows`` (streams x windows x ``WINDOW`` samples at 16 kHz, or
+        ``WINDOW // 2`` at 8 kHz: each stream's next windows in order), one model run per window
+        position with a batch row per stream, and each stream's state after its last window."""
         state = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
         probs = np.empty(windows.shape[:2], np.float32)
         for j in range(windows.shape[1]):
@@ -58,10 +68,22 @@ class SileroModel:
         return probs, [state[:, i:i + 1] for i in range(len(states))]
 
 
-def windows_of(samples: np.ndarray, count: int) -> np.ndarray:
-    """The first ``count`` windows of ``samples`` (one every ``SHIFT``), as a view."""
-    return np.lib.stride_tricks.as_strided(samples, (count, WINDOW), (SHIFT * samples.strides[0], samples.strides[0]),
+def windows_of(samples: np.ndarray, count: int, rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The first ``count`` windows of ``samples`` (16 kHz: one every ``SHIFT``, as a view), as the
+    model reads them at ``rate`` (8 kHz: the same windows, halved)."""
+    if rate != SAMPLE_RATE:
+        samples, shift, window = halve(samples[:(count - 1) * SHIFT + WINDOW]), SHIFT // 2, WINDOW // 2
+    else:
+        shift, window = SHIFT, WINDOW
+    return np.lib.stride_tricks.as_strided(samples, (count, window), (shift * samples.strides[0], samples.strides[0]),
                                            writeable=False)
+
+
+def halve(samples: np.ndarray) -> np.ndarray:
+    """16 kHz audio at 8 kHz: the mean of each pair of samples (a gentle low-pass; what is folded
+    down from above 4 kHz is faint in speech and does not change the VAD's calls, ``tests/test_vad.py``)."""
+    even = samples[:len(samples) // 2 * 2]
+    return (even[0::2] + even[1::2]) * np.float32(0.5)
 
 
 class SegmentTracker:

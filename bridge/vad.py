@@ -30,6 +30,7 @@ REGION_SECONDS = 60.0  # a long file is scanned in regions this long, side by si
 LEAD = 0.5  # seconds each region starts before its border
 ALONE_SECONDS = 20.0  # the first region is scanned alone this far (the first pieces wait for it)
 STEP_WINDOWS = 32  # windows of each region per round (~1 s of audio) before segments are handed on
+VAD_RATE = 8000  # what Silero runs at (VAD_SAMPLE_RATE): half the CPU of 16 kHz, the same cuts (bench/README.md)
 
 
 def find_vad_model(configured: Path | None) -> Path | None:
@@ -63,12 +64,12 @@ class SpeechDetector:
     (``bridge.silero``), with the windows of several regions of a file in one model run."""
 
     def __init__(self, model: Path, *, threshold: float = 0.5, min_silence: float = 0.25,
-                 min_speech: float = 0.25) -> None:
+                 min_speech: float = 0.25, rate: int = VAD_RATE) -> None:
         self.model = model
         self.threshold = threshold
         self.min_silence = min_silence
         self.min_speech = min_speech
-        self.silero = SileroModel(model)
+        self.silero = SileroModel(model, rate)
 
     def _tracker(self, max_speech: float, threshold: float | None, min_silence: float | None) -> SegmentTracker:
         return SegmentTracker(threshold=self.threshold if threshold is None else threshold,
@@ -166,7 +167,7 @@ class SpeechDetector:
         """The next windows of each ready region (as many as all of them have, up to
         ``STEP_WINDOWS``): one model run per window, a batch row per region."""
         steps = min(r.step() for r in ready)
-        windows = np.stack([r.windows(steps) for r in ready])
+        windows = np.stack([r.windows(steps, self.silero.rate) for r in ready])
         probs, states = self.silero.run(windows, [r.tracker.state for r in ready])
         for r, region_probs, state in zip(ready, probs.tolist(), states, strict=True):
             r.tracker.state = state
@@ -190,10 +191,10 @@ class _Region:
         have = (self.source.available - self.tracker.windows * SHIFT - WINDOW) // SHIFT + 1
         return max(0, min(STEP_WINDOWS, have))
 
-    def windows(self, count: int) -> np.ndarray:
-        """Its next ``count`` windows (a view of the audio)."""
+    def windows(self, count: int, rate: int) -> np.ndarray:
+        """Its next ``count`` windows, as the model reads them at ``rate``."""
         at = self.tracker.windows * SHIFT
-        return windows_of(self.source.view(at, at + (count - 1) * SHIFT + WINDOW), count)
+        return windows_of(self.source.view(at, at + (count - 1) * SHIFT + WINDOW), count, rate)
 
     def push(self, prob: float) -> None:
         segment = self.tracker.push(prob)

@@ -1,6 +1,7 @@
-"""The bridge's Silero scan (``bridge.vad`` over ``bridge.silero``): the segments sherpa-onnx's own
-detector finds, on real speech, with every setting a request can change; and regions of a file
-scanned in one model run find what each region finds scanned alone."""
+"""The bridge's Silero scan (``bridge.vad`` over ``bridge.silero``): at 16 kHz, the segments
+sherpa-onnx's own detector finds, on real speech, with every setting a request can change; at 8 kHz
+(the default, half the CPU), the same speech; and regions of a file scanned in one model run find
+what each region finds scanned alone."""
 
 from __future__ import annotations
 
@@ -75,16 +76,35 @@ def sherpa_segments(model, samples: np.ndarray, *, threshold: float = 0.5, min_s
     {"threshold": 0.75, "min_silence": 0.1},
 ], ids=["defaults", "max-speech", "low-threshold", "high-threshold"])
 def test_the_scan_finds_sherpa_onnx_segments_on_real_speech(model, talk, settings):
-    ours = SpeechDetector(model).speech_segments(talk, **settings)
+    ours = SpeechDetector(model, rate=16000).speech_segments(talk, **settings)
     theirs = sherpa_segments(model, talk, **settings)
     assert len(theirs) >= 8
     assert ours == theirs
 
 
-def test_regions_in_one_model_run_find_what_each_finds_alone(model, talk):
+def speech_mask(segments: list[tuple[int, int]], length: int) -> np.ndarray:
+    mask = np.zeros(length, bool)
+    for a, b in segments:
+        mask[a:b] = True
+    return mask
+
+
+def test_the_scan_at_8khz_finds_the_speech_of_the_16khz_scan(model, talk):
+    """The default scan runs Silero at 8 kHz (each window's samples halved): it must call speech
+    and pauses where the 16 kHz scan (sherpa-onnx's, above) does, on noisy real speech."""
+    full = SpeechDetector(model, rate=16000).speech_segments(talk)
+    half = SpeechDetector(model, rate=8000).speech_segments(talk)
+    assert SpeechDetector(model).silero.rate == 8000
+    agree = np.mean(speech_mask(full, len(talk)) == speech_mask(half, len(talk)))
+    assert agree >= 0.96, f"8 and 16 kHz scans agree on {agree:.1%} of the audio"
+    assert abs(len(half) - len(full)) <= max(2, len(full) // 8), (len(half), len(full))
+
+
+@pytest.mark.parametrize("rate", [8000, 16000])
+def test_regions_in_one_model_run_find_what_each_finds_alone(model, talk, rate):
     """Sixteen regions go through the model together (one batch row each): each must find exactly
     what it finds scanned on its own, so no region's state leaks into another's."""
-    detector = SpeechDetector(model)
+    detector = SpeechDetector(model, rate=rate)
     region = len(talk) // 16 + 1
     stream = AudioStream.from_samples(talk)
     together = list(detector.iter_segments_parallel(stream, workers=16, stop=threading.Event(),
