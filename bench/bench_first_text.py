@@ -105,9 +105,13 @@ def ffmpeg_process_decode(path: Path) -> float:
     return time.perf_counter() - t
 
 
-def post(client: httpx.Client, url: str, path: Path) -> float:
+FORMATS = ("json", "text", "srt", "vtt", "verbose_json")
+
+
+def post(client: httpx.Client, url: str, path: Path, response_format: str = "json") -> float:
     t = time.perf_counter()
-    r = client.post(url + "/v1/audio/transcriptions", files={"file": (path.name, path.read_bytes())})
+    r = client.post(url + "/v1/audio/transcriptions", files={"file": (path.name, path.read_bytes())},
+                    data={"response_format": response_format})
     r.raise_for_status()
     return time.perf_counter() - t
 
@@ -198,6 +202,13 @@ def bench_instant(files: dict[str, Path], work: Path, rounds: int, compare: Path
         })
         out["mp3_600s_48k_seconds"] = {k: round(v, 3) for k, v in med.items()}
         out["mp3_600s_48k_audio_s_per_s"] = {k: round(600 / v, 1) for k, v in med.items()}
+        # Every response format of the long file, the default decoder (and the compared bridge).
+        timed = {k: u for k, u in urls.items() if k != "ffmpeg"}
+        med = interleaved(max(2, rounds // 4), {
+            f"{fmt} bridge_{k}": (lambda u=u, f=fmt: post(client, u, long, f))  # type: ignore[misc]
+            for fmt in FORMATS for k, u in timed.items()
+        })
+        out["mp3_600s_48k_audio_s_per_s_by_format"] = {k: round(600 / v, 1) for k, v in med.items()}
         client.close()
         return out
     finally:
