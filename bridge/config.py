@@ -59,7 +59,7 @@ class BridgeSettings(BaseSettings):
     # Cutting long audio
     vad_model: Path | None = None  # Silero VAD ONNX; default: from the silero-vad package's data
     vad_threads: int = Field(0, ge=0, le=64)  # regions of a long file scanned side by side (one model run); 0 = 16
-    vad_sample_rate: int = 8000  # what Silero runs at: 8000 or 16000 (8000: half the CPU, the same cuts)
+    vad_sample_rate: int = 8000  # what Silero runs at: 8000 or 16000 (8000: half the CPU, cuts in the same pauses)
     piece_target_seconds: float | None = Field(None, gt=1)  # merge speech up to this; default: model's safe length
 
     # Checking each piece's text, and transcribing failed pieces again in halves (bridge.guard).

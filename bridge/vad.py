@@ -30,7 +30,7 @@ REGION_SECONDS = 30.0  # a long file is scanned in regions this long, side by si
 LEAD = 0.5  # seconds each region starts before its border
 ALONE_SECONDS = 20.0  # the first region is scanned alone this far (the first pieces wait for it)
 STEP_WINDOWS = 32  # windows of each region per round (~1 s of audio) before segments are handed on
-VAD_RATE = 8000  # what Silero runs at (VAD_SAMPLE_RATE): half the CPU of 16 kHz, the same cuts (bench/README.md)
+VAD_RATE = 8000  # Silero's rate (VAD_SAMPLE_RATE): half the CPU of 16 kHz, cuts in the same pauses
 
 
 def find_vad_model(configured: Path | None) -> Path | None:
@@ -113,7 +113,8 @@ class SpeechDetector:
                 if stream.done and stream.available <= k * size:
                     return False
                 # On the windows' grid of a scan from the file's start, so that a region's segment
-                # bounds fall where one pass puts them (a bound moves with the grid by up to 32 ms).
+                # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
+                # bound past the first region moves by up to 32 ms).
                 start = max(0, k * size - lead) // SHIFT * SHIFT
                 first = regions[0] if regions else None
                 if first is not None and not first.finished \

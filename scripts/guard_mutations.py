@@ -90,7 +90,7 @@ MUTATIONS = [
     Mutation("each region of a batched scan keeps its own model state", "bridge/silero.py",
              "[state[:, i:i + 1] for i in range(len(states))]", "[state[:, :1] for i in range(len(states))]",
              ("tests/test_vad.py::test_regions_in_one_model_run_find_what_each_finds_alone",)),
-    Mutation("regions scanned on one pass's window grid (the same cuts)", "bridge/vad.py",
+    Mutation("regions scanned on one pass's window grid (cuts on its grid, in its pauses)", "bridge/vad.py",
              "start = max(0, k * size - lead) // SHIFT * SHIFT", "start = max(0, k * size - lead)",
              ("tests/test_first_text.py::test_regions_scanned_side_by_side_cut_like_one_scan",)),
     Mutation("include[]=logprobs refused where the model has none", "bridge/routes/transcriptions.py",
