@@ -20,11 +20,12 @@ FRAME_BYTES = 1 << 20
 DONE = "Done"
 
 
-def utterance_frames(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Iterator[bytes]:
-    payload = np.ascontiguousarray(samples, dtype="<f4").tobytes()
+def utterance_frames(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Iterator[bytes | memoryview]:
+    """The frames of one utterance; after the first, views of the samples (no copy of a long piece)."""
+    payload = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
     header = struct.pack("<ii", sample_rate, len(payload))
     first = FRAME_BYTES - len(header)
-    yield header + payload[:first]
+    yield header + payload[:first].tobytes()
     for start in range(first, len(payload), FRAME_BYTES):
         yield payload[start:start + FRAME_BYTES]
 

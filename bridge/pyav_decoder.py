@@ -27,6 +27,7 @@ from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLo
 log = logging.getLogger("bridge.decoder")
 HEADER = struct.Struct("<cI")
 MAX_FRAME = 64 * 1024 * 1024
+READ_BUFFER = 1 << 20  # bytes read ahead from a worker's pipe (asyncio's default, 64 KiB, stalls on its chunks)
 
 
 class WorkerGone(RuntimeError):
@@ -44,6 +45,7 @@ class DecoderWorker:
             sys.executable, "-m", "bridge.pyav_worker", str(memory_mb),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
             cwd=str(Path(__file__).resolve().parent.parent),
+            limit=READ_BUFFER,
         )
         return cls(proc)
 

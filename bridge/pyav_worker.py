@@ -30,7 +30,7 @@ from bridge.audio import DEMUXER_WHITELIST  # the same whitelist as the ffmpeg c
 from bridge.ports import SAMPLE_RATE
 
 HEADER = struct.Struct("<cI")
-CHUNK_SAMPLES = SAMPLE_RATE // 2  # hand over half a second of audio at a time
+CHUNK_SAMPLES = 2 * SAMPLE_RATE  # hand over two seconds of audio at a time (128 KB: few wake-ups of the bridge)
 
 
 class Refused(Exception):

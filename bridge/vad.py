@@ -29,6 +29,7 @@ log = logging.getLogger("bridge.vad")
 REGION_SECONDS = 30.0  # a long file is scanned in regions this long, side by side (10 min: 16 at once)
 LEAD = 0.5  # seconds each region starts before its border
 ALONE_SECONDS = 20.0  # the first region is scanned alone this far (the first pieces wait for it)
+SPLIT_SECONDS = 5.0  # once all is decoded, a region with twice this left is split to keep the batch full
 STEP_WINDOWS = 32  # windows of each region per round (~1 s of audio) before segments are handed on
 VAD_RATE = 8000  # Silero's rate (VAD_SAMPLE_RATE): half the CPU of 16 kHz, cuts in the same pauses
 
@@ -105,25 +106,52 @@ class SpeechDetector:
             yield from self.iter_segments(stream, stop=stop, threshold=threshold, min_silence=min_silence)
             return
         size, lead = int(region_seconds * SAMPLE_RATE), int(LEAD * SAMPLE_RATE)
+        placed = 0  # regions placed at their border so far; region k covers k * size .. (k + 1) * size
 
         def more(regions: list[_Region]) -> bool:
             """Adds the regions the scan may start now; False once no region will come any more."""
+            nonlocal placed
             while True:
-                k = len(regions)
-                if stream.done and stream.available <= k * size:
-                    return False
+                if stream.done and stream.available <= placed * size:
+                    # Every region is placed: keep the batch full by splitting the longest left.
+                    return _split(regions, workers, lead) or any(not r.finished for r in regions)
                 # On the windows' grid of a scan from the file's start, so that a region's segment
                 # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
                 # bound past the first region moves by up to 32 ms).
-                start = max(0, k * size - lead) // SHIFT * SHIFT
+                start = max(0, placed * size - lead) // SHIFT * SHIFT
                 first = regions[0] if regions else None
                 if first is not None and not first.finished \
                         and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:
                     return True
                 if sum(not r.finished for r in regions) >= workers or stream.available <= start:
                     return True
-                regions.append(_Region(stream.window(start, (k + 1) * size), start,
+                placed += 1
+                regions.append(_Region(stream.window(start, placed * size), start,
                                        self._tracker(3600.0, threshold, min_silence)))
+
+        def _split(regions: list[_Region], workers: int, lead: int) -> bool:
+            """Once the file is decoded and every region placed, a region that finishes leaves its
+            batch row empty: the open region with the most audio left gives its second half to a
+            new region (which starts ``LEAD`` early, on the grid), while halves of at least
+            ``SPLIT_SECONDS`` are left. True when a region was added."""
+            added = False
+            while sum(not r.finished for r in regions) < workers:
+                open_regions = [r for r in regions if not r.finished]
+                if not open_regions:
+                    break
+                region = max(open_regions, key=_Region.left)
+                if region.left() < 2 * SPLIT_SECONDS * SAMPLE_RATE:
+                    break
+                window = region.source
+                assert isinstance(window, StreamWindow)
+                at = region.offset + region.tracker.windows * SHIFT
+                middle = (at + min(window.end, stream.available)) // 2 // SHIFT * SHIFT
+                start = (middle - lead) // SHIFT * SHIFT
+                second = _Region(stream.window(start, window.end), start, self._tracker(3600.0, threshold, min_silence))
+                window.end = middle
+                regions.insert(regions.index(region) + 1, second)
+                added = True
+            return added
 
         yield from self._scan([], more, stop, stream)
 
@@ -186,6 +214,10 @@ class _Region:
     tracker: SegmentTracker
     found: deque[tuple[int, int]] = field(default_factory=deque)
     finished: bool = False
+
+    def left(self) -> int:
+        """Samples of its stretch not scanned yet (as far as the audio goes)."""
+        return self.source.available - self.tracker.windows * SHIFT
 
     def step(self) -> int:
         """How many of its next windows the audio holds now (at most ``STEP_WINDOWS``)."""

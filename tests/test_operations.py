@@ -5,8 +5,10 @@ any log line."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -208,3 +210,22 @@ def test_bench_measures_a_running_deployment(stack, tmp_path):
     name = canonical('stt_proxy_requests_total{route="/v1/audio/transcriptions",status="200",key="ops"}')
     warm_ups = 1 + (1 + 4 + 8)
     assert after[name] - before.get(name, 0) == warm_ups + sum(int(r["requests"]) for r in rows.values()) + 1
+
+
+def test_the_bridge_turns_off_onnxruntime_telemetry(tmp_path):
+    """onnxruntime (the VAD's runtime) reports usage to Microsoft from Linux since 1.32: at import it
+    writes a session file in the temp folder and a device id under ~/.cache. The bridge's package
+    turns that off before onnxruntime loads, unless the operator asked for it."""
+    home, tmp = tmp_path / "home", tmp_path / "tmp"
+    home.mkdir()
+    tmp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
+    env.update(HOME=str(home), TMPDIR=str(tmp))
+    load = "from bridge.silero import SileroModel; from bridge.vad import find_vad_model; SileroModel(find_vad_model(None))"
+    subprocess.run([sys.executable, "-c", load], env=env, check=True)
+    assert list(home.rglob("*")) == [] and list(tmp.rglob("*")) == []
+    # The same without the bridge's default: what onnxruntime does on its own (so the check above holds).
+    bare = "import onnxruntime"
+    subprocess.run([sys.executable, "-c", bare], env=env, check=True)
+    if not list(tmp.rglob("*")) and not list(home.rglob("*")):
+        pytest.skip("this onnxruntime writes no telemetry files (built without it, or before 1.32)")
