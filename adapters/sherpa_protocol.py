@@ -22,7 +22,7 @@ DONE = "Done"
 
 def utterance_frames(samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> Iterator[bytes | memoryview]:
     """The frames of one utterance; after the first, views of the samples (no copy of a long piece)."""
-    payload = memoryview(np.ascontiguousarray(samples, dtype="<f4")).cast("B")
+    payload = np.ascontiguousarray(samples, dtype="<f4").data.cast("B")
     header = struct.pack("<ii", sample_rate, len(payload))
     first = FRAME_BYTES - len(header)
     yield header + payload[:first].tobytes()

@@ -144,7 +144,7 @@ def measure(post_to: Callable[[str, Path], str], raw: Callable[[np.ndarray], str
         print(f"short clips: {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     for seconds in long_seconds:
-        audio, truth, used = join(utts, seconds)
+        audio, truth, used = join(utts or every, seconds)
         text = post_to("guard", write_wav16(work / f"long-{seconds:g}.wav", audio))
         reference = " ".join(u.text for u in used)
         per_utt = wer(reference, " ".join(raw_alone(u) for u in used))
@@ -195,7 +195,9 @@ def main() -> int:
     ap.add_argument("--long", type=float, nargs="*", default=[300, 600], help="joined recordings, seconds")
     ap.add_argument("--noisy-seconds", type=float, default=300)
     ap.add_argument("--snr", type=float, nargs="*", default=[20, 10, 5])
-    ap.add_argument("--utterances", type=int, default=None, help="only the first N as short clips and in the joined recordings (a quick look; 0: noisy table only)")
+    ap.add_argument("--utterances", type=int, default=None,
+                    help="only the first N as short clips and in the joined recordings (a quick look; 0: no short "
+                         "clips, all in the joined ones)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-real-speech-"))
     services = Services(work)

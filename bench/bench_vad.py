@@ -8,7 +8,9 @@ pauses). CPU seconds of one thread, and audio seconds scanned per CPU second, fo
 - the bridge's scan before: Silero through sherpa-onnx's ``VoiceActivityDetector`` (16 kHz, 32 ms
   windows, one window per call);
 - the bridge's scan now (``bridge.vad.SpeechDetector``, onnxruntime with sherpa-onnx's segment
-  logic ported, ``bridge.silero``): one pass, and 16 regions of the file in one model run;
+  logic ported, ``bridge.silero``): one pass, and 16 regions of the file in one model run, with
+  Silero at 16 kHz (sherpa-onnx's segments to the sample) and at 8 kHz (``VAD_SAMPLE_RATE``, the
+  default);
 - Silero through onnxruntime directly, at 16 and 8 kHz (sherpa-onnx 1.13 runs Silero at 16 kHz
   only: any other ``sample_rate`` exits the process), one stream, then regions of the file as one
   batch (16 regions side by side in one model run per window);
@@ -50,8 +52,9 @@ def sherpa_scan(x: np.ndarray) -> float:
     return time.process_time() - started
 
 
-def bridge_scan(x: np.ndarray, regions: int) -> tuple[float, list[tuple[int, int]]]:
-    """The bridge's own detector: CPU seconds and the segments, one pass or ``regions`` side by side."""
+def bridge_scan(x: np.ndarray, regions: int, rate: int = 16000) -> tuple[float, list[tuple[int, int]]]:
+    """The bridge's own detector: CPU seconds and the segments, one pass or ``regions`` side by side,
+    Silero at ``rate``."""
     import threading
 
     from bridge.audio import AudioStream
@@ -59,7 +62,7 @@ def bridge_scan(x: np.ndarray, regions: int) -> tuple[float, list[tuple[int, int
 
     model = find_vad_model(None)
     assert model is not None, "no Silero VAD model (pip install --no-deps silero-vad)"
-    detector = SpeechDetector(model)
+    detector = SpeechDetector(model, rate=rate)
     started = time.process_time()
     found = list(detector.iter_segments_parallel(AudioStream.from_samples(x), workers=regions,
                                                  stop=threading.Event()))
@@ -126,12 +129,13 @@ def main() -> int:
     x8 = x[: len(x) // 2 * 2].reshape(-1, 2).mean(axis=1).astype(np.float32)  # 2:1, enough for a VAD
     base = sherpa_scan(x)
     rows = [("Silero, sherpa-onnx VoiceActivityDetector (the bridge before)", base, "")]
-    one, one_found = bridge_scan(x, 1)
-    many, many_found = bridge_scan(x, 16)
-    rows += [("the bridge now (bridge.vad): onnxruntime, sherpa-onnx's segment logic, one pass", one,
-              f"{len(one_found)} segments"),
-             ("the bridge now (bridge.vad): 16 regions of the file in one model run", many,
-              f"{len(many_found)} segments")]
+    for rate in (16000, 8000):
+        one, one_found = bridge_scan(x, 1, rate)
+        many, many_found = bridge_scan(x, 16, rate)
+        kind = "16 kHz, sherpa-onnx's segments" if rate == 16000 else "8 kHz (the default)"
+        rows += [(f"the bridge (bridge.vad), {kind}: one pass", one, f"{len(one_found)} segments"),
+                 (f"the bridge (bridge.vad), {kind}: 16 regions in one model run", many,
+                  f"{len(many_found)} segments")]
     t16, p16 = onnx_scan(x, 16000, 1)
     t8, p8 = onnx_scan(x8, 8000, 1)
     n = min(len(p16), len(p8))
