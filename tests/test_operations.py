@@ -221,7 +221,8 @@ def test_the_bridge_turns_off_onnxruntime_telemetry(tmp_path):
     tmp.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "ORT_DISABLE_TELEMETRY"}
     env.update(HOME=str(home), TMPDIR=str(tmp))
-    load = "from bridge.silero import SileroModel; from bridge.vad import find_vad_model; SileroModel(find_vad_model(None))"
+    load = ("from bridge.silero import SileroModel; from bridge.vad import find_vad_model; "
+            "SileroModel(find_vad_model(None))")
     subprocess.run([sys.executable, "-c", load], env=env, check=True)
     assert list(home.rglob("*")) == [] and list(tmp.rglob("*")) == []
     # The same without the bridge's default: what onnxruntime does on its own (so the check above holds).
