@@ -94,7 +94,7 @@ MUTATIONS = [
              'os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")', 'os.environ.get("ORT_DISABLE_TELEMETRY")',
              ("tests/test_operations.py::test_the_bridge_turns_off_onnxruntime_telemetry",)),
     Mutation("regions scanned on one pass's window grid (cuts on its grid, in its pauses)", "bridge/vad.py",
-             "start = max(0, k * size - lead) // SHIFT * SHIFT", "start = max(0, k * size - lead)",
+             "start = max(0, placed * size - lead) // SHIFT * SHIFT", "start = max(0, placed * size - lead)",
              ("tests/test_first_text.py::test_regions_scanned_side_by_side_cut_like_one_scan",)),
     Mutation("include[]=logprobs refused where the model has none", "bridge/routes/transcriptions.py",
              "if wanted and not spec.token_logprobs:", "if False:",
