@@ -458,7 +458,7 @@ class RealtimeSession:
             return "", scored
         async with state.engines.lease() as engine:
             audio = AudioStream.from_samples(samples)
-            plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.detector,
+            plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.live_detector,
                               state.settings.piece_target_seconds, state.settings.stream_first_piece_seconds or None,
                               vad_threads=1)
             pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))

@@ -221,6 +221,7 @@ def test_g711_live_sessions_hear_what_pcm16_hears(moonshine_proxy, tmp_path):
         heard = dict(zip(("pcmu", "pcma"), pool.map(
             lambda fl: " ".join(live_turns(moonshine_proxy.url, key, g711(path, fl[1]), fmt=fl[0])),
             (("pcmu", "mulaw"), ("pcma", "alaw"))), strict=True))
+    print("live WER: pcm16", round(pcm16, 4), {fmt: round(wer(reference, text), 4) for fmt, text in heard.items()})
     for fmt, text in heard.items():
         assert wer(reference, text) <= pcm16 + 0.02, (fmt, pcm16, text)
 
