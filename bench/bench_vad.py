@@ -30,6 +30,7 @@ import time
 import numpy as np
 
 from bench.bench_real_speech import join, utterances
+from bridge.silero import halve
 from bridge.vad import find_vad_model
 
 RATE = 16000
@@ -126,7 +127,7 @@ def main() -> int:
     args = ap.parse_args()
     x, _, _ = join(utterances(), args.seconds)
     audio = len(x) / RATE
-    x8 = x[: len(x) // 2 * 2].reshape(-1, 2).mean(axis=1).astype(np.float32)  # 2:1, enough for a VAD
+    x8 = halve(x)  # 2:1 as the bridge does it
     base = sherpa_scan(x)
     rows = [("Silero, sherpa-onnx VoiceActivityDetector (the bridge before)", base, "")]
     for rate in (16000, 8000):

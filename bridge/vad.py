@@ -117,7 +117,7 @@ class SpeechDetector:
             while True:
                 if stream.done and stream.available <= placed * size:
                     # Every region is placed: keep the batch full by splitting the longest left.
-                    return _split(regions, workers, lead) or any(not r.finished for r in regions)
+                    return split(regions) or any(not r.finished for r in regions)
                 # On the windows' grid of a scan from the file's start, so that a region's segment
                 # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
                 # bound past the first region moves by up to 32 ms).
@@ -132,7 +132,7 @@ class SpeechDetector:
                 regions.append(_Region(stream.window(start, placed * size), start,
                                        self._tracker(3600.0, threshold, min_silence)))
 
-        def _split(regions: list[_Region], workers: int, lead: int) -> bool:
+        def split(regions: list[_Region]) -> bool:
             """Once the file is decoded and every region placed, a region that finishes leaves its
             batch row empty: the open region with the most audio left gives its second half to a
             new region (which starts ``LEAD`` early, on the grid), while halves of at least
