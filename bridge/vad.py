@@ -29,10 +29,9 @@ from bridge.ports import SAMPLE_RATE
 from bridge.silero import SHIFT, WINDOW, SegmentTracker, SileroModel, windows_of
 
 log = logging.getLogger("bridge.vad")
-REGION_SECONDS = 30.0  # a long file is scanned in regions this long, side by side (10 min: 16 at once)
+REGION_SECONDS = 15.0  # a long file is scanned in regions this long, up to 16 side by side (10 min: 40 regions)
 LEAD = 0.5  # seconds each region starts before its border
 ALONE_SECONDS = 20.0  # the first region is scanned alone this far (the first pieces wait for it)
-SPLIT_SECONDS = 5.0  # once all is decoded, a region with twice this left is split to keep the batch full
 STEP_WINDOWS = 32  # windows of each region per round (~1 s of audio) before segments are handed on
 VAD_RATE = 8000  # Silero's rate (VAD_SAMPLE_RATE): half the CPU of 16 kHz, cuts in the same pauses
 
@@ -104,7 +103,8 @@ class SpeechDetector:
         border is found by both sides and comes out as overlapping segments, which ``PieceBuilder``
         merges. A region joins once the decoder has reached it and the first region has been
         scanned ``ALONE_SECONDS`` (the first pieces wait for that one). Segments come out in order
-        of their regions."""
+        of their regions. Where the regions lie depends on the file alone, never on how far the
+        decoder is ahead of the scan, so a file is cut the same way on every request."""
         if workers <= 1:
             yield from self.iter_segments(stream, stop=stop, threshold=threshold, min_silence=min_silence)
             return
@@ -116,8 +116,7 @@ class SpeechDetector:
             nonlocal placed
             while True:
                 if stream.done and stream.available <= placed * size:
-                    # Every region is placed: keep the batch full by splitting the longest left.
-                    return split(regions) or any(not r.finished for r in regions)
+                    return any(not r.finished for r in regions)  # every region is placed
                 # On the windows' grid of a scan from the file's start, so that a region's segment
                 # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
                 # bound past the first region moves by up to 32 ms).
@@ -131,30 +130,6 @@ class SpeechDetector:
                 placed += 1
                 regions.append(_Region(stream.window(start, placed * size), start,
                                        self._tracker(3600.0, threshold, min_silence)))
-
-        def split(regions: list[_Region]) -> bool:
-            """Once the file is decoded and every region placed, a region that finishes leaves its
-            batch row empty: the open region with the most audio left gives its second half to a
-            new region (which starts ``LEAD`` early, on the grid), while halves of at least
-            ``SPLIT_SECONDS`` are left. True when a region was added."""
-            added = False
-            while sum(not r.finished for r in regions) < workers:
-                open_regions = [r for r in regions if not r.finished]
-                if not open_regions:
-                    break
-                region = max(open_regions, key=_Region.left)
-                if region.left() < 2 * SPLIT_SECONDS * SAMPLE_RATE:
-                    break
-                window = region.source
-                assert isinstance(window, StreamWindow)
-                at = region.offset + region.tracker.windows * SHIFT
-                middle = (at + min(window.end, stream.available)) // 2 // SHIFT * SHIFT
-                start = (middle - lead) // SHIFT * SHIFT
-                second = _Region(stream.window(start, window.end), start, self._tracker(3600.0, threshold, min_silence))
-                window.end = middle
-                regions.insert(regions.index(region) + 1, second)
-                added = True
-            return added
 
         yield from self._scan([], more, stop, stream)
 
@@ -217,10 +192,6 @@ class _Region:
     tracker: SegmentTracker
     found: deque[tuple[int, int]] = field(default_factory=deque)
     finished: bool = False
-
-    def left(self) -> int:
-        """Samples of its stretch not scanned yet (as far as the audio goes)."""
-        return self.source.available - self.tracker.windows * SHIFT
 
     def step(self) -> int:
         """How many of its next windows the audio holds now (at most ``STEP_WINDOWS``)."""

@@ -6,6 +6,7 @@ what each region finds scanned alone."""
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -116,3 +117,29 @@ def test_regions_in_one_model_run_find_what_each_finds_alone(model, talk, rate):
         alone += [(start + a, start + b) for a, b in detector.iter_segments(window)]
     assert len(together) >= 16
     assert together == alone
+
+
+@pytest.mark.parametrize("chunk_seconds, pause", [(0.5, 0.002), (6.0, 0.03)], ids=["trickled", "in-bursts"])
+def test_the_cuts_do_not_depend_on_how_fast_the_audio_is_decoded(model, talk, chunk_seconds, pause):
+    """The same file gives the same pieces, however far the decoder is ahead of the scan: the
+    regions of a long file are laid out by its length alone, so a transcript does not change from
+    one request to the next (scan layouts that followed the decoder's progress did)."""
+    detector = SpeechDetector(model)
+    region = 12.0  # the talk is 7 regions long: fewer than the 16 rows, as in a short file
+
+    def scan(stream: AudioStream) -> list[tuple[int, int]]:
+        return list(detector.iter_segments_parallel(stream, workers=16, stop=threading.Event(), region_seconds=region))
+
+    decoded = scan(AudioStream.from_samples(talk))
+    stream = AudioStream(len(talk) / RATE + 1)
+    found: list[tuple[int, int]] = []
+    scanner = threading.Thread(target=lambda: found.extend(scan(stream)))
+    scanner.start()
+    step = int(chunk_seconds * RATE)
+    for offset in range(0, len(talk), step):
+        stream.append(talk[offset:offset + step])
+        time.sleep(pause)
+    stream.finish()
+    scanner.join(60)
+    assert len(decoded) >= 8
+    assert found == decoded
