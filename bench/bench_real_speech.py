@@ -13,8 +13,9 @@ Three measurements in one run, with the bridge's model and settings, WER over al
   file (its VAD cuts it) against the raw engine on each utterance alone (the best cutting there is).
 - **Noisy.** The utterances of seven speakers joined as above, under babble (four streams of the
   four other speakers' speech) plus pink noise at each SNR: the raw engine on the same noisy audio
-  cut by hand at utterance bounds into pieces of up to 25 s (the length at which Moonshine starts to
-  drop words), and the bridge with and without the piece guard (``GUARD_PIECES``).
+  cut at each utterance's bounds, and cut by hand at utterance bounds into pieces of up to 25 s (the
+  length at which Moonshine starts to drop words), and the bridge with and without the piece guard
+  (``GUARD_PIECES``). A first row without noise shows the model's floor on this speech.
 
 ``python -m bench`` runs this after its speed table (``--no-accuracy`` skips it).
 """
@@ -157,18 +158,22 @@ def measure(post_to: Callable[[str, Path], str], raw: Callable[[np.ndarray], str
         speech, noise, truth = noisy_speech(every, noisy_seconds)
         reference = " ".join(t for t, _, _ in truth)
         lines += ["", f"Noisy: {len(speech) / RATE:.0f} s of {len({u.speaker for u in every} - set(BABBLE_SPEAKERS))} "
-                  f"speakers under babble of {len(BABBLE_SPEAKERS)} others plus pink noise; raw = the raw engine on "
-                  "hand cuts at utterance bounds (pieces of up to 25 s).", "",
-                  "| SNR | raw, hand cut | bridge, no guard | bridge with guard | guard / raw |",
-                  "| --- | --- | --- | --- | --- |"]
-        for snr in snrs:
+                  f"speakers under babble of {len(BABBLE_SPEAKERS)} others plus pink noise. Raw, each utterance: "
+                  "the raw engine on the noisy audio cut at every utterance's bounds (the best cutting there is); "
+                  "raw, hand cut: cut at utterance bounds into pieces of up to 25 s. The clean row is the same "
+                  "speech without noise: no cutting of the noisy audio can do much better than it.", "",
+                  "| SNR | raw, each utterance | raw, hand cut | bridge, no guard | bridge with guard "
+                  "| guard / hand cut |", "| --- | --- | --- | --- | --- | --- |"]
+        for snr in [None, *snrs]:
             audio = mix(speech, noise, snr)
-            path = write_wav16(work / f"noisy-{snr:g}.wav", audio)
+            path = write_wav16(work / f"noisy-{snr}.wav", audio)
+            each = wer(reference, " ".join(raw(audio[a:b]) for _, a, b in truth))
             raw_w = wer(reference, " ".join(raw(audio[a:b]) for a, b in hand_cut(truth)))
             off = wer(reference, post_to("no guard", path))
             on = wer(reference, post_to("guard", path))
-            lines.append(f"| {snr:g} dB | {raw_w:.2%} | {off:.2%} | {on:.2%} | {on / raw_w:.2f}x |")
-            print(f"noisy {snr:g} dB: done", file=sys.stderr)
+            label = "clean" if snr is None else f"{snr:g} dB"
+            lines.append(f"| {label} | {each:.2%} | {raw_w:.2%} | {off:.2%} | {on:.2%} | {on / raw_w:.2f}x |")
+            print(f"noisy {label}: done", file=sys.stderr)
     return lines
 
 
