@@ -105,7 +105,7 @@ MUTATIONS = [
              ("tests/test_first_text.py::test_regions_scanned_side_by_side_cut_like_one_scan",)),
     Mutation("regions laid out by the file alone, not by how far the decoder is ahead", "bridge/vad.py",
              "regions.append(_Region(stream.window(start, placed * size), start,",
-             "regions.append(_Region(stream.window(start, max(placed * size, stream.available // SHIFT * SHIFT)), start,",
+             "regions.append(_Region(stream.window(start, max(placed * size, stream.available)), start,",
              ("tests/test_vad.py::test_the_cuts_do_not_depend_on_how_fast_the_audio_is_decoded",)),
     Mutation("include[]=logprobs refused where the model has none", "bridge/routes/transcriptions.py",
              "if wanted and not spec.token_logprobs:", "if False:",
