@@ -122,8 +122,8 @@ def test_regions_in_one_model_run_find_what_each_finds_alone(model, talk, rate):
 @pytest.mark.parametrize("chunk_seconds, pause", [(0.5, 0.002), (6.0, 0.03)], ids=["trickled", "in-bursts"])
 def test_the_cuts_do_not_depend_on_how_fast_the_audio_is_decoded(model, talk, chunk_seconds, pause):
     """The same file gives the same pieces, however far the decoder is ahead of the scan: the
-    regions of a long file are laid out by its length alone, so a transcript does not change from
-    one request to the next (scan layouts that followed the decoder's progress did)."""
+    regions of a long file lie on fixed borders, so a transcript does not change from one request
+    to the next (regions split where the scan had got when decoding ended did)."""
     detector = SpeechDetector(model)
     region = 12.0  # the talk is 7 regions long: fewer than the 16 rows, as in a short file
 
