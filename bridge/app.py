@@ -110,8 +110,9 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
                  settings.sherpa_num_work_threads, settings.sherpa_provider)
         vad_model = find_vad_model(settings.vad_model)
         detector = SpeechDetector(vad_model, rate=settings.vad_sample_rate) if vad_model is not None else None
-        live_detector = None if vad_model is None else \
-            detector if settings.vad_sample_rate == 16000 else SpeechDetector(vad_model, rate=16000)
+        live_detector = detector  # live turns: always 16 kHz (bridge.state)
+        if vad_model is not None and settings.vad_sample_rate != 16000:
+            live_detector = SpeechDetector(vad_model, rate=16000)
         if detector is None:
             log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
                         "cut by energy only")
@@ -130,8 +131,7 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
                                            settings.guard_min_piece_seconds), detector)
         state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
                             scheduler=scheduler, metrics=metrics, detector=detector, live_detector=live_detector,
-                            decoders=decoders,
-                            guard=guard)
+                            decoders=decoders, guard=guard)
         app.state.bridge = state
         try:
             load_seconds = await engines.load_initial(settings.default_model)

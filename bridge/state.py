@@ -31,8 +31,8 @@ class BridgeState:
     # Live turns are cut with Silero at 16 kHz whatever VAD_SAMPLE_RATE says: a turn is short, so its
     # scan costs little, and on G.711 phone audio the 8 kHz scan's cuts cost words (tests/test_openai_fields.py).
     live_detector: SpeechDetector | None = None
-    decoders: DecoderPool | None = None
-    guard: PieceGuard | None = None  # None: GUARD_PIECES=false  # None: AUDIO_DECODER=ffmpeg, a process per request
+    decoders: DecoderPool | None = None  # None: AUDIO_DECODER=ffmpeg, a process per request
+    guard: PieceGuard | None = None  # None: GUARD_PIECES=false
     started_at: float = field(default_factory=time.monotonic)
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0
