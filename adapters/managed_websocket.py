@@ -289,7 +289,7 @@ class ManagedWebSocketEngine(ModelEngine):
     async def start(self) -> None:
         await self.supervisor.start()
 
-    async def transcribe(self, samples: np.ndarray) -> EngineResult:
+    async def transcribe(self, samples: np.ndarray, keywords: tuple[str, ...] = ()) -> EngineResult:
         sup = self.supervisor
         # One internal retry: a request caught by an engine crash waits for the restart once.
         for attempt in (1, 2):

@@ -51,7 +51,7 @@ class SubprocessEngine(ModelEngine):
         self._ready = True
         self._detail = "one sherpa-onnx-offline run per request"
 
-    async def transcribe(self, samples: np.ndarray) -> EngineResult:
+    async def transcribe(self, samples: np.ndarray, keywords: tuple[str, ...] = ()) -> EngineResult:
         async with self._slots:
             with tempfile.TemporaryDirectory(prefix="bridge-cli-") as tmp:
                 wav = Path(tmp) / "piece.wav"

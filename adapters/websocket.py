@@ -105,7 +105,7 @@ class WebSocketEngine(ModelEngine):
         self._detail = f"connected to {self.pool.url}"
         log.info("engine at %s answered a round trip; model %s", self.pool.url, self.spec.id)
 
-    async def transcribe(self, samples: np.ndarray) -> EngineResult:
+    async def transcribe(self, samples: np.ndarray, keywords: tuple[str, ...] = ()) -> EngineResult:
         try:
             result = await self.pool.transcribe(samples)
         except EngineUnavailable as exc:

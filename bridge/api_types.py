@@ -10,14 +10,21 @@ from starlette.datastructures import FormData, UploadFile
 
 from bridge.cutting import Chunking
 from bridge.formats import RESPONSE_FORMATS
+from bridge.languages import is_iso_639_1
 from common.errors import APIError
 
 FORM_FIELDS = {
     "file", "model", "language", "prompt", "response_format", "temperature",
     "timestamp_granularities[]", "timestamp_granularities", "stream", "chunking_strategy",
     "include[]", "include", "known_speaker_names[]", "known_speaker_names", "known_speaker_references[]",
-    "known_speaker_references",
+    "known_speaker_references", "keywords[]", "keywords", "languages[]", "languages",
 }
+# gpt-transcribe's lists (OpenAI states no bounds; these are this server's): a keyword is a word or
+# phrase of at most MAX_KEYWORD_CHARS, without <, >, CR or LF (reported to be refused by OpenAI).
+MAX_KEYWORDS = 100
+MAX_KEYWORD_CHARS = 100
+MAX_LANGUAGES = 30
+KEYWORD_FORBIDDEN = ("<", ">", "\r", "\n")
 INCLUDES = ("logprobs",)
 CHUNKING_PREFIX = "chunking_strategy["  # the SDKs send a dict as chunking_strategy[type]=..., ...
 
@@ -48,6 +55,8 @@ class TranscriptionParams(BaseModel):
     include: list[str] = Field(default_factory=list)
     known_speaker_names: list[str] = Field(default_factory=list)
     known_speaker_references: list[str] = Field(default_factory=list)
+    keywords: list[str] = Field(default_factory=list)
+    languages: list[str] = Field(default_factory=list)
 
     @property
     def chunking(self) -> Chunking | None:
@@ -64,7 +73,7 @@ class TranscriptionParams(BaseModel):
         if value in (None, ""):
             return None
         assert value is not None
-        if len(value) != 2 or not value.isascii() or not value.isalpha():
+        if not is_iso_639_1(value.lower()):
             raise ValueError("language must be an ISO-639-1 code such as 'en'")
         return value.lower()
 
@@ -105,6 +114,40 @@ def _server_vad(value: dict[str, Any]) -> ServerVadChunking:
                            "\"silence_duration_ms\": 100-10000})") from None
 
 
+def _form_list(form: FormData, name: str) -> list[str]:
+    """A list field as the SDKs send it (repeated ``name[]`` parts) or without the brackets."""
+    values = form.getlist(f"{name}[]") + form.getlist(name)
+    if any(not isinstance(v, str) for v in values):
+        raise _field_error(f"{name}[]", f"'{name}[]' must be plain form fields")
+    return [str(v) for v in values]
+
+
+def _keywords(values: list[str]) -> list[str]:
+    """``keywords[]``: words or phrases to guide the transcription, each checked (the error names it)."""
+    if len(values) > MAX_KEYWORDS:
+        raise _field_error("keywords[]", f"too many keywords: {len(values)}; at most {MAX_KEYWORDS}")
+    for i, keyword in enumerate(values):
+        problem = ("is empty" if not keyword.strip() else
+                   f"is longer than {MAX_KEYWORD_CHARS} characters" if len(keyword) > MAX_KEYWORD_CHARS else
+                   "holds <, >, CR or LF" if any(ch in keyword for ch in KEYWORD_FORBIDDEN) else "")
+        if problem:
+            raise _field_error(f"keywords[{i}]", f"keywords[{i}] {problem}: a keyword is a word or phrase of "
+                               f"1 to {MAX_KEYWORD_CHARS} characters without <, >, CR or LF")
+    return [keyword.strip() for keyword in values]
+
+
+def _languages(values: list[str]) -> list[str]:
+    """``languages[]``: the languages the audio may be in, ISO-639-1 codes."""
+    if len(values) > MAX_LANGUAGES:
+        raise _field_error("languages[]", f"too many languages: {len(values)}; at most {MAX_LANGUAGES}")
+    codes = [value.strip().lower() for value in values]
+    for i, code in enumerate(codes):
+        if not is_iso_639_1(code):
+            raise _field_error(f"languages[{i}]", f"languages[{i}] is {values[i]!r}, not an ISO-639-1 code "
+                               "such as 'en' or 'de'")
+    return list(dict.fromkeys(codes))
+
+
 def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionParams]:
     unknown = sorted(k for k in set(form.keys()) - FORM_FIELDS
                      if not (k.startswith(CHUNKING_PREFIX) and k.endswith("]")))
@@ -126,10 +169,9 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
     raw["timestamp_granularities"] = [g for g in grans if isinstance(g, str)]
     raw["include"] = [i for i in form.getlist("include[]") + form.getlist("include") if isinstance(i, str)]
     for name in ("known_speaker_names", "known_speaker_references"):
-        values = form.getlist(f"{name}[]") + form.getlist(name)
-        if any(not isinstance(v, str) for v in values):
-            raise _field_error(f"{name}[]", f"'{name}[]' must be plain form fields")
-        raw[name] = values
+        raw[name] = _form_list(form, name)
+    raw["keywords"] = _keywords(_form_list(form, "keywords"))
+    raw["languages"] = _languages(_form_list(form, "languages"))
     stream = form.get("stream")
     if isinstance(stream, str) and stream:
         if stream.lower() not in ("true", "false", "1", "0"):

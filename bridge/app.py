@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from bridge.config import BridgeSettings
 from bridge.engine_factory import create_engine
 from bridge.engine_manager import EngineFactory, EngineManager
 from bridge.guard import GuardLimits, PieceGuard
+from bridge.languages import DETECTOR
 from bridge.metrics import ROUTES, BridgeMetrics
 from bridge.model_store import ModelStore
 from bridge.ports import EngineUnavailable
@@ -137,6 +139,9 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
             load_seconds = await engines.load_initial(settings.default_model)
             state.ready_after = time.monotonic() - state.started_at
             log.info("bridge ready: model %s loaded in %.2f s", settings.default_model, load_seconds)
+            if len(catalog.get(settings.default_model).languages) > 1:
+                # The answers' language detector (bridge.languages), loaded now rather than by a request.
+                await asyncio.to_thread(DETECTOR.load)
             yield
         finally:
             await scheduler.close()

@@ -58,6 +58,9 @@ class ModelSpec(BaseModel):
     # Whether the engine reports each token's log-probability (sherpa-onnx's ``ys_log_probs``: its
     # transducer decoders fill it, greedy and beam search; Moonshine, Whisper and CTC models do not).
     token_logprobs: bool = False
+    # Whether decoding can be biased towards a request's ``keywords[]`` (sherpa-onnx's hotwords: its
+    # transducer decoders with modified_beam_search; bridge.keywords).
+    keywords: bool = False
     # Whether the model translates speech into English (``/v1/audio/translations``).
     translates: bool = False
     precision: str = "int8"
@@ -82,7 +85,7 @@ class ModelSpec(BaseModel):
         return EngineModel(id=self.id, flags=tuple(self.engine_flags(model_dir)),
                            max_piece_seconds=self.max_piece_seconds, token_timestamps=self.token_timestamps,
                            batches=self.engine_batches, languages=tuple(self.languages),
-                           token_logprobs=self.token_logprobs,
+                           token_logprobs=self.token_logprobs, keywords=self.keywords,
                            tokens_file=str(model_dir / tokens) if tokens else "",
                            # sherpa-onnx reads these models' token tables as base64 (its symbol table)
                            tokens_base64=any(f.startswith(("--moonshine", "--whisper")) for f in self.file_flags))
@@ -114,6 +117,7 @@ def _parakeet(version: str, languages: list[str], revision: str, files: list[Mod
         token_timestamps=True,
         engine_batches=True,
         token_logprobs=True,
+        keywords=True,
         precision=precision,
         size_mb=sum(f.size or 0 for f in files) // 10**6,
     )

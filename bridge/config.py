@@ -82,7 +82,14 @@ class BridgeSettings(BaseSettings):
     # next one may be twice as long until the model's safe length: the first text comes early. 0 = off.
     stream_first_piece_seconds: float = Field(2.0, ge=0)
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
-    model_aliases: CommaList = ["whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
+    # Names that mean "the loaded model": OpenAI's current name first, then the ones it shuts down on
+    # 2027-02-26 (they keep working here).
+    model_aliases: CommaList = ["gpt-transcribe", "whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
+    # Keywords (``keywords[]``) on models that can use them (transducers: parakeet): how much each
+    # keyword's tokens are boosted in the beam search (sherpa-onnx's hotwords score), and whether the
+    # bridge may load its in-process keyword decoder at all (a second copy of the model, on the CPU).
+    keywords_score: float = Field(1.5, gt=0, le=20)
+    keywords_enabled: bool = True
     # Speaker diarization: these model names ask for it (on the loaded model); its two models (catalog
     # ids); the clustering threshold (cosine distance: lower splits speakers more readily); how
     # similar a speaker must be to a known speaker's reference to get their name (cosine).

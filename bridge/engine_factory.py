@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from adapters.keywords import KeywordsEngine
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, ManagedWebSocketEngine, find_binary
 from adapters.subprocess_cli import CLI_BINARY, SubprocessEngine
 from adapters.websocket import ConnectionPool, WebSocketEngine
@@ -18,6 +19,15 @@ ADAPTERS = ("managed-websocket", "websocket", "subprocess")
 
 
 def create_engine(name: str, entry: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:
+    """The adapter's engine; for a model that can use keywords, wrapped so that audio sent with
+    keywords is decoded by the in-process keyword decoder (``adapters.keywords``)."""
+    engine = _adapter_engine(name, entry, model_dir, settings)
+    if engine.spec.keywords and settings.keywords_enabled:
+        return KeywordsEngine(engine, settings.sherpa_num_threads, settings.keywords_score)
+    return engine
+
+
+def _adapter_engine(name: str, entry: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:
     s = settings
     spec = entry.engine_model(model_dir)
     if name == "managed-websocket":

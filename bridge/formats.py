@@ -58,11 +58,12 @@ def to_vtt(t: Transcript) -> str:
     return "\n".join(blocks)
 
 
-def to_verbose_json(t: Transcript, language: str, want_words: bool,
-                    token_ids: TokenIds | None = None, task: str = "transcribe") -> dict[str, Any]:
+def to_verbose_json(t: Transcript, language: str, want_words: bool, token_ids: TokenIds | None = None,
+                    task: str = "transcribe", languages: list[dict[str, str]] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "task": task,
         "language": language,
+        "languages": languages or [],
         "duration": round(t.duration, 3),
         "text": t.text,
         "segments": [
@@ -109,14 +110,16 @@ def to_diarized_json(t: Transcript) -> dict[str, Any]:
 
 def render(t: Transcript, response_format: str, *, language: str, want_words: bool,
            headers: dict[str, str], logprobs: bool = False, token_ids: TokenIds | None = None,
-           task: str = "transcribe") -> Response:
+           task: str = "transcribe", languages: list[dict[str, str]] | None = None) -> Response:
+    """The answer in ``response_format``; ``languages`` (OpenAI's ``[{"code": ...}]``, what the audio was
+    heard to be) on json and verbose_json."""
     if response_format == "json":
-        body: dict[str, Any] = {"text": t.text}
+        body: dict[str, Any] = {"text": t.text, "languages": languages or []}
         if logprobs:
             body["logprobs"] = logprob_entries(t.token_logprobs)
         return JSONResponse({**body, "usage": usage(t.duration)}, headers=headers)
     if response_format == "verbose_json":
-        return JSONResponse(to_verbose_json(t, language, want_words, token_ids, task), headers=headers)
+        return JSONResponse(to_verbose_json(t, language, want_words, token_ids, task, languages), headers=headers)
     if response_format == "diarized_json":
         return JSONResponse(to_diarized_json(t), headers=headers)
     if response_format == "text":

@@ -29,6 +29,8 @@ class EngineModel:
     token_logprobs: bool = False  # the engine reports each token's log-probability
     tokens_file: str = ""  # the model's token table (token -> id), for token ids in answers
     tokens_base64: bool = False  # its tokens are written in base64 (Moonshine, Whisper)
+    # The model's decoding can be biased towards keywords (sherpa-onnx hotwords: transducers only).
+    keywords: bool = False
 
 
 @dataclass
@@ -83,8 +85,9 @@ class ModelEngine(ABC):
     async def start(self) -> None: ...
 
     @abstractmethod
-    async def transcribe(self, samples: np.ndarray) -> EngineResult:
-        """Transcribe mono float32 samples at 16 kHz."""
+    async def transcribe(self, samples: np.ndarray, keywords: tuple[str, ...] = ()) -> EngineResult:
+        """Transcribe mono float32 samples at 16 kHz; with ``keywords`` (only where ``spec.keywords``),
+        decoding is biased towards those words and phrases."""
 
     @abstractmethod
     def health(self) -> EngineHealth: ...

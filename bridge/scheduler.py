@@ -49,8 +49,9 @@ class FairScheduler:
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
-    def submit(self, key: int, engine: ModelEngine, samples: np.ndarray) -> asyncio.Future[EngineResult]:
-        return self.submit_call(key, lambda: engine.transcribe(samples))
+    def submit(self, key: int, engine: ModelEngine, samples: np.ndarray,
+               keywords: tuple[str, ...] = ()) -> asyncio.Future[EngineResult]:
+        return self.submit_call(key, lambda: engine.transcribe(samples, keywords))
 
     def submit_call(self, key: int, run: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
         """Queue ``run()`` (awaited by a worker when it is this request's turn)."""

@@ -177,11 +177,12 @@ Plan = list[tuple[int, int]] | AsyncGenerator[tuple[int, int], None]
 
 async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
                       plan: Plan | None = None, guard: PieceGuard | None = None,
-                      speech: SpeechMap | None = None) -> AsyncIterator[PieceResult]:
-    """Each piece's result in time order. Pieces go to the scheduler as soon as the plan yields
-    them, so the engine works on the first ones while later ones are still being found. With a
-    ``guard`` each result is checked, and a failed piece is transcribed again in halves through
-    the same request's queue (``bridge.guard``), its "mostly speech" check read from ``speech``."""
+                      speech: SpeechMap | None = None, keywords: tuple[str, ...] = ()) -> AsyncIterator[PieceResult]:
+    """Each piece's result in time order, decoded with ``keywords`` where given. Pieces go to the
+    scheduler as soon as the plan yields them, so the engine works on the first ones while later
+    ones are still being found. With a ``guard`` each result is checked, and a failed piece is
+    transcribed again in halves through the same request's queue (``bridge.guard``), its "mostly
+    speech" check read from ``speech``."""
     stream = as_stream(audio)
     if plan is None:
         plan = cut_pieces(stream, engine.spec.max_piece_seconds, None)
@@ -190,7 +191,7 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
     futures: list[asyncio.Future[EngineResult]] = []
 
     def run(samples: np.ndarray) -> asyncio.Future[EngineResult]:
-        return scheduler.submit(key, engine, samples)
+        return scheduler.submit(key, engine, samples, keywords)
 
     def submit(a: int, b: int) -> None:
         piece = stream.view(a, b)

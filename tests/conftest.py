@@ -276,3 +276,61 @@ def diarizing(tmp_path_factory):
         if proxy is not None:
             proxy.stop()
         bridge.stop()
+
+
+# --- the parakeet path through the real engine, with the tiny-tdt stand-in ------------------------
+
+TINY_TDT = ROOT.parent / "shared" / "models" / "tiny-tdt"
+PARAKEET_V2 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v2-int8")
+PARAKEET_V3 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v3-int8")
+
+
+def tiny_tdt_spec(model_id: str, production: ModelSpec = PARAKEET_V2) -> ModelSpec:
+    """A production parakeet entry (its flags, file names, piece length, word times, keywords) whose
+    files are the tiny-tdt stand-in's: the real engine runs it on the CPU (random weights)."""
+    files = []
+    for f in production.files:
+        data = (TINY_TDT / f.name).read_bytes()
+        files.append(ModelFile(name=f.name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+    return production.model_copy(update={"id": model_id, "description": f"test: tiny-tdt as {production.id}",
+                                         "repo_id": f"test/{model_id}", "files": files, "size_mb": 0})
+
+
+def install_standin(store: ModelStore, spec: ModelSpec) -> None:
+    folder = store.path_for(spec.id)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in spec.files:
+        (folder / f.name).write_bytes((TINY_TDT / f.name).read_bytes())
+    store._verify_and_mark(spec, folder)
+
+
+TDT_V2, TDT_V3 = "tiny-tdt-v2", "tiny-tdt-v3"
+
+
+@pytest.fixture(scope="session")
+def tdt_proxy(tmp_path_factory):
+    """A bridge serving the parakeet v2 entry's flags with tiny-tdt's files, through the real managed
+    engine (sherpa-onnx-offline-websocket-server, CPU); its catalog also has the v3 entry (25
+    languages) on the same files, downloaded, for switching. The proxy in front of it."""
+    from tests.test_proxy import ProxyProcess, add_key
+
+    work = tmp_path_factory.mktemp("tiny-tdt")
+    specs = [tiny_tdt_spec(TDT_V2), tiny_tdt_spec(TDT_V3, PARAKEET_V3)]
+    store = ModelStore(work / "models")
+    for spec in specs:
+        install_standin(store, spec)
+    catalog = work / "catalog.json"
+    catalog.write_text(json.dumps([s.model_dump() for s in specs]))
+    bridge = BridgeProcess(bridge_env(work / "models", catalog, DEFAULT_MODEL=TDT_V2, SHERPA_NUM_THREADS="1",
+                                      ENGINE_CONNECTIONS="2", SPEED_CHECK="false"), work / "bridge.log")
+    proxy = None
+    try:
+        bridge.wait_ready()
+        proxy = ProxyProcess(bridge.url, work / "proxy")
+        proxy.key = add_key(proxy.keys_file, "tdt")
+        proxy.bridge = bridge
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        bridge.stop()

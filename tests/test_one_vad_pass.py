@@ -38,7 +38,7 @@ class Engine(ModelEngine):
 
     async def start(self) -> None: ...
 
-    async def transcribe(self, samples: np.ndarray) -> EngineResult:
+    async def transcribe(self, samples: np.ndarray, keywords: tuple[str, ...] = ()) -> EngineResult:
         return EngineResult("" if self.empty else " ".join(["word."] * max(1, len(samples) // 16000)))
 
     def health(self) -> EngineHealth:

@@ -24,10 +24,17 @@ from starlette.formparsers import MultiPartException
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from bridge.api_types import TranscriptionParams, parse_transcription_form, parse_translation_form
+from bridge.api_types import (
+    MAX_KEYWORDS,
+    MAX_LANGUAGES,
+    TranscriptionParams,
+    parse_transcription_form,
+    parse_translation_form,
+)
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.diarization import MAX_KNOWN_SPEAKERS, REFERENCE_SECONDS, Diarizer, Turn, split_by_speaker, turn_pieces
 from bridge.formats import diarized_segment, render, segment_id, usage
+from bridge.languages import heard_languages, language_objects
 from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
 from bridge.tokens import logprob_entries, token_ids
@@ -79,6 +86,36 @@ def check_logprobs(wanted: bool, spec: EngineModel, state: BridgeState) -> None:
         raise APIError(400, f"model {spec.id} gives no token log-probabilities, so include[]=logprobs cannot be "
                        f"answered; models that give them: {', '.join(able) or 'none in this catalog'}",
                        param="include[]", code="unsupported_include")
+
+
+def check_languages(languages: list[str], spec: EngineModel, state: BridgeState) -> None:
+    """``languages[]`` are the languages the audio may be in: the loaded model must speak at least one
+    of them, else the answer would be in a language nobody asked for."""
+    if not languages or set(languages) & set(spec.languages):
+        return
+    able = [m.id for m in state.catalog.transcription_models() if set(languages) & set(m.languages)]
+    raise APIError(400, f"model {spec.id} speaks none of languages[] ({', '.join(languages)}); it speaks: "
+                   f"{', '.join(spec.languages)}. "
+                   + (f"Models in this catalog that speak {', '.join(languages)}: {', '.join(able)} (load one with "
+                      "POST /v1/models/switch)" if able else "No model in this catalog speaks them"),
+                   param="languages[]", code="unsupported_language")
+
+
+def keywords_for(keywords: list[str], spec: EngineModel, warnings: list[str]) -> tuple[str, ...]:
+    """The keywords the engine will apply: all of them where the model can use keywords; none
+    otherwise, with a warning (they are hints, as OpenAI calls them: never an error)."""
+    if keywords and not spec.keywords:
+        warnings.append(f"keywords were not applied: model {spec.id} cannot bias its decoding towards keywords "
+                        "(transducer models such as parakeet can)")
+        return ()
+    return tuple(keywords)
+
+
+async def languages_heard(text: str, spec: EngineModel) -> list[dict[str, str]]:
+    """``languages`` of the answer (OpenAI's ``[{"code": ...}]``); the detector runs off the loop."""
+    if len(spec.languages) > 1:
+        return language_objects(await asyncio.to_thread(heard_languages, text, spec.languages))
+    return language_objects(heard_languages(text, spec.languages))
 
 
 def check_language(language: str | None, spec: EngineModel) -> str:
@@ -267,7 +304,7 @@ async def answer(request: Request, state: BridgeState, task: str) -> Response:
         if job.params.stream:
             return StreamingResponse(job.events(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no",
-                                              "x-model-id": job.engine.spec.id},
+                                              "x-model-id": job.engine.spec.id, **job.warning_header()},
                                      background=BackgroundTask(job.aclose))
         async with job:
             return await job.whole_answer()
@@ -279,7 +316,8 @@ async def read_form(request: Request) -> FormData:
     try:
         # Fields are small, except known speakers' references: data URLs of up to 10 s of audio each. The
         # body as a whole stays under MAX_UPLOAD_BYTES.
-        return await request.form(max_files=1, max_fields=32, max_part_size=4 * 1024 * 1024)
+        return await request.form(max_files=1, max_fields=32 + MAX_KEYWORDS + MAX_LANGUAGES,
+                                  max_part_size=4 * 1024 * 1024)
     except MultiPartException as exc:
         raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
 
@@ -302,6 +340,8 @@ class Job:
         self.audio: AudioStream
         self.pieces: Prefetch
         self.language = ""
+        self.keywords: tuple[str, ...] = ()
+        self.warnings: list[str] = []  # said in the answer's x-warning header
         self.speech: SpeechMap | None = None
         self.turns: asyncio.Task[list[Turn]] | None = None
 
@@ -331,6 +371,8 @@ class Job:
             check_translates(params.model, spec, state)
         check_model(params.model, spec, state)
         self.language = check_language(params.language, spec)
+        check_languages(params.languages, spec, state)
+        self.keywords = keywords_for(params.keywords, spec, self.warnings)
         check_logprobs(params.logprobs, spec, state)
         diarizer = check_diarize(params, state)
         folder = Path(tempfile.mkdtemp(prefix="bridge-upload-"))
@@ -353,7 +395,7 @@ class Job:
                     await plan.aclose()
                     plan = speaker_plan(self.turns, self.audio, spec.max_piece_seconds)
             self.pieces = Prefetch(iter_pieces(state.scheduler, self.engine, self.audio, plan, state.guard,
-                                               self.speech))
+                                               self.speech, self.keywords))
             self._held.push_async_callback(self.pieces.aclose)
             try:
                 await self.audio.wait_done()
@@ -392,11 +434,16 @@ class Job:
                    "x-processing-ms": str(int(elapsed * 1000))}
         want_words = "word" in params.timestamp_granularities
         if want_words and not spec.token_timestamps:
-            headers["x-warning"] = (f"model {spec.id} gives no token times: word timestamps are not available "
-                                    "(segments only)")
+            self.warnings.append(f"model {spec.id} gives no token times: word timestamps are not available "
+                                 "(segments only)")
+        headers.update(self.warning_header())
         return render(transcript, params.response_format, language=self.language or transcript.language,
-                      want_words=want_words, headers=headers, logprobs=params.logprobs,
-                      token_ids=functools.partial(token_ids, spec), task=self.task)
+                      languages=await languages_heard(transcript.text, spec), want_words=want_words,
+                      headers=headers, logprobs=params.logprobs, token_ids=functools.partial(token_ids, spec),
+                      task=self.task)
+
+    def warning_header(self) -> dict[str, str]:
+        return {"x-warning": "; ".join(self.warnings)} if self.warnings else {}
 
     async def events(self) -> AsyncIterator[bytes]:
         """One ``transcript.text.delta`` per piece, in order, then ``transcript.text.done``; with
@@ -441,7 +488,9 @@ class Job:
                 return
         self.record.audio_seconds = audio.seconds
         self.state.metrics.observe_transcription(spec.id, audio.seconds, time.monotonic() - self.started)
-        done: dict[str, object] = {"type": "transcript.text.done", "text": " ".join(texts)}
+        text = " ".join(texts)
+        done: dict[str, object] = {"type": "transcript.text.done", "text": text,
+                                   "languages": await languages_heard(text, spec)}
         if logprobs:
             done["logprobs"] = logprob_entries(scored)
         yield _sse({**done, "usage": usage(audio.seconds)})
