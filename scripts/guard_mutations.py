@@ -34,7 +34,31 @@ class Mutation:
     tests: tuple[str, ...]
 
 
+GPT_TRANSCRIBE = "tests/test_gpt_transcribe.py::"
+BAD_LISTS = GPT_TRANSCRIBE + "test_bad_lists_are_refused_naming_the_field"
+
 MUTATIONS = [
+    # gpt-transcribe's lists (bridge/api_types.py): each check of keywords[] and languages[].
+    Mutation("keywords holding <, >, CR or LF refused", "bridge/api_types.py",
+             '"holds <, >, CR or LF" if any(ch in keyword for ch in KEYWORD_FORBIDDEN) else ""',
+             '"holds <, >, CR or LF" if False else ""',
+             (BAD_LISTS + "[angle]", BAD_LISTS + "[newline]")),
+    Mutation("empty keywords refused", "bridge/api_types.py", '"is empty" if not keyword.strip() else',
+             '"is empty" if False else', (BAD_LISTS + "[empty]",)),
+    Mutation("long keywords refused", "bridge/api_types.py",
+             'if len(keyword) > MAX_KEYWORD_CHARS else', 'if False else',
+             (BAD_LISTS + "[long]",)),
+    Mutation("at most MAX_KEYWORDS keywords", "bridge/api_types.py", "if len(values) > MAX_KEYWORDS:", "if False:",
+             (BAD_LISTS + "[many]",)),
+    Mutation("languages[] are ISO-639-1 codes", "bridge/api_types.py", "if not is_iso_639_1(code):", "if False:",
+             (BAD_LISTS + "[not-iso]", BAD_LISTS + "[a-name]")),
+    Mutation("hinted languages the model speaks none of refused", "bridge/routes/transcriptions.py",
+             "if not languages or set(languages) & set(spec.languages):", "if True:",
+             (GPT_TRANSCRIBE + "test_languages_the_model_does_not_speak_name_the_model_that_does",)),
+    Mutation("keywords reach sherpa-onnx's hotword syntax without its commands", "adapters/keywords.py",
+             'phrases = (" ".join(_NOT_WORD.sub(" ", k).split()) for k in keywords)',
+             "phrases = (k for k in keywords)",
+             (GPT_TRANSCRIBE + "test_keywords_with_command_characters_do_not_harm_the_engine",)),
     Mutation("demuxer whitelist", "bridge/audio.py",
              '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp"', '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp,nut"',
              ("tests/test_bad_inputs.py::test_a_valid_recording_in_a_container_off_the_whitelist_is_refused",)),
