@@ -51,7 +51,8 @@ TRANSCRIPTION_FORM = {
     "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": "audio or video in any format ffmpeg reads (wav, mp3, m4a, ogg, webm, flac, ...)"},
-        "model": {"type": "string", "description": "a catalog id, or an alias such as whisper-1"},
+        "model": {"type": "string", "description": "a catalog id, or an alias of the loaded model: gpt-transcribe "
+                  "(OpenAI's current name), whisper-1, gpt-4o-transcribe, gpt-4o-mini-transcribe"},
         "language": {"type": "string", "description": "ISO-639-1 code"},
         "prompt": {"type": "string", "maxLength": 10000},
         "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt", "diarized_json"],
@@ -67,6 +68,14 @@ TRANSCRIPTION_FORM = {
                                   "description": "with gpt-4o-transcribe-diarize: names of known speakers"},
         "known_speaker_references[]": {"type": "array", "maxItems": 4, "items": {"type": "string"},
                                        "description": "data URLs of 2-10 s of each known speaker's audio"},
+        "keywords[]": {"type": "array", "maxItems": 100,
+                       "items": {"type": "string", "minLength": 1, "maxLength": 100, "pattern": "^[^<>\\r\\n]*$"},
+                       "description": "words or phrases to guide the transcription (gpt-transcribe); applied by "
+                       "models that can bias their decoding (parakeet), otherwise an x-warning says so"},
+        "languages[]": {"type": "array", "maxItems": 30,
+                        "items": {"type": "string", "minLength": 2, "maxLength": 2},
+                        "description": "possible languages of the audio, ISO-639-1 (gpt-transcribe); the loaded "
+                        "model must speak at least one"},
     },
 }
 
@@ -86,6 +95,9 @@ TRANSCRIPTION = {
     "properties": {
         "text": {"type": "string"},
         "language": {"type": "string"},
+        "languages": {"type": "array", "items": {"type": "object", "required": ["code"],
+                                                 "properties": {"code": {"type": "string"}}},
+                      "description": "the languages heard (ISO-639-1); [] when none can be told"},
         "duration": {"type": "number"},
         "segments": {"type": "array", "items": {"type": "object"}},
         "words": {"type": "array", "items": {"type": "object"}},

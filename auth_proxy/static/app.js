@@ -68,7 +68,7 @@ async function loadModels() {
     const loaded = models.data.find((m) => m.loaded);
     if (loaded) {
       modelSelect.textContent = "";
-      for (const id of [loaded.id, "whisper-1", DIARIZE]) {
+      for (const id of [loaded.id, "gpt-transcribe", DIARIZE]) {
         const option = document.createElement("option");
         option.value = id;
         option.textContent = id === loaded.id ? `${id} (loaded)` : id === DIARIZE ? "who spoke when (speakers)"
