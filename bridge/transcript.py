@@ -81,8 +81,9 @@ class Transcript:
         return [pair for seg in self.segments for pair in zip(seg.tokens, seg.logprobs, strict=False)]
 
 
-def words_from_tokens(result: EngineResult, offset: float) -> list[Word]:
-    """Build words from tokens and their start times (and TDT durations when present)."""
+def words_from_tokens(result: EngineResult, offset: float, limit: float = float("inf")) -> list[Word]:
+    """Build words from tokens and their start times (and TDT durations when present), none past
+    ``limit`` (the piece's end: a transducer's last duration can run past the audio it heard)."""
     tokens, starts, durs = result.tokens, result.timestamps, result.durations
     if not tokens or len(starts) != len(tokens):
         return []
@@ -101,7 +102,8 @@ def words_from_tokens(result: EngineResult, offset: float) -> list[Word]:
         else:
             end = starts[last] + TOKEN_FRAME_SECONDS
         if text:
-            words.append(Word(text, round(offset + starts[current[0]], 3), round(offset + end, 3)))
+            first = min(offset + starts[current[0]], limit)
+            words.append(Word(text, round(first, 3), round(min(offset + end, limit), 3)))
         current.clear()
 
     for i, tok in enumerate(tokens):
@@ -249,7 +251,7 @@ def build_transcript(
             continue
         language = language or result.language
         first = len(segments)
-        words = words_from_tokens(result, start) if token_timestamps else []
+        words = words_from_tokens(result, start, end) if token_timestamps else []
         if not words and speech is not None and end - start > CUE_SECONDS:
             segments += split_at_pauses(start, end, result.text, speech(start, end))
         elif not words:
