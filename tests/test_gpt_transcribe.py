@@ -192,3 +192,19 @@ def test_the_detector_answers_only_when_sure():
     assert heard_languages("Yes.", v3) == []  # too short to tell
     assert heard_languages("", v3) == []
     assert heard_languages("", ["en"]) == [] and heard_languages("ok", ["en"]) == ["en"]
+
+
+def test_usage_is_metered_under_the_model_that_answered(tdt_proxy, speech):
+    """The proxy meters gpt-transcribe requests, with and without keywords, as any other: the
+    audio seconds each answer reports, under the catalog model that answered."""
+    key = add_key(tdt_proxy.keys_file, "metered")
+    client = openai.OpenAI(base_url=tdt_proxy.url + "/v1", api_key=key, max_retries=0)
+    seconds = 0.0
+    for keywords in ([], ["people"]):
+        with speech.open("rb") as fh:
+            seconds += client.audio.transcriptions.create(model="gpt-transcribe", file=fh,
+                                                          keywords=keywords).usage.seconds
+    body = httpx.get(tdt_proxy.url + "/v1/usage", headers={"Authorization": f"Bearer {key}"}).json()
+    assert [(t["key_name"], t["requests"]) for t in body["totals"]] == [("metered", 2)]
+    assert body["totals"][0]["audio_seconds"] == pytest.approx(seconds, abs=0.01)
+    assert {r["model"] for r in body["records"]} == {TDT_V2}
