@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -224,6 +225,25 @@ def five_minutes_answer(bridge: BridgeProcess, five_minutes) -> dict:
     return {"body": r.json(), "guard_before": guard_before, "guard_after": bridge.health()["guard"]}
 
 
+def bridge_behind_proxy(env: dict[str, str], work: Path, key_name: str) -> Iterator[Any]:
+    """A bridge started with ``env`` and a proxy in front of it with one key (``proxy.key``;
+    ``proxy.bridge`` is the bridge), both stopped when the caller is done."""
+    from tests.test_proxy import ProxyProcess, add_key
+
+    bridge = BridgeProcess(env, work / "bridge.log")
+    proxy = None
+    try:
+        bridge.wait_ready()
+        proxy = ProxyProcess(bridge.url, work / "proxy")
+        proxy.key = add_key(proxy.keys_file, key_name)
+        proxy.bridge = bridge
+        yield proxy
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        bridge.stop()
+
+
 # --- speaker diarization with the test stand-ins of its models ---------------------------------
 
 STANDINS = ROOT.parent / "shared" / "models" / "diarization"
@@ -242,7 +262,6 @@ def diarizing(tmp_path_factory):
     with ``python -m bridge models download``, and the proxy in front of it (tests/test_diarization.py,
     tests/test_toolbar.py)."""
     from tests.hf_mirror import MirrorServer
-    from tests.test_proxy import ProxyProcess, add_key
 
     work = tmp_path_factory.mktemp("diarization")
     specs = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
@@ -264,18 +283,7 @@ def diarizing(tmp_path_factory):
                            env={**os.environ, **env, "HF_ENDPOINT": mirror.url}, capture_output=True)
     finally:
         mirror.shutdown()
-    bridge = BridgeProcess(env, work / "bridge.log")
-    proxy = None
-    try:
-        bridge.wait_ready()
-        proxy = ProxyProcess(bridge.url, work / "proxy")
-        proxy.key = add_key(proxy.keys_file, "meetings")
-        proxy.bridge = bridge
-        yield proxy
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        bridge.stop()
+    yield from bridge_behind_proxy(env, work, "meetings")
 
 
 # --- the parakeet path through the real engine, with the tiny-tdt stand-in ------------------------
@@ -312,8 +320,6 @@ def tdt_proxy(tmp_path_factory):
     """A bridge serving the parakeet v2 entry's flags with tiny-tdt's files, through the real managed
     engine (sherpa-onnx-offline-websocket-server, CPU); its catalog also has the v3 entry (25
     languages) on the same files, downloaded, for switching. The proxy in front of it."""
-    from tests.test_proxy import ProxyProcess, add_key
-
     work = tmp_path_factory.mktemp("tiny-tdt")
     specs = [tiny_tdt_spec(TDT_V2), tiny_tdt_spec(TDT_V3, PARAKEET_V3)]
     store = ModelStore(work / "models")
@@ -321,16 +327,6 @@ def tdt_proxy(tmp_path_factory):
         install_standin(store, spec)
     catalog = work / "catalog.json"
     catalog.write_text(json.dumps([s.model_dump() for s in specs]))
-    bridge = BridgeProcess(bridge_env(work / "models", catalog, DEFAULT_MODEL=TDT_V2, SHERPA_NUM_THREADS="1",
-                                      ENGINE_CONNECTIONS="2", SPEED_CHECK="false"), work / "bridge.log")
-    proxy = None
-    try:
-        bridge.wait_ready()
-        proxy = ProxyProcess(bridge.url, work / "proxy")
-        proxy.key = add_key(proxy.keys_file, "tdt")
-        proxy.bridge = bridge
-        yield proxy
-    finally:
-        if proxy is not None:
-            proxy.stop()
-        bridge.stop()
+    env = bridge_env(work / "models", catalog, DEFAULT_MODEL=TDT_V2, SHERPA_NUM_THREADS="1",
+                     ENGINE_CONNECTIONS="2", SPEED_CHECK="false")
+    yield from bridge_behind_proxy(env, work, "tdt")
