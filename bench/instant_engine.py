@@ -35,11 +35,17 @@ SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "
 
 
 def made_up_words(seconds: float) -> str:
-    """``WORDS_PER_SECOND`` words of one to three syllables, the same for the same length: as long as
-    real text and no more compressible (the guard's repetition check passes up to 60 s)."""
+    """``WORDS_PER_SECOND`` words of one to three syllables: as long as real text and no more
+    compressible (the guard's repetition check passes up to 60 s). The k-th word is the same in every
+    reply, so a longer piece of the same audio repeats a shorter one's words and adds to them, as a
+    model does when it hears more of a turn (live text's passes agree on them)."""
     n = max(1, round(seconds * WORDS_PER_SECOND))
-    rng = random.Random(n)
-    return " ".join("".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3))) for _ in range(n))
+    return " ".join(_made_up_word(k) for k in range(n))
+
+
+def _made_up_word(k: int) -> str:
+    rng = random.Random(k)
+    return "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
 
 
 def transducer_reply(seconds: float) -> str:

@@ -122,7 +122,7 @@ def _form_list(form: FormData, name: str) -> list[str]:
     return [str(v) for v in values]
 
 
-def _keywords(values: list[str]) -> list[str]:
+def valid_keywords(values: list[str]) -> list[str]:
     """``keywords[]``: words or phrases to guide the transcription, each checked (the error names it)."""
     if len(values) > MAX_KEYWORDS:
         raise _field_error("keywords[]", f"too many keywords: {len(values)}; at most {MAX_KEYWORDS}")
@@ -136,7 +136,7 @@ def _keywords(values: list[str]) -> list[str]:
     return [keyword.strip() for keyword in values]
 
 
-def _languages(values: list[str]) -> list[str]:
+def valid_languages(values: list[str]) -> list[str]:
     """``languages[]``: the languages the audio may be in, ISO-639-1 codes."""
     if len(values) > MAX_LANGUAGES:
         raise _field_error("languages[]", f"too many languages: {len(values)}; at most {MAX_LANGUAGES}")
@@ -170,8 +170,8 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
     raw["include"] = [i for i in form.getlist("include[]") + form.getlist("include") if isinstance(i, str)]
     for name in ("known_speaker_names", "known_speaker_references"):
         raw[name] = _form_list(form, name)
-    raw["keywords"] = _keywords(_form_list(form, "keywords"))
-    raw["languages"] = _languages(_form_list(form, "languages"))
+    raw["keywords"] = valid_keywords(_form_list(form, "keywords"))
+    raw["languages"] = valid_languages(_form_list(form, "languages"))
     stream = form.get("stream")
     if isinstance(stream, str) and stream:
         if stream.lower() not in ("true", "false", "1", "0"):

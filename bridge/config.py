@@ -84,7 +84,8 @@ class BridgeSettings(BaseSettings):
     max_concurrent_requests: int = Field(32, ge=1)  # beyond this: 503 with Retry-After
     # Names that mean "the loaded model": OpenAI's current name first, then the ones it shuts down on
     # 2027-02-26 (they keep working here).
-    model_aliases: CommaList = ["gpt-transcribe", "whisper-1", "gpt-4o-transcribe", "gpt-4o-mini-transcribe"]
+    model_aliases: CommaList = ["gpt-transcribe", "gpt-live-transcribe", "whisper-1", "gpt-4o-transcribe",
+                                 "gpt-4o-mini-transcribe"]
     # Keywords (``keywords[]``) on models that can use them (transducers: parakeet): how much each
     # keyword's tokens are boosted in the beam search (sherpa-onnx's hotwords score), and whether the
     # bridge may load its in-process keyword decoder at all (a second copy of the model, on the CPU).
@@ -107,6 +108,9 @@ class BridgeSettings(BaseSettings):
     realtime_max_session_seconds: float = Field(3600.0, gt=0)
     realtime_idle_seconds: float = Field(60.0, gt=0)
     realtime_max_buffer_seconds: float = Field(120.0, ge=1, le=600)
+    # Sessions that get live text (words while the person talks, bridge.live_text) at once: each
+    # costs the engine a pass over its open turn every `delay`.
+    realtime_live_sessions: int = Field(8, ge=0)
 
     _split = field_validator("model_aliases", "diarize_aliases", mode="before")(split_comma_list)
 

@@ -14,6 +14,7 @@ tell. Here:
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -85,3 +86,10 @@ def heard_languages(text: str, model_languages: Sequence[str], detector: Languag
 def language_objects(codes: Sequence[str]) -> list[dict[str, str]]:
     """OpenAI's wire shape: ``[{"code": "en"}]``."""
     return [{"code": code} for code in codes]
+
+
+async def languages_heard(text: str, model_languages: Sequence[str]) -> list[dict[str, str]]:
+    """``languages`` of an answer (OpenAI's ``[{"code": ...}]``); the detector runs off the loop."""
+    if len(model_languages) > 1:
+        return language_objects(await asyncio.to_thread(heard_languages, text, model_languages))
+    return language_objects(heard_languages(text, model_languages))

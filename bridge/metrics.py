@@ -20,6 +20,7 @@ ROUTES = ("/v1/audio/transcriptions", "/v1/audio/translations", "/v1/models", "/
           "/v1/models/{model_id}", "/health")
 
 LATENCY_BUCKETS = (0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+LAG_BUCKETS = (0.25, 0.5, 1, 1.5, 2, 3, 5, 10, 30)
 RTF_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2)
 LOAD_BUCKETS = (0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300)
 
@@ -47,6 +48,13 @@ class BridgeMetrics:
         self.model_switch_seconds = Histogram("stt_bridge_model_switch_seconds",
                                               "Time of a model switch, by the model switched to", ["model"],
                                               buckets=LOAD_BUCKETS, registry=r)
+
+        self.live_passes = Counter("stt_bridge_live_passes", "Live-text passes over open turns, by outcome: run, "
+                                   "skipped_busy (the engine had work waiting), skipped_in_flight (the session's "
+                                   "pass still ran), skipped_long (the turn's open part is past 30 s)",
+                                   ["outcome"], registry=r)
+        self.live_lag = Histogram("stt_bridge_live_text_lag_seconds", "Live text: from the arrival of the audio "
+                                  "that settled a delta's words to the delta", buckets=LAG_BUCKETS, registry=r)
 
     def observe_request(self, record: AccessRecord) -> None:
         self.requests.labels(record.route, str(record.status)).inc()
@@ -83,6 +91,8 @@ class _StateCollector(Collector):
         yield restarts
         yield GaugeMetricFamily("stt_bridge_requests_in_flight", "Transcription requests being handled",
                                 value=state.in_flight)
+        yield GaugeMetricFamily("stt_bridge_live_text_sessions", "Live sessions getting live text now",
+                                value=state.live_sessions)
         yield GaugeMetricFamily("stt_bridge_pieces_waiting", "Audio pieces queued for the engine",
                                 value=state.scheduler.waiting)
         yield GaugeMetricFamily("stt_bridge_pieces_running", "Audio pieces on the engine's connections now",

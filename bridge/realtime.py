@@ -23,6 +23,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,12 +33,25 @@ from typing import Any
 
 import numpy as np
 
+from bridge.api_types import valid_keywords, valid_languages
 from bridge.audio import AudioStream
+from bridge.languages import languages_heard
+from bridge.live_text import (
+    DEFAULT_DELAY,
+    DELAYS,
+    LIVE_MODELS,
+    MAX_SEGMENT_SECONDS,
+    PAUSE_MS,
+    LiveText,
+    LiveTurn,
+    continuation,
+)
 from bridge.ports import SAMPLE_RATE, EngineRejected, EngineUnavailable
 from bridge.state import BridgeState
 from bridge.tokens import logprob_entries
 from bridge.transcript import scored_tokens
 from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+from common.errors import APIError
 
 log = logging.getLogger("bridge.realtime")
 
@@ -56,6 +70,7 @@ MIN_COMMIT_SECONDS = 0.1
 # silence around them. Noise bursts and clicks still start none (tests/test_realtime.py).
 TURN_MIN_SPEECH_SECONDS = 0.1
 TRANSCRIPTION_SESSION = "realtime.transcription_session"
+TRANSCRIPTION_PARAM = "session.audio.input.transcription"
 
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -92,9 +107,23 @@ class SessionConfig:
     turn_detection: TurnDetection | None = field(default_factory=TurnDetection)
     input_format: str = "pcm16"  # a key of INPUT_FORMATS
     logprobs: bool = False  # include: item.input_audio_transcription.logprobs
+    keywords: list[str] = field(default_factory=list)
+    languages: list[str] = field(default_factory=list)
+    delay: str | None = None  # a key of bridge.live_text.DELAYS: live text at that pace
+
+    @property
+    def live(self) -> bool:
+        """Live text: asked for by the model's name, or by a ``delay`` (any model, any turn detection)."""
+        return self.model in LIVE_MODELS or self.delay is not None
 
     def as_session(self, session_id: str, beta: bool) -> dict[str, Any]:
-        transcription = {"model": self.model, "language": self.language, "prompt": self.prompt}
+        transcription: dict[str, Any] = {"model": self.model, "language": self.language, "prompt": self.prompt}
+        if self.keywords:
+            transcription["keywords"] = self.keywords
+        if self.languages:
+            transcription["languages"] = self.languages
+        if self.live:
+            transcription["delay"] = self.delay or DEFAULT_DELAY
         detection = self.turn_detection.as_dict() if self.turn_detection else None
         ga_type, beta_name, _, rate = INPUT_FORMATS[self.input_format]
         include = [LOGPROBS_INCLUDE] if self.logprobs else None
@@ -207,6 +236,16 @@ class TurnDetector:
             return 0
 
 
+@dataclass
+class Turn:
+    """A committed turn on its way to the engine."""
+
+    item: str
+    samples: np.ndarray  # with live text: only what was not settled before the commit
+    charged: float  # seconds of the session's audio this turn is charged for
+    live: LiveTurn | None = None  # what live text settled and sent of it
+
+
 class RealtimeSession:
     def __init__(self, state: BridgeState, emit: Emit, *, beta: bool = False) -> None:
         self.state = state
@@ -224,7 +263,9 @@ class RealtimeSession:
         self.consumed = 0  # end of what earlier turns were charged for
         self.speech_item: str | None = None  # the turn the VAD has opened
         self.previous_item: str | None = None
-        self.turns: asyncio.Queue[tuple[str, np.ndarray, float] | None] = asyncio.Queue()
+        self.live: LiveText | None = None  # live text (gpt-live-transcribe, or a delay asked for)
+        self.transcribing = False  # the worker is on a committed turn
+        self.turns: asyncio.Queue[Turn | None] = asyncio.Queue()
         self.worker = asyncio.create_task(self._transcribe_turns())
         self.audio_seconds = 0.0
         self.completed = 0
@@ -250,7 +291,7 @@ class RealtimeSession:
             elif kind == "input_audio_buffer.commit":
                 await self._commit_by_client()
             elif kind == "input_audio_buffer.clear":
-                self._clear()
+                await self._clear()
                 await self.send("input_audio_buffer.cleared")
             else:
                 raise RealtimeError("unknown_event", f"unknown or unsupported event type {kind!r}", "type")
@@ -276,17 +317,13 @@ class RealtimeSession:
             fmt = audio_in.get("format")
             transcription = audio_in.get("transcription")
             has_detection, detection = "turn_detection" in audio_in, audio_in.get("turn_detection")
-        config = SessionConfig(self.config.model, self.config.language, self.config.prompt,
-                               self.config.turn_detection, self.config.input_format, self.config.logprobs)
+        config = dataclasses.replace(self.config)
         if fmt is not None:
             config.input_format = input_format(fmt)
         if "include" in session:
             config.logprobs = self._include(session.get("include"))
         if isinstance(transcription, dict):
-            config.model = str(transcription.get("model") or "")
-            config.language = str(transcription.get("language") or "")
-            config.prompt = str(transcription.get("prompt") or "")
-            self._check_model(config)
+            self._transcription(config, transcription)
         if has_detection:
             config.turn_detection = self._turn_detection(detection)
         changed = config.turn_detection != self.config.turn_detection
@@ -297,6 +334,33 @@ class RealtimeSession:
             self._reset_detector()
         kind = "transcription_session.updated" if beta else "session.updated"
         await self.send(kind, session=self.config.as_session(self.id, beta))
+        await self._follow_live_setting()
+
+    def _transcription(self, config: SessionConfig, transcription: dict[str, Any]) -> None:
+        """``audio.input.transcription``: model, language, prompt, keywords, languages, delay (all
+        replaced by an update that holds the object)."""
+        config.model = str(transcription.get("model") or "")
+        config.language = str(transcription.get("language") or "")
+        config.prompt = str(transcription.get("prompt") or "")
+        try:
+            config.keywords = valid_keywords(self._strings(transcription, "keywords"))
+            config.languages = valid_languages(self._strings(transcription, "languages"))
+        except APIError as exc:
+            raise RealtimeError(exc.code or "invalid_value", exc.message,
+                                f"{TRANSCRIPTION_PARAM}.{(exc.param or '').replace('[]', '')}") from None
+        delay = transcription.get("delay")
+        if delay is not None and delay not in DELAYS:
+            raise RealtimeError("invalid_value", f"delay must be one of {', '.join(DELAYS)} (or null)",
+                                f"{TRANSCRIPTION_PARAM}.delay")
+        config.delay = delay
+        self._check_model(config)
+
+    @staticmethod
+    def _strings(transcription: dict[str, Any], name: str) -> list[str]:
+        values = transcription.get(name) or []
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            raise RealtimeError("invalid_value", f"{name} must be a list of strings", f"{TRANSCRIPTION_PARAM}.{name}")
+        return values
 
     def _check_model(self, config: SessionConfig) -> None:
         loaded = self.state.engines.model
@@ -304,11 +368,56 @@ class RealtimeSession:
             return
         if config.model and config.model != loaded.id and config.model not in self.settings.model_aliases:
             raise RealtimeError("model_not_loaded", f"model {config.model!r} is not loaded; the loaded model is "
-                                f"{loaded.id!r} (or use one of its aliases)", "session.audio.input.transcription.model")
+                                f"{loaded.id!r} (or use one of its aliases)", f"{TRANSCRIPTION_PARAM}.model")
         if config.language and config.language not in loaded.languages:
             raise RealtimeError("unsupported_language", f"model {loaded.id} does not support language "
                                 f"{config.language!r}; it supports: {', '.join(loaded.languages)}",
-                                "session.audio.input.transcription.language")
+                                f"{TRANSCRIPTION_PARAM}.language")
+        if config.languages and not set(config.languages) & set(loaded.languages):
+            raise RealtimeError("unsupported_language", f"model {loaded.id} speaks none of languages "
+                                f"({', '.join(config.languages)}); it speaks: {', '.join(loaded.languages)}",
+                                f"{TRANSCRIPTION_PARAM}.languages")
+
+    async def _follow_live_setting(self) -> None:
+        """Start or end live text as the session's settings now ask; a full bridge says so and
+        gives the turns' text at their commit."""
+        if not self.config.live:
+            await self._end_live()
+            return
+        interval = DELAYS[self.config.delay or DEFAULT_DELAY]
+        if self.live is not None:
+            self.live.interval, self.live.keywords = interval, self._keywords()
+            return
+        if self.state.live_sessions >= self.settings.realtime_live_sessions:
+            await self.error(RealtimeError("live_text_unavailable", "live text is not available: "
+                                           f"{self.settings.realtime_live_sessions} sessions have it already "
+                                           "(REALTIME_LIVE_SESSIONS); each turn's text comes at its commit",
+                                           f"{TRANSCRIPTION_PARAM}.model", type="server_error"))
+            return
+        self.state.live_sessions += 1
+        detector = self.state.detector
+        pauses = (TurnDetector(str(detector.model), TurnDetection(0.5, 0, PAUSE_MS), MAX_SEGMENT_SECONDS)
+                  if detector is not None else None)
+        self.live = LiveText(self.state, interval, self._keywords(), self._samples, self._live_delta, pauses,
+                             self.received)
+
+    async def _end_live(self) -> None:
+        live, self.live = self.live, None
+        if live is not None:
+            await live.stop()
+            self.state.live_sessions -= 1
+
+    def _keywords(self) -> tuple[str, ...]:
+        loaded = self.state.engines.model
+        return tuple(self.config.keywords) if loaded is not None and loaded.keywords else ()
+
+    def _samples(self, start: int, end: int) -> np.ndarray:
+        """The buffered audio between two time-line positions (a copy: the buffer moves on)."""
+        return self.buffer[max(0, start - self.buffer_start):max(0, end - self.buffer_start)].copy()
+
+    async def _live_delta(self, item: str, text: str) -> None:
+        await self.send("conversation.item.input_audio_transcription.delta", item_id=item, content_index=0,
+                        delta=text)
 
     def _include(self, value: Any) -> bool:
         if value is None:
@@ -360,6 +469,8 @@ class RealtimeSession:
             return
         self.buffer = np.concatenate([self.buffer, samples])
         self.received += len(samples)
+        if self.live is not None:
+            self.live.heard(samples, self.received)
         if self.detector is not None:
             for kind, start, end in self.detector.feed(samples):
                 if kind == "started":
@@ -371,6 +482,9 @@ class RealtimeSession:
         limit = int(self.settings.realtime_max_buffer_seconds * SAMPLE_RATE)
         if len(self.buffer) > limit:  # a turn this long is committed as it stands
             await self._commit(self.received, self.speech_item)
+        elif self.live is not None and (self.detector is None or self.speech_item is not None):
+            self.live.tick(self.speech_item, self.buffer_start, self.received,
+                           busy=self.transcribing or not self.turns.empty())
 
     def _padding(self) -> int:
         detection = self.config.turn_detection
@@ -410,18 +524,22 @@ class RealtimeSession:
         self._reset_detector()
 
     async def _commit(self, end: int, item: str | None) -> None:
-        item = item or new_id("item")
+        live = await self.live.take() if self.live is not None else None
+        item = live.item if live is not None else item or new_id("item")
         cut = max(0, end - self.buffer_start)
-        samples, self.buffer = self.buffer[:cut].copy(), self.buffer[cut:]
+        first = max(0, live.anchor - self.buffer_start) if live is not None else 0  # live text settled before
+        samples, self.buffer = self.buffer[first:cut].copy(), self.buffer[cut:]
         self.buffer_start += cut
         charged = max(0, end - self.consumed) / SAMPLE_RATE
         self.consumed = max(self.consumed, end)
         self.speech_item = None
         await self.send("input_audio_buffer.committed", item_id=item, previous_item_id=self.previous_item)
         self.previous_item = item
-        self.turns.put_nowait((item, samples, charged))
+        self.turns.put_nowait(Turn(item, samples, charged, live))
 
-    def _clear(self) -> None:
+    async def _clear(self) -> None:
+        if self.live is not None:
+            await self.live.take()  # its deltas stand; the turn gets no completed
         self.buffer = np.zeros(0, dtype=np.float32)
         self.buffer_start = self.received
         self.consumed = self.received  # cleared audio is not charged
@@ -435,22 +553,39 @@ class RealtimeSession:
             turn = await self.turns.get()
             if turn is None:
                 return
-            item, samples, charged = turn
+            self.transcribing = True
             try:
-                text, scored = await self._transcribe(item, samples)
-            except (EngineUnavailable, EngineRejected) as exc:
-                await self.send("conversation.item.input_audio_transcription.failed", item_id=item, content_index=0,
-                                error={"type": "server_error", "code": "engine_unavailable"
-                                       if isinstance(exc, EngineUnavailable) else "engine_error", "message": str(exc)})
-                continue
-            self.audio_seconds += charged
-            self.completed += 1
-            extra: dict[str, Any] = {"logprobs": logprob_entries(scored)} if self.config.logprobs else {}
-            await self.send("conversation.item.input_audio_transcription.completed", item_id=item, content_index=0,
-                            transcript=text, usage={"type": "duration", "seconds": round(charged, 3)}, **extra)
+                await self._complete(turn)
+            finally:
+                self.transcribing = False
 
-    async def _transcribe(self, item: str, samples: np.ndarray) -> tuple[str, list[tuple[str, float]]]:
-        """The turn's text (a ``delta`` per piece) and its tokens' log-probabilities."""
+    async def _complete(self, turn: Turn) -> None:
+        """A committed turn's text: its ``delta`` events (the rest of what live text sent, or a
+        delta per piece), then ``completed`` with the whole turn, or ``failed``."""
+        try:
+            text, scored = await self._transcribe(turn.item, turn.samples, deltas=turn.live is None)
+        except (EngineUnavailable, EngineRejected) as exc:
+            await self.send("conversation.item.input_audio_transcription.failed", item_id=turn.item, content_index=0,
+                            error={"type": "server_error", "code": "engine_unavailable"
+                                   if isinstance(exc, EngineUnavailable) else "engine_error", "message": str(exc)})
+            return
+        if turn.live is not None:
+            rest, _ = continuation(turn.live.sent_after_anchor, text.split())
+            if rest:
+                await self._live_delta(turn.item, turn.live.record(rest))
+            text, scored = turn.live.transcript(text), turn.live.scored + scored
+        self.audio_seconds += turn.charged
+        self.completed += 1
+        extra: dict[str, Any] = {"logprobs": logprob_entries(scored)} if self.config.logprobs else {}
+        loaded = self.state.engines.model
+        if loaded is not None:
+            extra["languages"] = await languages_heard(text, loaded.languages)
+        await self.send("conversation.item.input_audio_transcription.completed", item_id=turn.item, content_index=0,
+                        transcript=text, usage={"type": "duration", "seconds": round(turn.charged, 3)}, **extra)
+
+    async def _transcribe(self, item: str, samples: np.ndarray, *,
+                          deltas: bool = True) -> tuple[str, list[tuple[str, float]]]:
+        """The turn's text (with ``deltas``, a ``delta`` per piece) and its tokens' log-probabilities."""
         state = self.state
         texts: list[str] = []
         scored: list[tuple[str, float]] = []
@@ -461,7 +596,8 @@ class RealtimeSession:
             plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.live_detector,
                               state.settings.piece_target_seconds, state.settings.stream_first_piece_seconds or None,
                               vad_threads=1)
-            pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard))
+            pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard,
+                                          keywords=self._keywords()))
             try:
                 async for _start, _end, result in pieces:
                     if result is None or not result.text:
@@ -473,14 +609,16 @@ class RealtimeSession:
                         pairs = scored_tokens(result)
                         scored += pairs
                         extra["logprobs"] = logprob_entries(pairs)
-                    await self.send("conversation.item.input_audio_transcription.delta", item_id=item,
-                                    content_index=0, delta=delta, **extra)
+                    if deltas:
+                        await self.send("conversation.item.input_audio_transcription.delta", item_id=item,
+                                        content_index=0, delta=delta, **extra)
             finally:
                 await pieces.aclose()
         return " ".join(texts), scored
 
     async def finish(self, *, wait: bool) -> None:
         """End the session: with ``wait``, the turns already committed are transcribed first."""
+        await self._end_live()
         if wait:
             self.turns.put_nowait(None)
             with contextlib.suppress(Exception):

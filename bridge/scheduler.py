@@ -49,6 +49,11 @@ class FairScheduler:
     def waiting(self) -> int:
         return sum(len(q) for q in self._queues.values())
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits and a connection is free: work submitted now starts at once."""
+        return not self.waiting and self.busy < len(self._workers)
+
     def submit(self, key: int, engine: ModelEngine, samples: np.ndarray,
                keywords: tuple[str, ...] = ()) -> asyncio.Future[EngineResult]:
         return self.submit_call(key, lambda: engine.transcribe(samples, keywords))

@@ -37,6 +37,7 @@ class BridgeState:
     ready_after: float | None = None  # seconds from process start to first ready
     in_flight: int = 0
     realtime_sessions: int = 0
+    live_sessions: int = 0  # realtime sessions with live text (REALTIME_LIVE_SESSIONS)
     diarizer: Diarizer | None = None  # made at the first request for speakers (bridge.routes.transcriptions)
 
 

@@ -34,7 +34,7 @@ from bridge.api_types import (
 from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.diarization import MAX_KNOWN_SPEAKERS, REFERENCE_SECONDS, Diarizer, Turn, split_by_speaker, turn_pieces
 from bridge.formats import diarized_segment, render, segment_id, usage
-from bridge.languages import heard_languages, language_objects
+from bridge.languages import languages_heard
 from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
 from bridge.tokens import logprob_entries, token_ids
@@ -109,13 +109,6 @@ def keywords_for(keywords: list[str], spec: EngineModel, warnings: list[str]) ->
                         "(transducer models such as parakeet can)")
         return ()
     return tuple(keywords)
-
-
-async def languages_heard(text: str, spec: EngineModel) -> list[dict[str, str]]:
-    """``languages`` of the answer (OpenAI's ``[{"code": ...}]``); the detector runs off the loop."""
-    if len(spec.languages) > 1:
-        return language_objects(await asyncio.to_thread(heard_languages, text, spec.languages))
-    return language_objects(heard_languages(text, spec.languages))
 
 
 def check_language(language: str | None, spec: EngineModel) -> str:
@@ -438,7 +431,7 @@ class Job:
                                  "(segments only)")
         headers.update(self.warning_header())
         return render(transcript, params.response_format, language=self.language or transcript.language,
-                      languages=await languages_heard(transcript.text, spec), want_words=want_words,
+                      languages=await languages_heard(transcript.text, spec.languages), want_words=want_words,
                       headers=headers, logprobs=params.logprobs, token_ids=functools.partial(token_ids, spec),
                       task=self.task)
 
@@ -490,7 +483,7 @@ class Job:
         self.state.metrics.observe_transcription(spec.id, audio.seconds, time.monotonic() - self.started)
         text = " ".join(texts)
         done: dict[str, object] = {"type": "transcript.text.done", "text": text,
-                                   "languages": await languages_heard(text, spec)}
+                                   "languages": await languages_heard(text, spec.languages)}
         if logprobs:
             done["logprobs"] = logprob_entries(scored)
         yield _sse({**done, "usage": usage(audio.seconds)})

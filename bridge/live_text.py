@@ -1,0 +1,236 @@
+"""Live text: the words of a turn while the person is still talking (``gpt-live-transcribe``).
+
+An offline model hears the open turn again at a steady pace (``delay``); a word goes out in a
+``delta`` once two passes in a row agree on it and on every word before it (LocalAgreement-2,
+Macháček et al. 2023, whisper_streaming). Deltas only append: a word once sent is never taken back.
+
+What is final is never heard again. A pause of ``PAUSE_MS`` after at least ``MIN_SEGMENT_SECONDS``
+of the turn closes a segment: one pass over the audio up to the pause gives that segment's final
+text, and the passes that follow start there (the *anchor*). Models without token times
+(Moonshine) need the pause for this; every model gets the same rule, so a pass covers at most the
+audio since the last pause (``MAX_PASS_SECONDS``, beyond which passes stop until the commit). At
+the commit the rest of the turn is transcribed like any turn, and ``completed`` carries the
+segments' final texts joined: the whole turn.
+
+Cost: at most one pass per session in flight; a pass that comes due while the engine has work
+waiting (pieces of uploads, committed turns) or while the session's own pass or turn still runs
+is skipped, not queued; ``REALTIME_LIVE_SESSIONS`` sessions of a bridge get live text at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import difflib
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from bridge.ports import SAMPLE_RATE
+from bridge.state import BridgeState
+from bridge.transcript import scored_tokens
+
+log = logging.getLogger("bridge.live_text")
+
+# Seconds between passes for OpenAI's ``delay`` values (bench/README.md, "Live text"). "low" is
+# the default: on 2 cores with Moonshine a pass over a few seconds takes about that long.
+DELAYS = {"minimal": 0.25, "low": 0.5, "medium": 1.0, "high": 2.0, "xhigh": 4.0}
+DEFAULT_DELAY = "low"
+LIVE_MODELS = ("gpt-live-transcribe", "gpt-realtime-whisper")  # live text without asking
+PAUSE_MS = 300  # a pause this long may close a segment
+MIN_SEGMENT_SECONDS = 2.0  # ... once the segment holds this much: short pieces lose context
+MAX_SEGMENT_SECONDS = 15.0  # speech this long without a pause is closed anyway (Silero's cut)
+MAX_PASS_SECONDS = 30.0  # no pass over more than this: the commit handles the rest
+MIN_NEW_SECONDS = 0.2  # a pass needs this much audio it has not heard yet
+
+Delta = Callable[[str, str], Awaitable[None]]  # (item, text)
+
+
+class PauseDetector(Protocol):
+    def feed(self, samples: np.ndarray) -> list[tuple[str, int, int]]: ...
+
+
+def _plain(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+def agreed(previous: list[str], current: list[str]) -> list[str]:
+    """The words of ``current`` that ``previous`` agrees on, and on every word before them (case
+    and punctuation aside: a word may gain a comma when the next one is heard)."""
+    n = 0
+    for a, b in zip(previous, current, strict=False):
+        if _plain(a) != _plain(b):
+            break
+        n += 1
+    return current[:n]
+
+
+def continuation(sent: list[str], words: list[str]) -> tuple[list[str], list[str]]:
+    """Where the words already ``sent`` end in ``words`` (a newer reading of the same audio):
+    (the words after that point, still to send; the sent words that run past the end of ``words``,
+    which belong to the audio after it). Words that differ are paired in order."""
+    if not sent:
+        return list(words), []
+    matcher = difflib.SequenceMatcher(None, [_plain(w) for w in sent], [_plain(w) for w in words], autojunk=False)
+    end_sent = end_words = 0
+    for block in matcher.get_matching_blocks():
+        if block.size:
+            end_sent, end_words = block.a + block.size, block.b + block.size
+    paired = min(len(sent) - end_sent, len(words) - end_words)  # misheard words, one for one
+    end_sent, end_words = end_sent + paired, end_words + paired
+    return list(words[end_words:]), list(sent[end_sent:])
+
+
+@dataclass
+class LiveTurn:
+    """What live text knows about the open turn."""
+
+    item: str
+    anchor: int  # session time line: where the audio that is not final yet begins
+    finals: list[str] = field(default_factory=list)  # the closed segments' final texts
+    scored: list[tuple[str, float]] = field(default_factory=list)  # their tokens' log-probabilities
+    sent: list[str] = field(default_factory=list)  # every word sent in a delta
+    sent_after_anchor: list[str] = field(default_factory=list)  # the sent words past the anchor
+    previous: list[str] = field(default_factory=list)  # the last pass's words past the anchor
+    previous_at: float = 0.0  # when the audio of the last pass had arrived (monotonic)
+
+    def close_segment(self, text: str, scored: list[tuple[str, float]], end: int) -> list[str]:
+        """The final text of the audio up to ``end``: the words of it not yet sent."""
+        new, beyond = continuation(self.sent_after_anchor, text.split())
+        if text:
+            self.finals.append(text)
+        self.scored += scored
+        self.anchor, self.sent_after_anchor, self.previous = end, beyond, []
+        return new
+
+    def settle(self, words: list[str], heard_at: float) -> list[str]:
+        """A pass's words past the anchor: those two passes now agree on and not sent yet."""
+        new, _ = continuation(self.sent_after_anchor, agreed(self.previous, words))
+        self.previous, self.previous_at = words, heard_at
+        return new
+
+    def record(self, words: list[str]) -> str:
+        """Mark ``words`` sent; the delta's text (a space before it when words came before)."""
+        self.sent += words
+        self.sent_after_anchor += words
+        return (" " if len(self.sent) > len(words) else "") + " ".join(words)
+
+    def transcript(self, tail: str) -> str:
+        return " ".join(part for part in (*self.finals, tail) if part)
+
+
+class LiveText:
+    """Live text for one session: the pause detector, the open turn and its one pass in flight.
+
+    The session feeds it each appended chunk (``heard``), asks it for a pass (``tick``) and takes the
+    open turn at the commit (``take``). ``audio(start, end)`` gives the session's samples on its time
+    line; ``delta(item, text)`` sends one delta. ``detector`` counts samples from ``origin``."""
+
+    def __init__(self, state: BridgeState, interval: float, keywords: tuple[str, ...],
+                 audio: Callable[[int, int], np.ndarray], delta: Delta, detector: PauseDetector | None,
+                 origin: int) -> None:
+        self.state = state
+        self.interval = interval
+        self.keywords = keywords
+        self.audio = audio
+        self.delta = delta
+        self.detector = detector  # Silero with PAUSE_MS (bridge.realtime.TurnDetector), None without a VAD
+        self.origin = origin  # the time line's position where the detector began counting
+        self.key = state.scheduler.new_request()
+        self.turn: LiveTurn | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.speaking = False
+        self.voice_end = -1  # end of the last speech the detector closed (time line)
+        self.pause_at: int | None = None  # a pause that may close a segment
+        self.next_tick = 0.0
+
+    # ------------------------------------------------------------------ fed by the session
+
+    def heard(self, samples: np.ndarray, received: int) -> None:
+        """Follow the speech and its pauses in each appended chunk (``received``: the time line's end)."""
+        if self.detector is None:
+            self.speaking = True
+            return
+        for kind, _start, end in self.detector.feed(samples):
+            if kind == "started":
+                self.speaking = True
+                continue
+            self.speaking = False
+            self.voice_end = self.origin + end
+            self.pause_at = min(received, self.voice_end + PAUSE_MS * SAMPLE_RATE // 1000 // 2)  # its middle
+
+    def tick(self, item: str | None, start: int, received: int, busy: bool) -> None:
+        """Start a pass when one is due: the open turn's audio (from ``start`` on the time line) so
+        far. ``busy``: the session's own turn is still being transcribed."""
+        now = time.monotonic()
+        if now < self.next_tick:
+            return
+        turn = self.turn
+        anchor = turn.anchor if turn else start
+        if not (self.speaking or self.voice_end > anchor) or received - anchor < MIN_NEW_SECONDS * SAMPLE_RATE:
+            return  # nothing heard yet that a pass could use
+        self.next_tick = now + self.interval
+        metrics = self.state.metrics
+        if self.task is not None and not self.task.done():
+            metrics.live_passes.labels("skipped_in_flight").inc()
+        elif busy or not self.state.scheduler.idle:
+            metrics.live_passes.labels("skipped_busy").inc()
+        elif received - anchor > MAX_PASS_SECONDS * SAMPLE_RATE:
+            metrics.live_passes.labels("skipped_long").inc()
+        else:
+            if turn is None:
+                turn = self.turn = LiveTurn(item or f"item_{uuid.uuid4().hex[:20]}", start)
+            metrics.live_passes.labels("run").inc()
+            self.task = asyncio.create_task(self._pass(turn, self._closing(turn), received, now))
+
+    def _closing(self, turn: LiveTurn) -> int | None:
+        """The pause that closes the turn's segment now, if there is one and the segment is long enough."""
+        pause, self.pause_at = self.pause_at, None
+        if pause is not None and pause - turn.anchor >= MIN_SEGMENT_SECONDS * SAMPLE_RATE:
+            return pause
+        return None
+
+    async def take(self) -> LiveTurn | None:
+        """The open turn at its commit; the pass in flight, if any, is dropped."""
+        await self.stop()
+        turn, self.turn = self.turn, None
+        self.pause_at, self.next_tick = None, 0.0
+        return turn
+
+    async def stop(self) -> None:
+        task, self.task = self.task, None
+        if task is not None and not task.done():
+            self.state.scheduler.cancel(self.key)
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+    # ------------------------------------------------------------------ one pass
+
+    async def _pass(self, turn: LiveTurn, closing: int | None, received: int, heard_at: float) -> None:
+        """One pass over the turn's audio past the anchor: up to the pause that closes a segment
+        (its final text), or up to what has arrived (two such passes settle words)."""
+        end = received if closing is None else closing
+        try:
+            async with self.state.engines.lease() as engine:
+                result = await self.state.scheduler.submit(self.key, engine, self.audio(turn.anchor, end),
+                                                           self.keywords)
+        except Exception as exc:  # noqa: BLE001 - a pass is a preview: the commit reports engine trouble
+            log.info("live pass not run: %s", exc)
+            return
+        if closing is not None:
+            lag_from = heard_at
+            new = turn.close_segment(result.text, scored_tokens(result), end)
+        else:
+            lag_from = turn.previous_at or heard_at
+            new = turn.settle(result.text.split(), heard_at)
+        if new and turn is self.turn:
+            lag = time.monotonic() - lag_from
+            self.state.metrics.live_lag.observe(lag)
+            await asyncio.shield(self.delta(turn.item, turn.record(new)))  # never cut off halfway
