@@ -115,10 +115,12 @@ class LiveTurn:
         self.previous, self.previous_at = words, heard_at
         return new
 
-    def record(self, words: list[str]) -> str:
-        """Mark ``words`` sent; the delta's text (a space before it when words came before)."""
+    def record(self, words: list[str], *, past_anchor: bool) -> str:
+        """Mark ``words`` sent (``past_anchor``: they lie in the audio after the anchor, not in a
+        segment just closed); the delta's text (a space before it when words came before)."""
         self.sent += words
-        self.sent_after_anchor += words
+        if past_anchor:
+            self.sent_after_anchor += words
         return (" " if len(self.sent) > len(words) else "") + " ".join(words)
 
     def transcript(self, tail: str) -> str:
@@ -224,6 +226,8 @@ class LiveText:
         except Exception as exc:  # noqa: BLE001 - a pass is a preview: the commit reports engine trouble
             log.info("live pass not run: %s", exc)
             return
+        log.debug("live pass %s %.2f-%.2f s: %r", "closing" if closing is not None else "open",
+                  turn.anchor / SAMPLE_RATE, end / SAMPLE_RATE, result.text)
         if closing is not None:
             lag_from = heard_at
             new = turn.close_segment(result.text, scored_tokens(result), end)
@@ -233,4 +237,5 @@ class LiveText:
         if new and turn is self.turn:
             lag = time.monotonic() - lag_from
             self.state.metrics.live_lag.observe(lag)
-            await asyncio.shield(self.delta(turn.item, turn.record(new)))  # never cut off halfway
+            text = turn.record(new, past_anchor=closing is None)
+            await asyncio.shield(self.delta(turn.item, text))  # never cut off halfway

@@ -483,8 +483,7 @@ class RealtimeSession:
         if len(self.buffer) > limit:  # a turn this long is committed as it stands
             await self._commit(self.received, self.speech_item)
         elif self.live is not None and (self.detector is None or self.speech_item is not None):
-            self.live.tick(self.speech_item, self.buffer_start, self.received,
-                           busy=self.transcribing or not self.turns.empty())
+            self.live.tick(self.speech_item, self.buffer_start, self.received, busy=not self.turns.empty())
 
     def _padding(self) -> int:
         detection = self.config.turn_detection
@@ -570,9 +569,11 @@ class RealtimeSession:
                                    if isinstance(exc, EngineUnavailable) else "engine_error", "message": str(exc)})
             return
         if turn.live is not None:
+            log.debug("turn %s: tail %r after %r (sent past the anchor: %r)", turn.item, text, turn.live.finals,
+                      turn.live.sent_after_anchor)
             rest, _ = continuation(turn.live.sent_after_anchor, text.split())
             if rest:
-                await self._live_delta(turn.item, turn.live.record(rest))
+                await self._live_delta(turn.item, turn.live.record(rest, past_anchor=False))
             text, scored = turn.live.transcript(text), turn.live.scored + scored
         self.audio_seconds += turn.charged
         self.completed += 1
