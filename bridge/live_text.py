@@ -181,7 +181,7 @@ class LiveText:
         metrics = self.state.metrics
         if self.task is not None and not self.task.done():
             metrics.live_passes.labels("skipped_in_flight").inc()
-        elif busy or not self.state.scheduler.idle:
+        elif busy or not self._engine_has_room():
             metrics.live_passes.labels("skipped_busy").inc()
         elif received - anchor > MAX_PASS_SECONDS * SAMPLE_RATE:
             metrics.live_passes.labels("skipped_long").inc()
@@ -190,6 +190,14 @@ class LiveText:
                 turn = self.turn = LiveTurn(item or f"item_{uuid.uuid4().hex[:20]}", start)
             metrics.live_passes.labels("run").inc()
             self.task = asyncio.create_task(self._pass(turn, self._closing(turn), received, now))
+
+    def _engine_has_room(self) -> bool:
+        """Nothing waits for the engine, and the work on it other than live passes (uploads,
+        committed turns) leaves a connection free beside the one kept for newcomers: a pass then
+        runs on cores no piece is using."""
+        scheduler = self.state.scheduler
+        others = scheduler.busy - self.state.live_passes
+        return not scheduler.waiting and others < scheduler.connections - 1
 
     def _closing(self, turn: LiveTurn) -> int | None:
         """The pause that closes the turn's segment now, if there is one and the segment is long enough."""
@@ -219,6 +227,7 @@ class LiveText:
         """One pass over the turn's audio past the anchor: up to the pause that closes a segment
         (its final text), or up to what has arrived (two such passes settle words)."""
         end = received if closing is None else closing
+        self.state.live_passes += 1
         try:
             async with self.state.engines.lease() as engine:
                 result = await self.state.scheduler.submit(self.key, engine, self.audio(turn.anchor, end),
@@ -226,6 +235,8 @@ class LiveText:
         except Exception as exc:  # noqa: BLE001 - a pass is a preview: the commit reports engine trouble
             log.info("live pass not run: %s", exc)
             return
+        finally:
+            self.state.live_passes -= 1
         log.debug("live pass %s %.2f-%.2f s: %r", "closing" if closing is not None else "open",
                   turn.anchor / SAMPLE_RATE, end / SAMPLE_RATE, result.text)
         if closing is not None:

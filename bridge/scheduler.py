@@ -50,9 +50,8 @@ class FairScheduler:
         return sum(len(q) for q in self._queues.values())
 
     @property
-    def idle(self) -> bool:
-        """Nothing waits and a connection is free: work submitted now starts at once."""
-        return not self.waiting and self.busy < len(self._workers)
+    def connections(self) -> int:
+        return len(self._workers)
 
     def submit(self, key: int, engine: ModelEngine, samples: np.ndarray,
                keywords: tuple[str, ...] = ()) -> asyncio.Future[EngineResult]:

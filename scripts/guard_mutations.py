@@ -37,7 +37,23 @@ class Mutation:
 GPT_TRANSCRIBE = "tests/test_gpt_transcribe.py::"
 BAD_LISTS = GPT_TRANSCRIBE + "test_bad_lists_are_refused_naming_the_field"
 
+LIVE_TEXT = "tests/test_live_text.py::"
+LIVE_WORDS = LIVE_TEXT + "test_words_arrive_while_the_person_is_still_talking"
+
 MUTATIONS = [
+    # Live text (bridge/live_text.py): agreement, its cost bounds, and what a closed segment sent.
+    Mutation("live words go out once two passes agree", "bridge/live_text.py",
+             "new, _ = continuation(self.sent_after_anchor, agreed(self.previous, words))",
+             "new, _ = continuation(self.sent_after_anchor, words)", (LIVE_WORDS,)),
+    Mutation("words sent at a segment's close are not counted past the anchor", "bridge/live_text.py",
+             "text = turn.record(new, past_anchor=closing is None)", "text = turn.record(new, past_anchor=True)",
+             (LIVE_WORDS,)),
+    Mutation("live passes skipped while uploads hold the engine", "bridge/live_text.py",
+             "elif busy or not self._engine_has_room():", "elif busy:",
+             (LIVE_TEXT + "test_a_busy_engine_skips_passes_instead_of_queueing_them",)),
+    Mutation("live text capped per bridge (REALTIME_LIVE_SESSIONS)", "bridge/realtime.py",
+             "if self.state.live_sessions >= self.settings.realtime_live_sessions:", "if False:",
+             (LIVE_TEXT + "test_live_text_is_capped_per_bridge_and_a_turn_never_committed_is_bounded",)),
     # gpt-transcribe's lists (bridge/api_types.py): each check of keywords[] and languages[].
     Mutation("keywords holding <, >, CR or LF refused", "bridge/api_types.py",
              '"holds <, >, CR or LF" if any(ch in keyword for ch in KEYWORD_FORBIDDEN) else ""',

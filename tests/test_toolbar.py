@@ -17,10 +17,13 @@ except ImportError:  # the module is skipped below
     expect = None
 
 from tests.conftest import ROOT
-from tests.speech import read_wav16, write_wav16
+from tests.speech import librispeech_samples, librispeech_text, read_wav16, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
 
 FAIL_BETTER = re.compile("fail(ed)? better", re.IGNORECASE)
+LONG_TURN = "2033-164914-0008"  # 17.3 s of read speech with short pauses only: one turn
+OPEN_LINE_WITH_WORDS = """() => [...document.querySelectorAll('#transcript .seg.partial span')]
+    .some((s) => s.textContent.trim().split(/\\s+/).length >= 3)"""
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ARTIFACTS = ROOT / ".cache" / "artifacts"
 
@@ -39,7 +42,8 @@ def page_stack(bridge, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def microphone(beckett, tmp_path_factory) -> Path:
-    """What the fake microphone plays: Beckett's lines, then silence (Chromium loops the file)."""
+    """What the fake microphone plays: Beckett's lines, a pause, a 17 s LibriSpeech sentence (a long
+    turn), then silence."""
     samples = read_wav16(beckett) if _is_wav16(beckett) else None
     if samples is None:
         from tests.speech import ffmpeg_convert
@@ -48,6 +52,7 @@ def microphone(beckett, tmp_path_factory) -> Path:
                                             "-ar", "16000", "-sample_fmt", "s16"))
     out = tmp_path_factory.mktemp("mic") / "mic.wav"
     return write_wav16(out, np.concatenate([np.zeros(8000, dtype=np.float32), samples,
+                                            np.zeros(16000 * 2, dtype=np.float32), librispeech_samples(LONG_TURN),
                                             np.zeros(16000 * 30, dtype=np.float32)]))
 
 
@@ -123,9 +128,15 @@ def test_live_mode_shows_text_while_speaking(browser, page_stack):
     first = page.inner_text("#transcript").lower()
     assert "ever tried" in first
     expect(page.locator("#transcript")).to_contain_text(FAIL_BETTER, timeout=60000)
+    # The long turn: its words show in an open (partial) line while it plays, then the line completes.
+    page.wait_for_function(OPEN_LINE_WITH_WORDS, timeout=40000)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "toolbar-live-open-turn.png"), full_page=True)
+    last_words = " ".join(librispeech_text(LONG_TURN).lower().split()[-2:])
+    page.wait_for_function(f"""() => [...document.querySelectorAll('#transcript .seg:not(.partial) span')]
+        .some((s) => s.textContent.toLowerCase().includes({last_words!r}))""", timeout=60000)
     page.click("#record")
     assert page.inner_text("#error") == "" and not problems
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "toolbar-live.png"), full_page=True)
     page.context.close()
 

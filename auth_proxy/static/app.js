@@ -161,6 +161,10 @@ async function startLive() {
         break;
       }
       case "error":
+        if (event.error.code === "live_text_unavailable") { // the bridge is full: text at each pause only
+          status(event.error.message);
+          break;
+        }
         session.refused = event.error.message;
         showError(event.error.code === "invalid_api_key" ? `The API key was refused: ${event.error.message}`
                   : event.error.message);
@@ -182,7 +186,8 @@ async function startLive() {
     ws.onerror = () => reject(new Error("the live connection failed"));
   });
   ws.send(JSON.stringify({ type: "session.update", session: { type: "transcription", audio: { input: {
-    format: { type: "audio/pcm", rate: 24000 }, transcription: { model: modelSelect.value },
+    // delay: words show while the person talks (live text), a pass over the open turn every 0.5 s
+    format: { type: "audio/pcm", rate: 24000 }, transcription: { model: modelSelect.value, delay: "low" },
     turn_detection: { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500 },
   } } } }));
   session.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
