@@ -145,6 +145,18 @@ def speech_span(samples: np.ndarray, margin: float = 0.05) -> np.ndarray:
     return samples[a:b]
 
 
+def without_pauses(samples: np.ndarray, gap: float = 0.15) -> np.ndarray:
+    """``samples`` with every pause shortened to ``gap`` seconds (Silero finds the speech): one turn
+    for a server VAD that ends turns after longer silences."""
+    from bridge.vad import SpeechDetector, find_vad_model
+
+    model = find_vad_model(None)
+    assert model is not None, "the silero-vad package holds the model"
+    spans = SpeechDetector(model, min_silence=0.1).speech_segments(samples)
+    silence = np.zeros(int(gap * 16000), dtype=np.float32)
+    return np.concatenate([part for a, b in spans for part in (samples[a:b], silence)][:-1])
+
+
 def speaker_utterances(speaker: str) -> list[str]:
     return sorted(p.stem for p in LIBRISPEECH.glob(f"{speaker}-*.flac"))
 

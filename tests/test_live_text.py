@@ -198,7 +198,7 @@ def test_live_text_is_capped_per_bridge_and_a_turn_never_committed_is_bounded(ca
         first.send(json.dumps(update))
         events_until(first, "session.updated")
         second.send(json.dumps(update))
-        refused = events_until(second, "error")[-1]
+        refused = events_until(second, "error", timeout=15)[-1]
         assert refused["error"]["code"] == "live_text_unavailable"
         assert "REALTIME_LIVE_SESSIONS" in refused["error"]["message"]
         assert metric(capped_bridge, "stt_bridge_live_text_sessions") == 1

@@ -207,7 +207,7 @@ async function startLive() {
     stopAudio(session);
     return false;
   }
-  status("Listening… text appears after each pause. Press Stop to end.");
+  status("Listening… words appear as you speak (grey until the pause that ends the line). Press Stop to end.");
   return true;
 }
 
