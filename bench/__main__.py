@@ -45,7 +45,7 @@ from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_bin
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
 from bench import bench_real_speech
-from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
+from bench.bench_stack import Services, cpu_model, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings
 from bridge.model_store import ModelStore
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     clip_wav = wav_bytes(clip)
     long_wav = wav_bytes(make_audio(sizes.long_seconds))
     stamp = datetime.now(timezone.utc)
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_model()
     header = [f"# python -m bench{' --quick' if args.quick else ''}: {stamp:%Y-%m-%d %H:%M} UTC",
               "",
               f"Audio: {sizes.clip_seconds:g} s clips (16 kHz WAV), {sizes.long_seconds:g} s for the long upload. "

@@ -28,7 +28,6 @@ import base64
 import difflib
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,7 +41,7 @@ import numpy as np
 import websockets
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import Services, wait_http
+from bench.bench_stack import Services, cpu_model, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.live_text import DELAYS
@@ -282,7 +281,7 @@ def main() -> int:
            "DEFAULT_MODEL": spec.id}
     print(f"Live text, {len(turns)} LibriSpeech turns ({sum(len(t) for t in turns) / RATE:.0f} s, "
           f"{', '.join(f'{len(t) / RATE:.1f}' for t in turns)} s), sent at real-time pace in 100 ms chunks, "
-          f"one session; CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores\n")
+          f"one session; CPU: {cpu_model()}, {os.cpu_count()} cores\n")
     print("| engine | session | lag p50 | lag p95 | deltas vs completed (WER) | words only after the commit "
           "| engine CPU s per audio s | bridge CPU s per audio s |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

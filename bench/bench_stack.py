@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +56,19 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> float:
             pass
         time.sleep(0.02)
     raise TimeoutError(url)
+
+
+def cpu_model() -> str:
+    """The CPU as /proc/cpuinfo names it, with the flags that change onnxruntime's kernels."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    extras = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8") if f in flags]
+    return f"{name} ({', '.join(extras) or 'no AVX2'})"
 
 
 class Services:

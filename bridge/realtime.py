@@ -37,7 +37,6 @@ from bridge.api_types import valid_keywords, valid_languages
 from bridge.audio import AudioStream
 from bridge.languages import languages_heard
 from bridge.live_text import (
-    DEFAULT_DELAY,
     DELAYS,
     LIVE_MODELS,
     MAX_SEGMENT_SECONDS,
@@ -45,6 +44,7 @@ from bridge.live_text import (
     LiveText,
     LiveTurn,
     continuation,
+    default_delay,
 )
 from bridge.ports import SAMPLE_RATE, EngineRejected, EngineUnavailable
 from bridge.state import BridgeState
@@ -110,6 +110,7 @@ class SessionConfig:
     keywords: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)
     delay: str | None = None  # a key of bridge.live_text.DELAYS: live text at that pace
+    default_delay: str = "low"  # the pace of live text asked for by the model's name alone
 
     @property
     def live(self) -> bool:
@@ -123,7 +124,7 @@ class SessionConfig:
         if self.languages:
             transcription["languages"] = self.languages
         if self.live:
-            transcription["delay"] = self.delay or DEFAULT_DELAY
+            transcription["delay"] = self.delay or self.default_delay
         detection = self.turn_detection.as_dict() if self.turn_detection else None
         ga_type, beta_name, _, rate = INPUT_FORMATS[self.input_format]
         include = [LOGPROBS_INCLUDE] if self.logprobs else None
@@ -253,7 +254,7 @@ class RealtimeSession:
         self.emit = emit
         self.beta = beta
         self.id = new_id("sess")
-        self.config = SessionConfig()
+        self.config = SessionConfig(default_delay=default_delay(self.settings.sherpa_provider))
         self.resampler = Resampler()
         self.detector: TurnDetector | None = None
         self.detector_origin = 0  # where on the time line the detector began counting
@@ -384,7 +385,7 @@ class RealtimeSession:
         if not self.config.live:
             await self._end_live()
             return
-        interval = DELAYS[self.config.delay or DEFAULT_DELAY]
+        interval = DELAYS[self.config.delay or self.config.default_delay]
         if self.live is not None:
             self.live.interval, self.live.keywords = interval, self._keywords()
             return

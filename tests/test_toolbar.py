@@ -51,8 +51,9 @@ def microphone(beckett, tmp_path_factory) -> Path:
         samples = read_wav16(ffmpeg_convert(beckett, tmp_path_factory.mktemp("mic") / "b16.wav", "-ac", "1",
                                             "-ar", "16000", "-sample_fmt", "s16"))
     out = tmp_path_factory.mktemp("mic") / "mic.wav"
+    long_turn = without_pauses(librispeech_samples(LONG_TURN))
     return write_wav16(out, np.concatenate([np.zeros(8000, dtype=np.float32), samples,
-                                            np.zeros(16000 * 2, dtype=np.float32), without_pauses(librispeech_samples(LONG_TURN)),
+                                            np.zeros(16000 * 2, dtype=np.float32), long_turn,
                                             np.zeros(16000 * 30, dtype=np.float32)]))
 
 
