@@ -24,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from bridge.catalog import MODEL_ID_RE, ModelFile, ModelSpec
+from bridge.ort_convert import convert
 
 log = logging.getLogger("bridge.models")
 
@@ -145,6 +146,10 @@ class ModelStore:
         for f in spec.files:
             if f.name == "tokens.txt" and (source / "tokenizer.bin").is_file():
                 _atomic_write_text(folder / f.name, tokenizer_bin_to_tokens_txt(source / "tokenizer.bin"))
+            elif f.converted_from:
+                log.info("  %s: rewriting %s as ONNX (its weights folded once, not on every run)", f.name,
+                         f.converted_from)
+                convert(source / f.converted_from, folder / f.name)
             else:
                 tmp = folder / f".{f.name}.tmp"
                 shutil.copyfile(source / f.name, tmp)

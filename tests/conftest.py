@@ -77,7 +77,7 @@ def models_dir(session_dir: Path) -> Path:
     store.prepare(MOONSHINE.model_copy(update={"id": COPY_ID}))
     broken = MOONSHINE.model_copy(update={"id": BROKEN_ID})
     folder = store.prepare(broken)
-    (folder / "encoder_model.ort").write_bytes(b"not an onnx model")
+    (folder / "encoder_model.onnx").write_bytes(b"not an onnx model")
     store._verify_and_mark(broken, folder)  # sizes recorded as they are now: looks complete
     return path
 
