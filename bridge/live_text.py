@@ -60,10 +60,10 @@ def _plain(word: str) -> str:
 
 def default_delay(provider: str) -> str:
     """The pace when a session names none. On CUDA ``minimal``: with an engine that answers at once
-    the words lag 0.17 s behind the audio at ``minimal`` and 0.56 s at ``low``. On CPU ``low``: a
-    pass there takes about as long, and ``minimal`` slowed an upload beside it by 22 % instead of 8 %
-    for 0.6 s less lag (Moonshine, 2 cores; bench/README.md)."""
-    return "minimal" if provider == "cuda" else "low"
+    the words lag 0.17 s behind the audio (0.56 s at ``low``). On CPU ``medium``: with Moonshine on
+    2 cores the words lag 1.8 s (p50) for 3.8x the engine time of text at each commit; ``low`` gives
+    1.0 s for 6.1x (bench/README.md, "Live text")."""
+    return "minimal" if provider == "cuda" else "medium"
 
 
 def agreed(previous: list[str], current: list[str]) -> list[str]:

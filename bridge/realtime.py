@@ -110,7 +110,7 @@ class SessionConfig:
     keywords: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)
     delay: str | None = None  # a key of bridge.live_text.DELAYS: live text at that pace
-    default_delay: str = "low"  # the pace of live text asked for by the model's name alone
+    default_delay: str = "medium"  # the pace of live text asked for by the model's name alone (provider)
 
     @property
     def live(self) -> bool:

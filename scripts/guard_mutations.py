@@ -41,6 +41,11 @@ LIVE_TEXT = "tests/test_live_text.py::"
 LIVE_WORDS = LIVE_TEXT + "test_words_arrive_while_the_person_is_still_talking"
 
 MUTATIONS = [
+    # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
+    Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
+             "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",
+             "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL",
+             ("tests/test_model_store.py::test_pypi_moonshine_is_installed_as_onnx_that_says_the_same",)),
     # Live text (bridge/live_text.py): agreement, its cost bounds, and what a closed segment sent.
     Mutation("live words go out once two passes agree", "bridge/live_text.py",
              "new, _ = continuation(self.sent_after_anchor, agreed(self.previous, words))",

@@ -11,6 +11,7 @@ import time
 from typing import Any
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -26,8 +27,6 @@ COMPLETED = "conversation.item.input_audio_transcription.completed"
 
 
 def pcm24_of(samples: Any) -> bytes:
-    import numpy as np
-
     n = int(len(samples) * 1.5)
     resampled = np.interp(np.arange(n) / 1.5, np.arange(len(samples)), samples)
     return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
@@ -123,11 +122,11 @@ def test_text_at_the_commit_only_without_live_text(live_proxy):
 
 
 def test_a_busy_engine_skips_passes_instead_of_queueing_them(live_proxy, bridge, tmp_path):
-    """An upload of a minute of speech keeps the engine busy: the session's passes are skipped
-    (counted), at most one is ever in flight, the upload's text is its own, and the turn still
-    gets its whole text at the commit."""
-    long_audio = write_wav16(tmp_path / "long.wav", librispeech_samples(LONG_TURN).repeat(1)[None, :].repeat(4, 0)
-                             .reshape(-1))
+    """An upload of three minutes of speech keeps the engine busy: the session's passes are skipped
+    (counted) while it holds the engine, the upload's text is its own, and the turn still gets its
+    whole text at the commit."""
+    copies = 10
+    long_audio = write_wav16(tmp_path / "long.wav", np.tile(librispeech_samples(LONG_TURN), copies))
     skipped_before = metric(bridge, "stt_bridge_live_passes_total", outcome="skipped_busy")
     answers: list[httpx.Response] = []
     upload = threading.Thread(target=lambda: answers.append(transcribe(bridge.url, long_audio, timeout=600)))
@@ -136,7 +135,7 @@ def test_a_busy_engine_skips_passes_instead_of_queueing_them(live_proxy, bridge,
     events = spoken(live_proxy, pcm24_of(librispeech_samples(LONG_TURN)[: 16000 * 8]), pace=1.0)
     upload.join()
     assert answers[0].status_code == 200
-    assert wer(" ".join([librispeech_text(LONG_TURN)] * 4), answers[0].json()["text"]) <= 0.2
+    assert wer(" ".join([librispeech_text(LONG_TURN)] * copies), answers[0].json()["text"]) <= 0.2
     assert metric(bridge, "stt_bridge_live_passes_total", outcome="skipped_busy") > skipped_before
     assert events[-1][1].transcript
 

@@ -187,3 +187,80 @@ def test_parakeet_v2_is_verified_like_v3(tmp_path):
         assert not store.is_ready(v2)
     finally:
         server.shutdown()
+
+
+def test_pypi_moonshine_is_installed_as_onnx_that_says_the_same(models_dir, tmp_path):
+    """The package's .ort files become plain ONNX at install (their int8 weights folded once by
+    onnxruntime, bridge.ort_convert); the engine's text from them is the package's, word for word,
+    on real speech, and an install made before (a marker without the .onnx files) is converted at
+    the next start."""
+    import json
+
+    import moonshine_cpp
+    import sherpa_onnx
+
+    from tests.speech import librispeech_samples
+
+    store = ModelStore(models_dir)
+    folder = store.path_for(MOONSHINE.id)
+    assert store.is_ready(MOONSHINE)
+    assert {p.name for p in folder.iterdir()} >= {"encoder_model.onnx", "decoder_model_merged.onnx", "tokens.txt"}
+    assert not list(folder.glob("*.ort"))
+    package = Path(moonshine_cpp.__file__).parent / "models" / "base-en"
+
+    def text(encoder: Path, decoder: Path, samples) -> str:
+        recognizer = sherpa_onnx.OfflineRecognizer.from_moonshine_v2(
+            encoder=str(encoder), decoder=str(decoder), tokens=str(folder / "tokens.txt"), num_threads=1)
+        stream = recognizer.create_stream()
+        stream.accept_waveform(16000, samples)
+        recognizer.decode_stream(stream)
+        return stream.result.text
+
+    assert not weights_converted_at_run_time(folder / "decoder_model_merged.onnx")
+    assert weights_converted_at_run_time(package / "decoder_model_merged.ort", ort_format=True)
+    for utterance in ("1089-134686-0000", "2033-164914-0008"):
+        samples = librispeech_samples(utterance)
+        assert text(folder / "encoder_model.onnx", folder / "decoder_model_merged.onnx", samples) == \
+            text(package / "encoder_model.ort", package / "decoder_model_merged.ort", samples)
+    # An older install: the .ort files and a marker that knows nothing of the .onnx files.
+    old = ModelStore(tmp_path / "models")
+    old_folder = old.path_for(MOONSHINE.id)
+    old_folder.mkdir(parents=True)
+    for name in ("encoder_model.ort", "decoder_model_merged.ort"):
+        (old_folder / name).write_bytes((package / name).read_bytes())
+    (old_folder / "tokens.txt").write_bytes((folder / "tokens.txt").read_bytes())
+    sizes = {p.name: p.stat().st_size for p in old_folder.iterdir()}
+    (old_folder / ".complete.json").write_text(json.dumps({"id": MOONSHINE.id, "sizes": sizes}))
+    assert not old.is_ready(MOONSHINE)
+    old.ensure(MOONSHINE)
+    assert old.is_ready(MOONSHINE) and (old_folder / "decoder_model_merged.onnx").stat().st_size > 100e6
+
+
+def weights_converted_at_run_time(path: Path, ort_format: bool = False) -> list[str]:
+    """Cast nodes that turn a stored weight (an initializer) into another type on every run, in the
+    graph and its subgraphs: what made each Moonshine decoder step cost 94 ms instead of 13."""
+    import onnx
+
+    if ort_format:  # read through the same converter, without its folding
+        import tempfile
+
+        from bridge.ort_convert import ort_to_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            plain = Path(tmp) / "unfolded.onnx"
+            ort_to_onnx(path, plain)
+            return weights_converted_at_run_time(plain)
+    model = onnx.load(str(path))
+    found: list[str] = []
+
+    def walk(graph: onnx.GraphProto, outer: set[str]) -> None:
+        stored = outer | {t.name for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Cast" and node.input and node.input[0] in stored:
+                found.append(node.input[0])
+            for attribute in node.attribute:
+                for sub in [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else attribute.graphs:
+                    walk(sub, stored)
+
+    walk(model.graph, set())
+    return found

@@ -186,8 +186,9 @@ async function startLive() {
     ws.onerror = () => reject(new Error("the live connection failed"));
   });
   ws.send(JSON.stringify({ type: "session.update", session: { type: "transcription", audio: { input: {
-    // delay: words show while the person talks (live text), a pass over the open turn every 0.5 s
-    format: { type: "audio/pcm", rate: 24000 }, transcription: { model: modelSelect.value, delay: "low" },
+    // gpt-live-transcribe (an alias of the loaded model, which is all a live session can use):
+    // words show while the person talks, at the pace the bridge chooses for its engine
+    format: { type: "audio/pcm", rate: 24000 }, transcription: { model: "gpt-live-transcribe" },
     turn_detection: { type: "server_vad", threshold: 0.5, prefix_padding_ms: 300, silence_duration_ms: 500 },
   } } } }));
   session.stream = await navigator.mediaDevices.getUserMedia({ audio: { channelCount: 1 } });
