@@ -17,6 +17,7 @@ except ImportError:  # the module is skipped below
     expect = None
 
 from tests.conftest import ROOT
+from tests.helpers import wer
 from tests.speech import librispeech_samples, librispeech_text, read_wav16, without_pauses, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
 
@@ -136,9 +137,15 @@ def test_live_mode_shows_text_while_speaking(browser, page_stack):
         raise AssertionError(f"no open line with words; the page shows: {page.inner_text('#transcript')!r}") from exc
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "toolbar-live-open-turn.png"), full_page=True)
-    last_words = " ".join(librispeech_text(LONG_TURN).lower().split()[-2:])
-    page.wait_for_function(f"""() => [...document.querySelectorAll('#transcript .seg:not(.partial) span')]
-        .some((s) => s.textContent.toLowerCase().includes({last_words!r}))""", timeout=60000)
+    try:  # then every line completes, the long turn's among them
+        page.wait_for_function("""() => !document.querySelector('#transcript .seg.partial')
+            && document.querySelectorAll('#transcript .seg').length >= 7""", timeout=60000)
+    except Exception as exc:  # noqa: BLE001 - say what the page showed instead
+        raise AssertionError(f"lines still open; the page shows: {page.inner_text('#transcript')!r}") from exc
+    lines = page.locator("#transcript .seg span").all_inner_texts()
+    long_turn = " ".join(line for line in lines if not FAIL_BETTER.search(line) and "ever" not in line.lower()
+                         and "again" not in line.lower() and "matter" not in line.lower())
+    assert wer(librispeech_text(LONG_TURN), long_turn) <= 0.35, lines
     page.click("#record")
     assert page.inner_text("#error") == "" and not problems
     page.screenshot(path=str(ARTIFACTS / "toolbar-live.png"), full_page=True)
