@@ -201,7 +201,8 @@ class Uploads:
     """A 6 s upload, one after another with a 1 s gap, until stopped; their latencies."""
 
     def __init__(self, url: str, path: Path) -> None:
-        self.url, self.path, self.latencies = url, path, []
+        self.url, self.path = url, path
+        self.latencies: list[float] = []
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run)
 
