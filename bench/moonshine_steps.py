@@ -31,6 +31,7 @@ def session(path: Path, threads: int, profile: bool = False) -> Any:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.enable_profiling = profile
+    options.profile_file_prefix = str(path.parent / "profile") if profile else "onnxruntime_profile_"
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
