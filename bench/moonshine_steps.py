@@ -25,13 +25,15 @@ from bridge.ort_convert import convert
 STEPS = 20
 
 
-def session(path: Path, threads: int, profile: bool = False) -> Any:
+def session(path: Path, threads: int, profile: Path | None = None) -> Any:
+    """An onnxruntime session; with ``profile``, its profiler writes into that folder."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.enable_profiling = profile
-    options.profile_file_prefix = str(path.parent / "profile") if profile else "onnxruntime_profile_"
+    if profile is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile / f"profile-{path.stem}")
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -91,7 +93,7 @@ def main() -> int:
                 encoder_path, decoder_path = Path(tmp) / "encoder.onnx", Path(tmp) / "decoder.onnx"
                 convert(package / "encoder_model.ort", encoder_path)
                 convert(package / "decoder_model_merged.ort", decoder_path)
-            decoder = session(decoder_path, args.threads, profile=True)
+            decoder = session(decoder_path, args.threads, profile=Path(tmp))
             encoder_seconds, steps = decode(session(encoder_path, args.threads), decoder, audio, STEPS)
             print(f"| {kind} | {encoder_seconds * 1000:.0f} ms | {steps[0] * 1000:.0f} ms | "
                   f"{np.median(steps[1:]) * 1000:.1f} ms | {', '.join(top_operators(decoder))} |", flush=True)
