@@ -12,9 +12,10 @@ audio since the last pause (``MAX_PASS_SECONDS``, beyond which passes stop until
 the commit the rest of the turn is transcribed like any turn, and ``completed`` carries the
 segments' final texts joined: the whole turn.
 
-Cost: at most one pass per session in flight; a pass that comes due while the engine has work
-waiting (pieces of uploads, committed turns) or while the session's own pass or turn still runs
-is skipped, not queued; ``REALTIME_LIVE_SESSIONS`` sessions of a bridge get live text at once.
+Cost: at most one pass per session in flight; a pass that comes due while the session's pass
+still runs, while its committed turns wait, or while the engine has work waiting or no connection
+free beside uploads and committed turns (and the one kept for newcomers) is skipped, not queued;
+``REALTIME_LIVE_SESSIONS`` sessions of a bridge get live text at once.
 """
 
 from __future__ import annotations
@@ -175,7 +176,7 @@ class LiveText:
 
     def tick(self, item: str | None, start: int, received: int, busy: bool) -> None:
         """Start a pass when one is due: the open turn's audio (from ``start`` on the time line) so
-        far. ``busy``: the session's own turn is still being transcribed."""
+        far. ``busy``: the session's committed turns wait for the engine."""
         now = time.monotonic()
         if now < self.next_tick:
             return

@@ -265,7 +265,6 @@ class RealtimeSession:
         self.speech_item: str | None = None  # the turn the VAD has opened
         self.previous_item: str | None = None
         self.live: LiveText | None = None  # live text (gpt-live-transcribe, or a delay asked for)
-        self.transcribing = False  # the worker is on a committed turn
         self.turns: asyncio.Queue[Turn | None] = asyncio.Queue()
         self.worker = asyncio.create_task(self._transcribe_turns())
         self.audio_seconds = 0.0
@@ -553,11 +552,7 @@ class RealtimeSession:
             turn = await self.turns.get()
             if turn is None:
                 return
-            self.transcribing = True
-            try:
-                await self._complete(turn)
-            finally:
-                self.transcribing = False
+            await self._complete(turn)
 
     async def _complete(self, turn: Turn) -> None:
         """A committed turn's text: its ``delta`` events (the rest of what live text sent, or a

@@ -41,7 +41,7 @@ def metric(bridge: Any, name: str, **labels: str) -> float:
 
 
 def spoken(proxy: ProxyProcess, pcm: bytes, *, transcription: dict[str, Any] | None = None,
-           pace: float = 1.0) -> list[tuple[float, Any]]:
+           pace: float = 1.0, include: list[str] | None = None) -> list[tuple[float, Any]]:
     """One live session through the SDK, no turn detection: ``pcm`` appended in 100 ms chunks at
     ``pace`` x real time, then a commit; (arrival time, event) until the turn's ``completed``."""
     client = openai.OpenAI(base_url=proxy.url + "/v1", api_key=proxy.key, max_retries=0)
@@ -50,6 +50,8 @@ def spoken(proxy: ProxyProcess, pcm: bytes, *, transcription: dict[str, Any] | N
         session: Any = {"type": "transcription", "audio": {"input": {
             "format": {"type": "audio/pcm", "rate": 24000}, "turn_detection": None,
             "transcription": transcription or {"model": "gpt-live-transcribe"}}}}
+        if include:
+            session["include"] = include
         conn.session.update(session=session)
 
         def send() -> None:

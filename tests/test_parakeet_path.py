@@ -42,3 +42,20 @@ def test_words_and_segments_stay_inside_the_audio(tdt_proxy, reading):
                                                                  response_format="srt")))
     assert [c.content for c in cues] == [s.text.strip() for s in verbose.segments if s.text.strip()]
     assert all(c.end.total_seconds() <= duration + 0.001 for c in cues)
+
+
+def test_live_text_with_a_real_transducer_carries_its_scores(tdt_proxy):
+    """gpt-live-transcribe on the parakeet path (the real engine with tiny-tdt's transducer): the
+    ``completed`` transcript carries the engine's own log-probabilities, token for token, for the
+    segments settled while the person talked and for the rest after the commit. (How well the
+    deltas agree with it says nothing here: the stand-in's words are random.)"""
+    from tests.speech import librispeech_samples
+    from tests.test_live_text import COMPLETED, DELTA, pcm24_of, spoken
+
+    events = spoken(tdt_proxy, pcm24_of(librispeech_samples("2033-164914-0008")), pace=2.0, transcription={
+        "model": "gpt-live-transcribe", "delay": "minimal"}, include=["item.input_audio_transcription.logprobs"])
+    completed = events[-1][1]
+    assert completed.type == COMPLETED and completed.transcript
+    assert "".join(e.delta for _, e in events if e.type == DELTA).strip()
+    assert completed.logprobs and all(p.logprob <= 0 for p in completed.logprobs)
+    assert "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
