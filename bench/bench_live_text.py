@@ -47,7 +47,7 @@ from bridge.config import load_settings
 from bridge.live_text import DELAYS
 from bridge.model_store import ModelStore
 from bridge.vad import SpeechDetector, find_vad_model
-from tests.helpers import wer
+from tests.helpers import pcm24_of, wer
 from tests.speech import LIBRISPEECH, librispeech_samples, write_wav16
 
 RATE = 16000
@@ -74,13 +74,6 @@ def pick_turns(count: int) -> list[np.ndarray]:
             out.append(samples)
     step = max(1, len(out) // count)
     return out[::step][:count]
-
-
-def pcm24(samples: np.ndarray) -> bytes:
-    """16 kHz float32 -> 24 kHz pcm16 (linear interpolation: what the session resamples back)."""
-    n = int(len(samples) * 1.5)
-    resampled = np.interp(np.arange(n) / 1.5, np.arange(len(samples)), samples)
-    return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 async def live_session(url: str, turns: list[np.ndarray], model: str, delay: str | None) -> list[TurnLog]:
@@ -122,7 +115,7 @@ async def live_session(url: str, turns: list[np.ndarray], model: str, delay: str
         receiver = asyncio.create_task(receive())
         step = int(24000 * CHUNK) * 2
         for log in logs:
-            pcm = pcm24(log.samples)
+            pcm = pcm24_of(log.samples)
             log.started = time.monotonic()
             for i in range(0, len(pcm), step):
                 due = log.started + (i + step) / 48000  # a chunk leaves once it has been spoken

@@ -123,6 +123,14 @@ def pcm24(path: Path, silence_after: float = 1.5) -> bytes:
     return pcm + b"\0" * int(48000 * silence_after)
 
 
+def pcm24_of(samples: np.ndarray) -> bytes:
+    """16 kHz float32 samples as a live session's 24 kHz pcm16 (linear interpolation; the session
+    resamples back)."""
+    n = int(len(samples) * 1.5)
+    resampled = np.interp(np.arange(n) / 1.5, np.arange(len(samples)), samples)
+    return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
+
+
 def g711(path: Path, law: str, silence_after: float = 1.5) -> bytes:
     """``path`` as 8 kHz G.711 (``law``: "mulaw" or "alaw"), made by FFmpeg, with silence after it."""
     return subprocess.run(["ffmpeg", "-nostdin", "-loglevel", "error", "-i", str(path), "-af",

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from bridge.live_text import agreed, continuation
-from tests.helpers import transcribe, wer
+from tests.helpers import pcm24_of, transcribe, wer
 from tests.speech import librispeech_samples, librispeech_text, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
 
@@ -24,12 +24,6 @@ CHUNK = 4800  # 100 ms of 24 kHz pcm16
 LONG_TURN = "2033-164914-0008"  # 17.3 s of one sentence's worth of read speech
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
-
-
-def pcm24_of(samples: Any) -> bytes:
-    n = int(len(samples) * 1.5)
-    resampled = np.interp(np.arange(n) / 1.5, np.arange(len(samples)), samples)
-    return (np.clip(resampled, -1, 1) * 32767).astype("<i2").tobytes()
 
 
 def metric(bridge: Any, name: str, **labels: str) -> float:

@@ -49,8 +49,9 @@ def test_live_text_with_a_real_transducer_carries_its_scores(tdt_proxy):
     ``completed`` transcript carries the engine's own log-probabilities, token for token, for the
     segments settled while the person talked and for the rest after the commit. (How well the
     deltas agree with it says nothing here: the stand-in's words are random.)"""
+    from tests.helpers import pcm24_of
     from tests.speech import librispeech_samples
-    from tests.test_live_text import COMPLETED, DELTA, pcm24_of, spoken
+    from tests.test_live_text import COMPLETED, DELTA, spoken
 
     events = spoken(tdt_proxy, pcm24_of(librispeech_samples("2033-164914-0008")), pace=2.0, transcription={
         "model": "gpt-live-transcribe", "delay": "minimal"}, include=["item.input_audio_transcription.logprobs"])
