@@ -398,7 +398,7 @@ class RealtimeSession:
         detector = self.state.detector
         pauses = (TurnDetector(str(detector.model), TurnDetection(0.5, 0, PAUSE_MS), MAX_SEGMENT_SECONDS)
                   if detector is not None else None)
-        self.live = LiveText(self.state, interval, self._keywords(), self._samples, self._live_delta, pauses,
+        self.live = LiveText(self.state, interval, self._keywords(), self._samples, self._delta, pauses,
                              self.received)
 
     async def _end_live(self) -> None:
@@ -415,9 +415,10 @@ class RealtimeSession:
         """The buffered audio between two time-line positions (a copy: the buffer moves on)."""
         return self.buffer[max(0, start - self.buffer_start):max(0, end - self.buffer_start)].copy()
 
-    async def _live_delta(self, item: str, text: str) -> None:
+    async def _delta(self, item: str, text: str, **extra: Any) -> None:
+        """One ``delta`` event: ``text`` appended to the turn's text so far."""
         await self.send("conversation.item.input_audio_transcription.delta", item_id=item, content_index=0,
-                        delta=text)
+                        delta=text, **extra)
 
     def _include(self, value: Any) -> bool:
         if value is None:
@@ -569,7 +570,7 @@ class RealtimeSession:
                       turn.live.sent_after_anchor)
             rest, _ = continuation(turn.live.sent_after_anchor, text.split())
             if rest:
-                await self._live_delta(turn.item, turn.live.record(rest, past_anchor=False))
+                await self._delta(turn.item, turn.live.record(rest, past_anchor=False))
             text, scored = turn.live.transcript(text), turn.live.scored + scored
         self.audio_seconds += turn.charged
         self.completed += 1
@@ -607,8 +608,7 @@ class RealtimeSession:
                         scored += pairs
                         extra["logprobs"] = logprob_entries(pairs)
                     if deltas:
-                        await self.send("conversation.item.input_audio_transcription.delta", item_id=item,
-                                        content_index=0, delta=delta, **extra)
+                        await self._delta(item, delta, **extra)
             finally:
                 await pieces.aclose()
         return " ".join(texts), scored
