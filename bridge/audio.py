@@ -1,8 +1,11 @@
 """Decoded audio as it arrives, and the ffmpeg command line (``AUDIO_DECODER=ffmpeg``).
 
-Every upload becomes 16 kHz mono float32 in an ``AudioStream``: a buffer that grows while the
-decoder runs, so that the VAD and the engine start on the first seconds of a long file while the
-rest is still being decoded. Two decoders fill it, with the same protections:
+Every upload becomes 16 kHz mono samples in an ``AudioStream``, which grows while the decoder runs,
+so that the VAD and the engine start on the first seconds of a long file while the rest is still
+being decoded. The samples are kept as 16-bit PCM in an unnamed temporary file in ``TMPDIR``
+(``SampleFile``) and read back by slice, so a request's memory stays the same for a minute or for
+hours of audio; the disk holds 115 MB per hour, freed when the request ends. Two decoders fill it,
+with the same protections:
 
 - ``pyav`` (default, ``bridge.pyav_decoder``): FFmpeg's libraries in decoder worker processes
   started once, so a request costs no process start and a crash or hang stays in its worker;
@@ -12,15 +15,19 @@ The protections against hostile uploads (see the shared HARDENING notes): only t
 protocol and a whitelist of plain container demuxers (no playlists such as HLS or concat, which
 would open other files), the first audio stream only, the decoded duration capped while decoding
 (a small file that decodes to hours stops at the limit), a wall-clock timeout after which the
-decoder is killed and reaped, a bounded output buffer.
+decoder is killed and reaped, a bounded output buffer; a full disk finishes the stream with
+``AudioStorageFull`` (the request's 507), never the bridge.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
+import os
 import shutil
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -60,18 +67,79 @@ def cap_samples(max_seconds: float) -> int:
     return int((max_seconds + OVERSHOOT_SECONDS) * SAMPLE_RATE)
 
 
+class AudioStorageFull(OSError):
+    """The disk that holds requests' decoded audio (TMPDIR) is full."""
+
+
+class SampleFile:
+    """Samples kept as 16-bit PCM in an unnamed temporary file in ``TMPDIR``, written as they are
+    decoded and read back by slice: a request's audio costs disk (115 MB an hour), not memory. The
+    file has no name from the start, so the system frees it when it is closed or when the process
+    ends, however it ends. Reads and writes may come from several threads; after ``close`` a read
+    gives nothing (a VAD thread still finishing a window after its request went away)."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.TemporaryFile(prefix="bridge-audio-")
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def write(self, at: int, chunk: np.ndarray) -> None:
+        """Samples ``at``.. onwards; raises ``AudioStorageFull`` when the disk is."""
+        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())
+        offset = at * 2
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                while data:
+                    written = os.pwrite(self._file.fileno(), data, offset)
+                    data, offset = data[written:], offset + written
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise AudioStorageFull(exc.errno, "no space left for the decoded audio (TMPDIR)") from None
+                raise
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        with self._lock:
+            data = b"" if self._closed or end <= start else os.pread(self._file.fileno(), (end - start) * 2, start * 2)
+        return np.frombuffer(data, dtype="<i2").astype(np.float32) * np.float32(1 / 32768)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._file.close()
+
+
+class SampleArray:
+    """Samples kept in memory: audio that arrives whole and short (a live turn, a test's array)."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        self.samples = np.ascontiguousarray(samples, dtype=np.float32)
+
+    def write(self, at: int, chunk: np.ndarray) -> None:
+        raise RuntimeError("a stream made from samples is complete")
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        return self.samples[start:end]
+
+    def close(self) -> None:
+        pass
+
+
 class AudioStream:
-    """16 kHz mono float32 samples that grow while a decoder appends them.
+    """16 kHz mono samples that grow while a decoder appends them, kept in a ``SampleFile`` (so a
+    request's memory does not grow with its recording) and read back by slice: ``stream[a:b]``
+    (``len(stream)`` is what exists so far).
 
     The decoder side runs on the event loop (``append``, ``finish``); readers are the VAD thread
-    (``wait_samples``) and the request (``wait_done``). Slices handed out stay valid when the buffer
-    grows (the old array lives on while a slice refers to it). Holds at most ``limit`` samples: more
-    finishes the stream with ``AudioTooLong``."""
+    (``wait_samples``) and the request (``wait_done``). Holds at most ``limit`` samples: more
+    finishes the stream with ``AudioTooLong``. ``close`` (the request's end) frees the file."""
 
-    def __init__(self, max_seconds: float, *, capacity_seconds: float = 30.0) -> None:
+    def __init__(self, max_seconds: float, store: SampleFile | SampleArray | None = None) -> None:
         self.max_seconds = max_seconds
         self.limit = cap_samples(max_seconds)
-        self._buf = np.empty(min(self.limit, int(capacity_seconds * SAMPLE_RATE)), dtype=np.float32)
+        self._store = store if store is not None else SampleFile()
         self._n = 0
         self._done = False
         self._error: BaseException | None = None
@@ -82,32 +150,36 @@ class AudioStream:
 
     @classmethod
     def from_samples(cls, samples: np.ndarray) -> AudioStream:
-        """A stream that is already complete (tests, benchmarks, whole-array callers)."""
-        stream = cls(len(samples) / SAMPLE_RATE, capacity_seconds=0)
-        stream._buf = np.ascontiguousarray(samples, dtype=np.float32)
+        """A stream that is already complete, in memory (live turns, tests, benchmarks)."""
+        stream = cls(len(samples) / SAMPLE_RATE, SampleArray(samples))
         stream._n = len(samples)
         stream._done = True
         stream._finished.set()
         return stream
 
+    def close(self) -> None:
+        """The request is over: stop the decoder if it still runs, and free the samples."""
+        self.abort()
+        self._store.close()
+
     # -- decoder side -------------------------------------------------------------------------
 
     def append(self, chunk: np.ndarray) -> bool:
-        """Add decoded samples; False once the stream is finished (too long, aborted)."""
+        """Add decoded samples; False once the stream is finished (too long, aborted, disk full)."""
         if self._done:
             return False
         if not np.isfinite(chunk).all():
             chunk = np.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
+        end = self._n + len(chunk)
+        if end > self.limit:
+            self.finish(AudioTooLong(self.max_seconds))
+            return False
+        try:
+            self._store.write(self._n, chunk)
+        except AudioStorageFull as exc:
+            self.finish(exc)
+            return False
         with self._cond:
-            end = self._n + len(chunk)
-            if end > self.limit:
-                self._finish_locked(AudioTooLong(self.max_seconds))
-                return False
-            if end > len(self._buf):
-                grown = np.empty(min(self.limit, max(end, 2 * len(self._buf))), dtype=np.float32)
-                grown[: self._n] = self._buf[: self._n]
-                self._buf = grown
-            self._buf[self._n:end] = chunk
             self._n = end
             self._cond.notify_all()
         self._wake()
@@ -161,16 +233,20 @@ class AudioStream:
         return self._error
 
     @property
-    def samples(self) -> np.ndarray:
-        """Everything decoded so far (all of it once ``done``)."""
-        return self._buf[: self._n]
-
-    @property
     def seconds(self) -> float:
         return self._n / SAMPLE_RATE
 
     def view(self, start: int, end: int) -> np.ndarray:
-        return self._buf[start:min(end, self._n)]
+        """Samples ``start``..``end`` (as far as they exist), read back as float32."""
+        return self._store.read(max(0, start), min(end, self._n))
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, piece: slice) -> np.ndarray:
+        start, end, step = piece.indices(self._n)
+        assert step == 1, "audio is read by contiguous slices"
+        return self.view(start, end)
 
     def wait_samples(self, count: int, stop: threading.Event | None = None) -> int:
         """Block (a thread, never the loop) until ``count`` samples exist or the stream is finished;

@@ -11,6 +11,7 @@ never pauses the cut is still made (hard split). Pure digital silence is not sen
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -20,14 +21,23 @@ FRAME = SAMPLE_RATE // 10  # 100 ms
 SILENCE_RMS = 1e-4
 
 
-def plan_pieces(samples: np.ndarray, max_piece_seconds: float) -> list[tuple[int, int]]:
-    """Return (start, end) sample ranges covering ``samples`` in order, without gaps."""
-    total = len(samples)
+class Samples(Protocol):
+    """Audio read by slice: an array, or a request's ``AudioStream`` (its samples live in a file)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, piece: slice, /) -> np.ndarray: ...
+
+
+def plan_pieces(samples: Samples, max_piece_seconds: float, start: int = 0, end: int | None = None
+                ) -> list[tuple[int, int]]:
+    """Return (start, end) sample ranges covering ``samples[start:end]`` in order, without gaps
+    (reading only the windows where a cut is looked for)."""
+    total = len(samples) if end is None else end
     limit = int(max_piece_seconds * SAMPLE_RATE)
-    if total <= limit:
-        return [(0, total)]
+    if total - start <= limit:
+        return [(start, total)]
     pieces: list[tuple[int, int]] = []
-    start = 0
     while total - start > limit:
         # Look for the pause in the last 40 % of the window.
         lo = start + int(limit * 0.6)
@@ -161,10 +171,6 @@ def plan_speech_pieces(total: int, speech: list[tuple[int, int]], max_piece_seco
     return pieces + builder.finish()
 
 
-def split_long(samples: np.ndarray, pieces: list[tuple[int, int]], max_piece_seconds: float) -> list[tuple[int, int]]:
+def split_long(samples: Samples, pieces: list[tuple[int, int]], max_piece_seconds: float) -> list[tuple[int, int]]:
     """Hard-split any piece longer than the model's safe length (speech that never pauses)."""
-    out: list[tuple[int, int]] = []
-    for start, end in pieces:
-        for a, b in plan_pieces(samples[start:end], max_piece_seconds):
-            out.append((start + a, start + b))
-    return out
+    return [cut for start, end in pieces for cut in plan_pieces(samples, max_piece_seconds, start, end)]

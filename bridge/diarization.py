@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bridge.cutting import PAD, plan_pieces
+from bridge.cutting import PAD, Samples, plan_pieces
 from bridge.ports import SAMPLE_RATE
 from bridge.transcript import Segment, Word
 
@@ -166,7 +166,7 @@ def speaker_at(turns: list[Turn], start: float, end: float) -> str:
     return min(turns, key=lambda t: min(abs(t.start - middle), abs(t.end - middle))).speaker
 
 
-def turn_pieces(turns: list[Turn], total: int, max_piece_seconds: float, samples: np.ndarray
+def turn_pieces(turns: list[Turn], total: int, max_piece_seconds: float, samples: Samples
                 ) -> list[tuple[int, int, str]]:
     """Pieces (start, end sample, speaker) for a model without token times: one speaker's run of
     turns each, padded into the pauses around it (never into the next speaker's), split where a
@@ -199,8 +199,7 @@ def turn_pieces(turns: list[Turn], total: int, max_piece_seconds: float, samples
             a = max(a, pieces[-1][1])
         if b <= a:
             continue
-        for x, y in plan_pieces(samples[a:b], max_piece_seconds):
-            pieces.append((a + x, a + y, run.speaker))
+        pieces += [(x, y, run.speaker) for x, y in plan_pieces(samples, max_piece_seconds, a, b)]
     return pieces
 
 

@@ -72,7 +72,7 @@ class SpeechMap:
         """Speech within [start, end] s, as (start, end) seconds on the file's time line."""
         if not self.complete:
             self.rescans += 1
-            self.found = self.detector.speech_segments(self.audio.samples, threshold=self.chunking.threshold,
+            self.found = self.detector.speech_segments(self.audio, threshold=self.chunking.threshold,
                                                        min_silence=self.chunking.min_silence_seconds)
             self.finish()
         a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
@@ -106,7 +106,7 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
         return
     if detector is None:
         await stream.wait_done()
-        for piece in plan_pieces(stream.samples, max_piece_seconds):
+        for piece in plan_pieces(stream, max_piece_seconds):
             yield piece
         return
     loop = asyncio.get_running_loop()
@@ -125,7 +125,7 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
             b = min(b, stream.wait_samples(b, stop))
             if b > a:
                 settled.append((a, b))
-        return split_long(stream.samples, settled, max_piece_seconds)
+        return split_long(stream, settled, max_piece_seconds)
 
     def scan() -> None:
         builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds, pad)

@@ -79,8 +79,8 @@ class SpeechDetector:
                               min_silence=self.min_silence if min_silence is None else min_silence,
                               min_speech=self.min_speech, max_speech=max_speech)
 
-    def speech_segments(self, samples: np.ndarray, max_speech: float = 3600.0, *, threshold: float | None = None,
-                        min_silence: float | None = None) -> list[tuple[int, int]]:
+    def speech_segments(self, samples: np.ndarray | AudioStream, max_speech: float = 3600.0, *,
+                        threshold: float | None = None, min_silence: float | None = None) -> list[tuple[int, int]]:
         """(start, end) sample ranges of speech, in order."""
         return list(self.iter_segments(samples, max_speech=max_speech, threshold=threshold, min_silence=min_silence))
 

@@ -26,19 +26,19 @@ def test_all_adapters_agree(models_dir, beckett):
         managed = create_engine("managed-websocket", MOONSHINE, model_dir, settings)
         await managed.start()
         try:
-            texts["managed-websocket"] = (await managed.transcribe(audio.samples)).text
+            texts["managed-websocket"] = (await managed.transcribe(audio[:])).text
             port = managed.supervisor.port  # type: ignore[attr-defined]
             external = create_engine("websocket", MOONSHINE, model_dir,
                                      load_settings(engine_adapter="websocket", engine_url=f"ws://127.0.0.1:{port}"))
             assert isinstance(external, WebSocketEngine)
             await external.start()
-            texts["websocket"] = (await external.transcribe(audio.samples)).text
+            texts["websocket"] = (await external.transcribe(audio[:])).text
             await external.close()
         finally:
             await managed.close()
         cli = create_engine("subprocess", MOONSHINE, model_dir, settings)
         await cli.start()
-        texts["subprocess"] = (await cli.transcribe(audio.samples)).text
+        texts["subprocess"] = (await cli.transcribe(audio[:])).text
         await cli.close()
         return texts
 

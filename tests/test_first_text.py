@@ -153,7 +153,7 @@ def test_decoding_feeds_the_cutter_as_it_goes(work):
             rest = [piece async for piece in pieces]
             await decoding
             assert await stream.wait_done() > 299 * 16000
-            return decoded_at_first, [first, *rest], stream.samples.copy()
+            return decoded_at_first, [first, *rest], stream[:]
         finally:
             await pool.close()
 

@@ -7,6 +7,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import errno
 import functools
 import json
 import shutil
@@ -31,11 +32,11 @@ from bridge.api_types import (
     parse_transcription_form,
     parse_translation_form,
 )
-from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
+from bridge.audio import AudioDecodeError, AudioStorageFull, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
 from bridge.diarization import MAX_KNOWN_SPEAKERS, REFERENCE_SECONDS, Diarizer, Turn, split_by_speaker, turn_pieces
 from bridge.formats import diarized_segment, render, segment_id, usage
 from bridge.languages import languages_heard
-from bridge.ports import EngineModel, EngineRejected, EngineUnavailable, ModelEngine
+from bridge.ports import SAMPLE_RATE, EngineModel, EngineRejected, EngineUnavailable, ModelEngine
 from bridge.state import BridgeState, get_state
 from bridge.tokens import logprob_entries, token_ids
 from bridge.transcript import build_transcript, scored_tokens
@@ -124,8 +125,11 @@ def check_language(language: str | None, spec: EngineModel) -> str:
 async def start_decode(upload: UploadFile, state: BridgeState, folder: Path) -> tuple[AudioStream, asyncio.Task[None]]:
     """Save the upload and start decoding it: the stream fills while the caller goes on."""
     path = folder / "upload"
-    with path.open("wb") as out:
-        await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+    try:
+        with path.open("wb") as out:
+            await asyncio.to_thread(shutil.copyfileobj, upload.file, out, 1 << 20)
+    except OSError as exc:
+        raise storage_error(exc) from None
     if path.stat().st_size == 0:
         raise APIError(400, "the uploaded file is empty", param="file", code="empty_file")
     stream = AudioStream(state.settings.sherpa_max_utterance)
@@ -208,14 +212,16 @@ async def decode_references(params: TranscriptionParams, state: BridgeState, fol
         try:
             await decode_into(state, path, stream)
             await stream.wait_done()
+            out[name] = stream[:]
         except (AudioDecodeError, AudioTimeout, AudioTooLong) as exc:
             raise APIError(400, f"{param} cannot be decoded as audio: {exc}", param=param,
                            code="invalid_value") from None
+        finally:
+            stream.close()
         low, high = REFERENCE_SECONDS
-        if not low <= stream.seconds <= high:
-            raise APIError(400, f"{param} is {stream.seconds:.1f} s long; a reference must be {low:g} to {high:g} s "
-                           "of the speaker", param=param, code="invalid_value")
-        out[name] = stream.samples.copy()
+        if not low <= len(out[name]) / SAMPLE_RATE <= high:
+            raise APIError(400, f"{param} is {len(out[name]) / SAMPLE_RATE:.1f} s long; a reference must be {low:g} "
+                           f"to {high:g} s of the speaker", param=param, code="invalid_value")
     return out
 
 
@@ -223,7 +229,7 @@ async def find_speakers(state: BridgeState, diarizer: Diarizer, audio: AudioStre
                         references: dict[str, np.ndarray]) -> list[Turn]:
     """Who spoke when, once the audio is decoded: one job in the fair scheduler, run in a thread."""
     await audio.wait_done()
-    samples = audio.samples
+    samples = audio[:]
 
     def run() -> list[Turn]:
         turns = diarizer.turns(samples)
@@ -237,7 +243,7 @@ async def speaker_plan(turns: asyncio.Task[list[Turn]], audio: AudioStream,
                        max_piece_seconds: float) -> AsyncGenerator[tuple[int, int], None]:
     """The pieces of a model without token times: cut at the speaker changes."""
     found = await turns
-    for a, b, _speaker in turn_pieces(found, audio.available, max_piece_seconds, audio.samples):
+    for a, b, _speaker in turn_pieces(found, audio.available, max_piece_seconds, audio):
         yield a, b
 
 
@@ -245,7 +251,19 @@ def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
 
 
+def storage_error(exc: OSError) -> APIError:
+    """A full disk (TMPDIR, where uploads and their decoded audio wait) fails the request, never
+    the bridge: 507 in OpenAI's shape, worth retrying later."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        raise exc
+    return APIError(507, "the server has no disk space left for this upload and its decoded audio; retry later "
+                    "or send a shorter recording", code="insufficient_storage", type="server_error",
+                    retry_after=30)
+
+
 def decode_error(exc: Exception) -> APIError:
+    if isinstance(exc, AudioStorageFull):
+        return storage_error(exc)
     if isinstance(exc, AudioTooLong):
         return APIError(400, f"{exc}; cut it into shorter files (SHERPA_MAX_UTTERANCE)", param="file",
                         code="audio_too_long")
@@ -311,6 +329,8 @@ async def read_form(request: Request) -> FormData:
         # body as a whole stays under MAX_UPLOAD_BYTES.
         return await request.form(max_files=1, max_fields=32 + MAX_KEYWORDS + MAX_LANGUAGES,
                                   max_part_size=4 * 1024 * 1024)
+    except OSError as exc:  # the upload is spooled to TMPDIR as it arrives
+        raise storage_error(exc) from None
     except MultiPartException as exc:
         raise APIError(400, f"malformed multipart body: {exc.message}", code="invalid_multipart") from None
 
@@ -373,6 +393,7 @@ class Job:
             references = await decode_references(params, state, folder) if diarizer is not None else {}
             decode_started = time.monotonic()
             self.audio, decoding = await start_decode(upload, state, folder)
+            self._held.callback(self.audio.close)
             first = state.settings.stream_first_piece_seconds if params.stream else None
             # What the VAD finds while cutting is kept for cue times and segment scores.
             self.speech = SpeechMap(state.detector, self.audio, params.chunking) if state.detector is not None else None

@@ -1,0 +1,167 @@
+"""Benchmark: hours of audio in one request. Recordings of 10 minutes, 1 hour and 3 hours (48 kHz
+stereo mp3 of real read speech, LibriSpeech with pauses, looped) go one at a time through a bridge in
+front of the stand-in engine that answers at once (``bench/instant_engine.py``), so only the bridge's
+own cost shows: the time per request and the peak RSS of the bridge and its children (decoder
+workers) over the bridge's idle RSS, in several response formats, side by side in one run. Each
+request gets a freshly started bridge, so that one request's freed memory is not the next one's.
+
+    .venv/bin/python -m bench.bench_hours [--minutes 10 60 180] [--formats json verbose_json srt]
+
+``python -m bench`` runs it too (its "Hours of audio" lines). The mp3 files are made once with
+ffmpeg (libmp3lame) and kept in ``bench/.cache/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import psutil
+
+from adapters.managed_websocket import free_port
+from bench.bench_stack import Services, cpu_model, wait_http
+from tests.speech import LIBRISPEECH, librispeech_samples, write_wav16
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / "bench" / ".cache"
+RATE = 16000
+
+
+def speech_loop(path: Path, seconds: float = 300.0) -> Path:
+    """About ``seconds`` of LibriSpeech utterances with pauses of 0.3 to 2 s, as 16 kHz WAV."""
+    if path.exists():
+        return path
+    ids = sorted(p.stem for p in LIBRISPEECH.glob("*.flac"))
+    pauses = [0.3, 0.8, 2.0, 0.5, 1.2]
+    parts, total = [], 0
+    for i, uid in enumerate(ids):
+        clip = librispeech_samples(uid)
+        parts += [clip, np.zeros(int(pauses[i % len(pauses)] * RATE), dtype=np.float32)]
+        total += len(parts[-2]) + len(parts[-1])
+        if total >= seconds * RATE:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_wav16(path, np.concatenate(parts))
+
+
+def recording(minutes: float) -> Path:
+    """A ``minutes`` long 48 kHz stereo mp3 (64 kbit/s) of the speech loop, made once."""
+    out = CACHE / f"speech-{minutes:g}min.mp3"
+    if not out.exists():
+        loop = speech_loop(CACHE / "speech-loop.wav")
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", "-1", "-i", str(loop),
+                        "-t", str(minutes * 60), "-ac", "2", "-ar", "48000", "-c:a", "libmp3lame", "-b:a", "64k",
+                        str(out) + ".part.mp3"], check=True)
+        os.replace(str(out) + ".part.mp3", out)
+    return out
+
+
+class PeakRSS:
+    """Peak RSS of a process and its children, sampled every 20 ms while a block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def now(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def one_request(services: Services, env: dict[str, str], name: str, path: Path, fmt: str) -> tuple[float, float]:
+    """A fresh bridge, one upload: (seconds, peak MB over the bridge's idle RSS)."""
+    port = free_port()
+    proc = services.start(name, [sys.executable, "-m", "bridge"],
+                          {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/health", proc, timeout=120)
+        watch = PeakRSS(proc.pid)
+        time.sleep(1.0)
+        idle = watch.now()
+        with watch, path.open("rb") as fh:
+            started = time.perf_counter()
+            r = httpx.post(url + "/v1/audio/transcriptions", files={"file": (path.name, fh, "audio/mpeg")},
+                           data={"model": "whisper-1", "response_format": fmt}, timeout=3600)
+            elapsed = time.perf_counter() - started
+        r.raise_for_status()
+        return elapsed, (watch.peak - idle) / 2**20
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def run(services: Services, work: Path, minutes: list[float], formats: list[str]) -> list[str]:
+    """The "Hours of audio" lines: one row per recording length, a time and a peak per format."""
+    engine_port = free_port()
+    env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "SPEED_CHECK": "false",
+           "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{engine_port}",
+           "SHERPA_MAX_UTTERANCE": str(int(max(minutes) * 60 + 60)), "MAX_UPLOAD_BYTES": str(2**30),
+           "TMPDIR": str(work)}
+    engine = services.start("hours-engine", [sys.executable, "-m", "bench.instant_engine", "--port",
+                                              str(engine_port), "--words-per-second", "2.5"], env)
+    time.sleep(1.0)
+    if engine.poll() is not None:
+        raise RuntimeError("the instant engine did not start")
+    files = {m: recording(m) for m in minutes}
+    header = " | ".join(f"{f}: s, audio s/s, peak MB" for f in formats)
+    lines = ["Hours of audio (one request at a time, bridge with the instant engine, 48 kHz stereo mp3 at "
+             "64 kbit/s of LibriSpeech speech, peak RSS of the bridge and its decoder workers over idle):", "",
+             f"| recording | {header} |", "|---" * (1 + len(formats)) + "|"]
+    for m in minutes:
+        cells = []
+        for fmt in formats:
+            seconds, peak = one_request(services, env, f"hours-{m:g}-{fmt}", files[m], fmt)
+            cells.append(f"{seconds:.1f} s, {m * 60 / seconds:.0f}, +{peak:.0f} MB")
+            print(f"  {m:g} min {fmt}: {cells[-1]}", file=sys.stderr)
+        lines.append(f"| {m:g} min | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--minutes", type=float, nargs="+", default=[10, 60, 180])
+    ap.add_argument("--formats", nargs="+", default=["json", "verbose_json", "srt"])
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench-hours-"))
+    services = Services(work)
+    try:
+        lines = run(services, work, args.minutes, args.formats)
+    finally:
+        services.stop()
+    print(f"CPU: {cpu_model()}, {psutil.cpu_count()} cores\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
