@@ -23,40 +23,22 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import psutil
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import Services, cpu_model, wait_http
-from tests.speech import LIBRISPEECH, librispeech_samples, write_wav16
+from tests.speech import librispeech_loop
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / "bench" / ".cache"
 RATE = 16000
 
 
-def speech_loop(path: Path, seconds: float = 300.0) -> Path:
-    """About ``seconds`` of LibriSpeech utterances with pauses of 0.3 to 2 s, as 16 kHz WAV."""
-    if path.exists():
-        return path
-    ids = sorted(p.stem for p in LIBRISPEECH.glob("*.flac"))
-    pauses = [0.3, 0.8, 2.0, 0.5, 1.2]
-    parts, total = [], 0
-    for i, uid in enumerate(ids):
-        clip = librispeech_samples(uid)
-        parts += [clip, np.zeros(int(pauses[i % len(pauses)] * RATE), dtype=np.float32)]
-        total += len(parts[-2]) + len(parts[-1])
-        if total >= seconds * RATE:
-            break
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_wav16(path, np.concatenate(parts))
-
-
 def recording(minutes: float) -> Path:
     """A ``minutes`` long 48 kHz stereo mp3 (64 kbit/s) of the speech loop, made once."""
     out = CACHE / f"speech-{minutes:g}min.mp3"
     if not out.exists():
-        loop = speech_loop(CACHE / "speech-loop.wav")
+        loop = librispeech_loop(CACHE / "speech-loop.wav", 300)
         subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-stream_loop", "-1", "-i", str(loop),
                         "-t", str(minutes * 60), "-ac", "2", "-ar", "48000", "-c:a", "libmp3lame", "-b:a", "64k",
                         str(out) + ".part.mp3"], check=True)

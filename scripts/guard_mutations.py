@@ -40,7 +40,21 @@ BAD_LISTS = GPT_TRANSCRIBE + "test_bad_lists_are_refused_naming_the_field"
 LIVE_TEXT = "tests/test_live_text.py::"
 LIVE_WORDS = LIVE_TEXT + "test_words_arrive_while_the_person_is_still_talking"
 
+HOURS = "tests/test_hours.py::"
+
 MUTATIONS = [
+    # Hours of audio (bridge/audio.py): decoded samples on disk, freed with the request; a full disk a 507.
+    Mutation("a request's decoded audio kept on disk, not in memory", "bridge/audio.py",
+             'data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
+             'self.__dict__.setdefault("kept", []).append(chunk.copy())\n'
+             '        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
+             (HOURS + "test_an_hour_through_the_stack_holds_the_memory_of_minutes",)),
+    Mutation("a full disk while decoding is the request's 507", "bridge/audio.py",
+             "if exc.errno in (errno.ENOSPC, errno.EDQUOT):", "if False:",
+             (HOURS + "test_a_full_disk_fails_the_request_with_507_not_the_bridge",)),
+    Mutation("a request's decoded audio freed when it ends", "bridge/routes/transcriptions.py",
+             "self._held.callback(self.audio.close)", "pass",
+             (HOURS + "test_the_decoded_audio_is_freed_however_the_request_ends",)),
     # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
     Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",

@@ -85,6 +85,8 @@ class Watcher:
         return total / 2**20
 
     def folder_bytes(self, name: str) -> int:
+        """Bytes of the files under the folder, and of the unnamed ones (deleted, still open) that the
+        tree of the same name holds open there: the decoded audio of a request (``SampleFile``)."""
         import os
 
         total = 0
@@ -94,6 +96,8 @@ class Watcher:
                     total += os.stat(os.path.join(folder, file)).st_size
                 except OSError:
                     pass  # deleted while walking
+        if name in self.trees:
+            total += sum(size for _, size in open_unnamed_files(self.trees[name][0], self.folders[name]))
         return total
 
     def _run(self) -> None:
@@ -115,6 +119,34 @@ class Watcher:
     def __exit__(self, *exc: object) -> None:
         self._done.set()
         self._thread.join()
+
+
+def open_unnamed_files(pid: int, folder: Path) -> list[tuple[str, int]]:
+    """(path, bytes) of the deleted files under ``folder`` that process ``pid`` or its children still
+    hold open: disk that is freed only when they close them."""
+    import os
+
+    import psutil
+
+    found = []
+    try:
+        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+    for proc in procs:
+        fds = Path(f"/proc/{proc.pid}/fd")
+        try:
+            links = list(fds.iterdir())
+        except OSError:
+            continue
+        for link in links:
+            try:
+                target = os.readlink(link)
+                if target.startswith(str(folder)) and target.endswith(" (deleted)"):
+                    found.append((target, os.stat(link).st_size))
+            except OSError:
+                pass  # closed meanwhile
+    return found
 
 
 def pcm24(path: Path, silence_after: float = 1.5) -> bytes:

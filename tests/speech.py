@@ -94,6 +94,23 @@ def librispeech_samples(utterance: str) -> np.ndarray:
     return np.frombuffer(pcm, dtype="<i2").astype(np.float32) / 32768.0
 
 
+def librispeech_loop(path: Path, seconds: float) -> Path:
+    """About ``seconds`` of LibriSpeech utterances with pauses of 0.3 to 2 s, as 16 kHz WAV (made once):
+    the material of hour-long recordings (``ffmpeg -stream_loop``)."""
+    if path.exists():
+        return path
+    pauses = [0.3, 0.8, 2.0, 0.5, 1.2]
+    parts: list[np.ndarray] = []
+    total = 0
+    for i, uid in enumerate(sorted(p.stem for p in LIBRISPEECH.glob("*.flac"))):
+        parts += [librispeech_samples(uid), np.zeros(int(pauses[i % len(pauses)] * 16000), dtype=np.float32)]
+        total += len(parts[-2]) + len(parts[-1])
+        if total >= seconds * 16000:
+            break
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return write_wav16(path, np.concatenate(parts))
+
+
 # An exchange of lines and one-word answers: the lines are real speech (LibriSpeech), the answers
 # Festival's (single words with exact text) spoken quickly, as people answer (sox's tempo 1.8: 0.15 to
 # 0.3 s of voice each), each part apart by a pause longer than a turn's silence.
