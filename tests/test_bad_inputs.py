@@ -4,16 +4,14 @@ bridge keeps serving."""
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import httpx
-import psutil
 import pytest
 
 from tests.conftest import BECKETT_TEXT
-from tests.helpers import assert_openai_error, transcribe, wer
+from tests.helpers import Watcher, assert_openai_error, transcribe, wer
 from tests.reliability import record
 
 
@@ -98,33 +96,24 @@ def test_audio_longer_than_the_limit_is_refused_without_decoding_it_all(decoder_
     # A decompression bomb: an hour of silent Opus is small but would decode to ~230 MB.
     bomb = lavfi(work / "hour.ogg", "anullsrc=r=16000:cl=mono", 3600, "-c:a", "libopus", "-b:a", "6k")
     assert bomb.stat().st_size < 3_000_000
-    bridge = psutil.Process(decoder_bridge.proc.pid)
-    before, peak, done = bridge.memory_info().rss, 0, threading.Event()
-
-    def watch() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, bridge.memory_info().rss)
-            time.sleep(0.01)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
+    engine = decoder_bridge.health()["engine_pid"]
     started = time.monotonic()
-    try:
+    with Watcher({"bridge": (decoder_bridge.proc.pid, {engine})}, {"bridge": decoder_bridge.tmpdir}) as w:
         assert_openai_error(transcribe(decoder_bridge.url, bomb), 400, "audio_too_long")
-    finally:
-        done.set()
-        watcher.join()
     assert time.monotonic() - started < 30
-    # What the cap protects: the bridge never holds the hour (230 MB of float32 samples), at most the
-    # 600 s (37 MiB), which its growing buffer holds twice while it copies, plus slack. The bound, 3x
-    # the cap, is half the hour, so the test fails when the cap is gone.
-    growth = (peak - before) / 2**20
-    bound = 3 * 600 * 16000 * 4 / 2**20
-    assert growth < bound, f"the bridge grew by {growth:.0f} MiB decoding a bomb (bound {bound:.0f})"
+    # What the cap protects: the request's decoded audio (16-bit samples in an unnamed file in TMPDIR)
+    # stops at the 600 s (19 MB), where the hour would be 115 MB; the upload is on disk twice besides
+    # (the form's spool and the decoder's copy). The bound is a fifth of the hour: the test fails
+    # when the cap is gone. Memory stays that of a short request.
+    disk = w.peak_bytes["bridge"] / 2**20
+    bound = (601 * 32000 + 2 * bomb.stat().st_size) / 2**20 + 1
+    assert disk < bound, f"the bridge wrote {disk:.0f} MiB decoding a bomb (bound {bound:.0f})"
+    growth = w.growth("bridge")
+    assert growth < 60, f"the bridge grew by {growth:.0f} MB decoding a bomb"
     record(f"Decompression bomb ({decoder_bridge.health()['decoder']} decoder)", "bounds",
            "400 audio_too_long; decoding stops at the cap", upload_mb=round(bomb.stat().st_size / 1e6, 1),
-           bridge_rss_growth_mb=round(growth, 1), seconds=round(time.monotonic() - started, 1))
+           bridge_rss_growth_mb=round(growth, 1), temp_disk_mib=round(disk, 1),
+           seconds=round(time.monotonic() - started, 1))
 
 
 def test_oversized_bodies_get_413_before_forwarding(bridge):
