@@ -18,7 +18,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import httpx
 import psutil
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import Services, cpu_model, wait_http
+from bench.bench_stack import PeakRSS, Services, cpu_model, standin_models, wait_http
 from tests.speech import librispeech_loop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -46,56 +45,33 @@ def recording(minutes: float) -> Path:
     return out
 
 
-class PeakRSS:
-    """Peak RSS of a process and its children, sampled every 20 ms while a block runs."""
-
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def now(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
-            try:
-                total += p.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
-
-    def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, self.now())
-            if self._stop.wait(0.02):
-                return
-
-    def __enter__(self) -> PeakRSS:
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+def post(url: str, path: Path, fmt: str) -> httpx.Response:
+    """``path`` in response format ``fmt``; ``diarized_json`` asks for speakers."""
+    model = "gpt-4o-transcribe-diarize" if fmt == "diarized_json" else "whisper-1"
+    with path.open("rb") as fh:
+        r = httpx.post(url + "/v1/audio/transcriptions", files={"file": (path.name, fh, "audio/mpeg")},
+                       data={"model": model, "response_format": fmt}, timeout=7200)
+    r.raise_for_status()
+    return r
 
 
 def one_request(services: Services, env: dict[str, str], name: str, path: Path, fmt: str) -> tuple[float, float]:
-    """A fresh bridge, one upload: (seconds, peak MB over the bridge's idle RSS)."""
+    """A fresh bridge, warmed with a one-minute request in the same format (models loaded, buffers
+    made), then one upload: (seconds, peak MB over the bridge's RSS before it)."""
     port = free_port()
     proc = services.start(name, [sys.executable, "-m", "bridge"],
                           {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", proc, timeout=120)
+        post(url, recording(1), fmt)
         watch = PeakRSS(proc.pid)
         time.sleep(1.0)
         idle = watch.now()
-        with watch, path.open("rb") as fh:
+        with watch:
             started = time.perf_counter()
-            r = httpx.post(url + "/v1/audio/transcriptions", files={"file": (path.name, fh, "audio/mpeg")},
-                           data={"model": "whisper-1", "response_format": fmt}, timeout=3600)
+            post(url, path, fmt)
             elapsed = time.perf_counter() - started
-        r.raise_for_status()
         return elapsed, (watch.peak - idle) / 2**20
     finally:
         proc.terminate()
@@ -108,7 +84,7 @@ def run(services: Services, work: Path, minutes: list[float], formats: list[str]
     env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "SPEED_CHECK": "false",
            "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{engine_port}",
            "SHERPA_MAX_UTTERANCE": str(int(max(minutes) * 60 + 60)), "MAX_UPLOAD_BYTES": str(2**30),
-           "TMPDIR": str(work)}
+           "TMPDIR": str(work), **(standin_models(work) if "diarized_json" in formats else {})}
     engine = services.start("hours-engine", [sys.executable, "-m", "bench.instant_engine", "--port",
                                               str(engine_port), "--words-per-second", "2.5"], env)
     time.sleep(1.0)
@@ -132,7 +108,9 @@ def run(services: Services, work: Path, minutes: list[float], formats: list[str]
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, nargs="+", default=[10, 60, 180])
-    ap.add_argument("--formats", nargs="+", default=["json", "verbose_json", "srt"])
+    ap.add_argument("--formats", nargs="+", default=["json", "verbose_json", "srt"],
+                    help="response formats; diarized_json asks for speakers (the test stand-ins of the diarization "
+                         "models, ../shared/models/diarization/)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-hours-"))
     services = Services(work)

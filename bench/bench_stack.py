@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import platform
@@ -19,9 +20,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import numpy as np
@@ -34,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
-from bridge.catalog import Catalog, ModelSpec  # noqa: E402
+from bridge.catalog import Catalog, ModelFile, ModelSpec  # noqa: E402
 from bridge.model_store import ModelStore  # noqa: E402
 
 
@@ -270,3 +272,65 @@ def main() -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+class PeakRSS:
+    """Peak RSS of a process and its children, sampled every 20 ms while a block runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def now(self) -> int:
+        total = 0
+        for p in [self.proc, *self.proc.children(recursive=True)]:
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while True:
+            self.peak = max(self.peak, self.now())
+            if self._stop.wait(0.02):
+                return
+
+    def __enter__(self) -> PeakRSS:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+STANDINS = ROOT.parent / "shared" / "models" / "diarization"
+DIARIZATION_STANDINS: dict[str, tuple[Literal["segmentation", "embedding"], str]] = {
+    "test-segmentation": ("segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
+    "test-embedding": ("embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx"),
+}
+
+
+def standin_models(work: Path) -> dict[str, str]:
+    """A model store with the two stand-ins of the diarization models installed, and the settings
+    that point the bridge at it."""
+    store = ModelStore(work / "models")
+    specs = []
+    for model_id, (kind, name) in DIARIZATION_STANDINS.items():
+        data = (STANDINS / name).read_bytes()
+        spec = ModelSpec(id=model_id, kind=kind, description="test stand-in", languages=[], source="huggingface",
+                         repo_id=f"test/{model_id}", revision="main",
+                         files=[ModelFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())])
+        folder = store.path_for(model_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+        store._verify_and_mark(spec, folder)
+        specs.append(spec.model_dump())
+    catalog = work / "catalog.json"
+    catalog.write_text(json.dumps(specs))
+    return {"MODELS_DIR": str(work / "models"), "CATALOG_FILE": str(catalog),
+            "DIARIZATION_SEGMENTATION_MODEL": "test-segmentation", "DIARIZATION_EMBEDDING_MODEL": "test-embedding",
+            "DIARIZATION_THRESHOLD": "0.45"}

@@ -98,6 +98,9 @@ class BridgeSettings(BaseSettings):
     diarization_segmentation_model: str = "pyannote-segmentation-3.0"
     diarization_embedding_model: str = "3dspeaker-campplus-en-voxceleb"
     diarization_threshold: float = Field(0.5, gt=0, lt=2)
+    # Recordings longer than this are diarized in windows of about this length (cut at pauses), their
+    # speakers matched across windows by voice: memory stays that of one window.
+    diarization_window_seconds: float = Field(600.0, ge=30)
     known_speaker_min_similarity: float = Field(0.5, ge=-1, le=1)
     switch_wait_timeout: float = Field(30.0, ge=0)
 

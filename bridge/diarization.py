@@ -69,8 +69,9 @@ class Diarizer:
     """The two models, loaded at the first request that needs them."""
 
     def __init__(self, segmentation: Path, embedding: Path, *, threshold: float, num_threads: int,
-                 min_similarity: float) -> None:
+                 min_similarity: float, window_seconds: float = 600.0) -> None:
         self.segmentation = segmentation
+        self.window_seconds = window_seconds
         self.embedding = embedding
         self.threshold = threshold
         self.num_threads = num_threads
@@ -101,18 +102,39 @@ class Diarizer:
         log.info("speaker diarization loaded: %s, %s (threshold %.2f)", self.segmentation.parent.name,
                  self.embedding.parent.name, self.threshold)
 
-    def turns(self, samples: np.ndarray) -> list[Turn]:
+    def turns(self, audio: Samples) -> list[Turn]:
         """The speaker turns of 16 kHz mono audio, in time order, speakers lettered by first
-        appearance (blocking: call it in a thread)."""
+        appearance (blocking: call it in a thread). Audio longer than ``window_seconds`` is
+        diarized window by window, the windows cut at pauses, so that memory stays that of one
+        window however long the recording; each window's speakers are matched to those found
+        before by their voices (``SpeakerBook``)."""
+        windows = plan_pieces(audio, self.window_seconds)
+        if len(windows) == 1:
+            return [Turn(a, b, letters(speaker)) for a, b, speaker in self._local_turns(audio[:])]
+        book = SpeakerBook(1 - self.threshold)
+        turns: list[Turn] = []
+        for start, end in windows:
+            samples = audio[start:end]
+            local = self._local_turns(samples)
+            voices = {speaker: self.embed(speech_sample(samples, [Turn(a, b, "") for a, b, s in local if s == speaker]))
+                      for speaker in dict.fromkeys(s for _, _, s in local)}
+            names = book.match(voices)
+            offset = start / SAMPLE_RATE
+            turns += [Turn(round(a + offset, 3), round(b + offset, 3), names[s]) for a, b, s in local]
+        log.info("speakers found in %d windows of up to %.0f s: %d", len(windows), self.window_seconds, len(book))
+        return join_turns(turns)
+
+    def _local_turns(self, samples: np.ndarray) -> list[tuple[float, float, int]]:
+        """sherpa-onnx's turns of one stretch of audio: (start s, end s, speaker) in time order,
+        speakers numbered from 0 by first appearance."""
         with self._lock:
             self._load()
             found = self._diarization.process(np.ascontiguousarray(samples, dtype=np.float32)).sort_by_start_time()
-        names: dict[int, str] = {}
+        numbers: dict[int, int] = {}
         turns = []
         for seg in found:
-            if seg.speaker not in names:
-                names[seg.speaker] = letters(len(names))
-            turns.append(Turn(round(float(seg.start), 3), round(float(seg.end), 3), names[seg.speaker]))
+            number = numbers.setdefault(seg.speaker, len(numbers))
+            turns.append((round(float(seg.start), 3), round(float(seg.end), 3), number))
         return turns
 
     def embed(self, samples: np.ndarray) -> np.ndarray:
@@ -125,20 +147,12 @@ class Diarizer:
             vector = np.asarray(self._extractor.compute(stream), dtype=np.float64)
         return vector / max(float(np.linalg.norm(vector)), 1e-12)
 
-    def name_speakers(self, samples: np.ndarray, turns: list[Turn], references: dict[str, np.ndarray]) -> list[Turn]:
+    def name_speakers(self, audio: Samples, turns: list[Turn], references: dict[str, np.ndarray]) -> list[Turn]:
         """Give speakers the names of the known speakers they match (blocking)."""
         if not references or not turns:
             return turns
-        found: dict[str, np.ndarray] = {}
-        for speaker in dict.fromkeys(t.speaker for t in turns):
-            mine = sorted((t for t in turns if t.speaker == speaker), key=lambda t: t.start - t.end)  # longest first
-            parts, seconds = [], 0.0
-            for t in mine:
-                if seconds >= SPEAKER_SAMPLE_SECONDS:
-                    break
-                parts.append(samples[int(t.start * SAMPLE_RATE):int(t.end * SAMPLE_RATE)])
-                seconds += t.end - t.start
-            found[speaker] = self.embed(np.concatenate(parts))
+        found = {speaker: self.embed(speech_sample(audio, [t for t in turns if t.speaker == speaker]))
+                 for speaker in dict.fromkeys(t.speaker for t in turns)}
         pairs = sorted(((float(found[s] @ ref), s, name) for s in found for name, ref in references.items()),
                        reverse=True)
         renamed: dict[str, str] = {}
@@ -149,6 +163,64 @@ class Diarizer:
                 renamed[speaker] = name
         log.info("known speakers matched: %s", ", ".join(f"{s}={n}" for s, n in renamed.items()) or "none")
         return [Turn(t.start, t.end, renamed.get(t.speaker, t.speaker)) for t in turns]
+
+
+def speech_sample(audio: Samples, turns: list[Turn]) -> np.ndarray:
+    """Up to ``SPEAKER_SAMPLE_SECONDS`` of one speaker's speech, longest turns first: what their
+    embedding is computed from."""
+    parts, seconds = [], 0.0
+    for t in sorted(turns, key=lambda t: t.start - t.end):
+        if seconds >= SPEAKER_SAMPLE_SECONDS:
+            break
+        parts.append(audio[int(t.start * SAMPLE_RATE):int(t.end * SAMPLE_RATE)])
+        seconds += t.end - t.start
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+
+class SpeakerBook:
+    """The speakers of a long recording, met window by window: each has the sum of the embeddings
+    of their voice in the windows where they spoke. A window's speakers are matched one to one to
+    known ones, most similar pairs first, down to ``min_similarity`` (cosine, the clustering's own
+    distance threshold turned around); a speaker left over is new. Speakers are lettered in the
+    order they are met."""
+
+    def __init__(self, min_similarity: float) -> None:
+        self.min_similarity = min_similarity
+        self._voices: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return len(self._voices)
+
+    def match(self, voices: dict[int, np.ndarray]) -> dict[int, str]:
+        """Each of a window's speakers (by number, in order of appearance) -> a letter."""
+        known = [v / max(float(np.linalg.norm(v)), 1e-12) for v in self._voices]
+        pairs = sorted(((float(voice @ k), speaker, i) for speaker, voice in voices.items()
+                        for i, k in enumerate(known)), reverse=True)
+        taken: dict[int, int] = {}
+        for similarity, speaker, i in pairs:
+            if similarity < self.min_similarity:
+                break
+            if speaker not in taken and i not in taken.values():
+                taken[speaker] = i
+        for speaker, voice in voices.items():
+            if speaker in taken:
+                self._voices[taken[speaker]] = self._voices[taken[speaker]] + voice
+            else:
+                taken[speaker] = len(self._voices)
+                self._voices.append(voice)
+        return {speaker: letters(i) for speaker, i in taken.items()}
+
+
+def join_turns(turns: list[Turn]) -> list[Turn]:
+    """Turns in time order, one speaker's neighbours closer than ``MIN_PAUSE_SECONDS`` joined (a turn
+    cut in two where one window ended and the next began)."""
+    out: list[Turn] = []
+    for t in sorted(turns, key=lambda t: t.start):
+        if out and out[-1].speaker == t.speaker and t.start - out[-1].end < MIN_PAUSE_SECONDS:
+            out[-1] = Turn(out[-1].start, max(out[-1].end, t.end), t.speaker)
+        else:
+            out.append(t)
+    return out
 
 
 def speaker_at(turns: list[Turn], start: float, end: float) -> str:

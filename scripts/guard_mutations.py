@@ -41,6 +41,8 @@ LIVE_TEXT = "tests/test_live_text.py::"
 LIVE_WORDS = LIVE_TEXT + "test_words_arrive_while_the_person_is_still_talking"
 
 HOURS = "tests/test_hours.py::"
+DIARIZATION_WINDOWS = ("tests/test_diarization.py::"
+                       "test_a_long_recording_is_diarized_in_windows_its_speakers_matched_across_them")
 
 MUTATIONS = [
     # Hours of audio (bridge/audio.py): decoded samples on disk, freed with the request; a full disk a 507.
@@ -55,6 +57,12 @@ MUTATIONS = [
     Mutation("a request's decoded audio freed when it ends", "bridge/routes/transcriptions.py",
              "self._held.callback(self.audio.close)", "pass",
              (HOURS + "test_the_decoded_audio_is_freed_however_the_request_ends",)),
+    Mutation("a long recording's speakers found window by window", "bridge/diarization.py",
+             "windows = plan_pieces(audio, self.window_seconds)", "windows = [(0, len(audio))]",
+             (DIARIZATION_WINDOWS,)),
+    Mutation("a window's speakers matched to those of the windows before", "bridge/diarization.py",
+             "if speaker not in taken and i not in taken.values():", "if False:",
+             (DIARIZATION_WINDOWS,)),
     # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
     Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",

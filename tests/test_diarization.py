@@ -14,11 +14,12 @@ import httpx
 import numpy as np
 import pytest
 
-from bridge.diarization import Turn, split_by_speaker, turn_pieces
+from bridge.diarization import Diarizer, Turn, split_by_speaker, turn_pieces
 from bridge.transcript import Segment as TextSegment
 from bridge.transcript import Word
+from tests.conftest import STANDINS
 from tests.helpers import assert_openai_error, data_url, diarization_score, sdk_client, wer
-from tests.speech import LIBRISPEECH, conversation, librispeech_samples, librispeech_text, speech_span
+from tests.speech import LIBRISPEECH, conversation, librispeech_samples, librispeech_text, read_wav16, speech_span
 
 DIARIZE = "gpt-4o-transcribe-diarize"
 
@@ -157,3 +158,37 @@ def test_pieces_are_cut_at_speaker_changes():
     turns = [Turn(1.0, 3.0, "A"), Turn(3.1, 4.0, "A"), Turn(5.0, 7.0, "B"), Turn(6.8, 9.0, "A")]
     pieces = [(a / 16000, b / 16000, s) for a, b, s in turn_pieces(turns, len(samples), 30.0, samples)]
     assert pieces == [(0.8, 4.2, "A"), (4.8, 6.9, "B"), (6.9, 9.2, "A")]
+
+
+class ReadCounter:
+    """Audio read by slice that remembers the longest stretch read at once: what a reader holds."""
+
+    def __init__(self, samples: np.ndarray) -> None:
+        self.samples, self.longest = samples, 0
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, piece: slice) -> np.ndarray:
+        out = self.samples[piece]
+        self.longest = max(self.longest, len(out))
+        return out
+
+
+def test_a_long_recording_is_diarized_in_windows_its_speakers_matched_across_them(tmp_path):
+    """Past ``DIARIZATION_WINDOW_SECONDS`` the speakers are found window by window (memory of one
+    window, however long the recording) and matched across windows by voice: here 30 s windows
+    on a 75 s conversation of three speakers, with the test stand-ins of the two models."""
+    path, rows = conversation(tmp_path / "talk.wav", ["1688", "2033", "2609"], turns=9)
+    audio = ReadCounter(read_wav16(path))
+    diarizer = Diarizer(STANDINS / "pyannote-segmentation-3.0-sherpa.onnx",
+                        STANDINS / "resemblyzer-ge2e-fbank80-sherpa.onnx", threshold=0.45, num_threads=1,
+                        min_similarity=0.5, window_seconds=30)
+    turns = diarizer.turns(audio)
+    assert audio.longest <= 30 * 16000, "the diarizer read more than a window at once"
+    assert [t.start for t in turns] == sorted(t.start for t in turns)
+    assert turns[0].speaker == "A" and max(t.end for t in turns) <= len(audio) / 16000 + 0.01
+    found = diarization_score(rows, [{"start": t.start, "end": t.end, "speaker": t.speaker, "text": ""}
+                                     for t in turns], len(audio) / 16000)
+    # The same three voices in each window: three speakers, each word under its own.
+    assert found["found"] == 3 and found["words_right"] >= 0.95, found

@@ -189,7 +189,8 @@ def diarizer_for(state: BridgeState) -> Diarizer:
     state.diarizer = Diarizer(state.store.path_for(segmentation.id) / segmentation.files[0].name,
                               state.store.path_for(embedding.id) / embedding.files[0].name,
                               threshold=settings.diarization_threshold, num_threads=settings.sherpa_num_threads,
-                              min_similarity=settings.known_speaker_min_similarity)
+                              min_similarity=settings.known_speaker_min_similarity,
+                              window_seconds=settings.diarization_window_seconds)
     return state.diarizer
 
 
@@ -229,12 +230,11 @@ async def find_speakers(state: BridgeState, diarizer: Diarizer, audio: AudioStre
                         references: dict[str, np.ndarray]) -> list[Turn]:
     """Who spoke when, once the audio is decoded: one job in the fair scheduler, run in a thread."""
     await audio.wait_done()
-    samples = audio[:]
 
     def run() -> list[Turn]:
-        turns = diarizer.turns(samples)
+        turns = diarizer.turns(audio)
         named = {name: diarizer.embed(ref) for name, ref in references.items()}
-        return diarizer.name_speakers(samples, turns, named)
+        return diarizer.name_speakers(audio, turns, named)
 
     return await state.scheduler.submit_call(state.scheduler.new_request(), lambda: asyncio.to_thread(run))
 
