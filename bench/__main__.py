@@ -9,7 +9,9 @@ flags the bridge gives its child, the bridge, the proxy in front of it, and a se
 of a stand-in engine that answers at once (``bench/instant_engine.py``: what the bridge itself costs),
 with a proxy in front of it too (what the proxy itself costs).
 Each path gets the same requests at concurrency 1, 4 and 8 (paths interleaved level by level), then
-one long upload goes through the bridge for its real-time factor. Then (not with ``--quick``) the
+one long upload goes through the bridge for its real-time factor, and recordings of 10 minutes, 1 hour
+and 3 hours go through bridges in front of the stand-in, for the time and memory of hours
+(``bench/bench_hours.py``). Then (not with ``--quick``) the
 accuracy on real read speech: ``bench/bench_real_speech.py``. The model and engine tuning are
 the bridge's own settings (``DEFAULT_MODEL``, ``MODELS_DIR``, ``SHERPA_PROVIDER``, ...).
 
@@ -44,7 +46,7 @@ import psutil
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
-from bench import bench_real_speech
+from bench import bench_hours, bench_real_speech
 from bench.bench_stack import Services, cpu_model, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings
@@ -345,6 +347,12 @@ def main(argv: list[str] | None = None) -> int:
         long_lines.append(f"- {sizes.long_seconds:g} s upload through {long_target.name}: {elapsed:.2f} s, "
                           f"real-time factor {elapsed / sizes.long_seconds:.4f} "
                           f"({sizes.long_seconds / elapsed:.1f} audio s/s)")
+        if not args.url:
+            services.stop()  # the hours rows start their own bridges, one per request
+            services = Services(work)
+            hours = [0.5, 1.0] if args.quick else [10.0, 60.0, 180.0]
+            long_lines += ["", *bench_hours.run(services, work, hours, ["json"] if args.quick else
+                                                ["json", "verbose_json", "srt"])]
         if not (args.quick or args.url or args.no_accuracy):
             services.stop()  # the speed rows' services are done: the accuracy bridges get the cores
             services = Services(work)

@@ -17,7 +17,13 @@ PATHS = ["in-process OfflineRecognizer", "raw sherpa-onnx WebSocket", "bridge", 
 
 
 def parse_table(text: str) -> dict[tuple[str, int], dict[str, float]]:
-    lines = [line for line in text.splitlines() if line.startswith("| ")]
+    all_lines = text.splitlines()
+    start = next(i for i, line in enumerate(all_lines) if line.startswith("| "))
+    lines = []  # the first table only (the hours rows have a table of their own)
+    for line in all_lines[start:]:
+        if not line.startswith("| "):
+            break
+        lines.append(line)
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert lines[1].startswith("| ---")
     rows = {}
@@ -55,3 +61,6 @@ def test_python_m_bench_quick_prints_and_writes_one_table(tmp_path, models_dir):
     assert match and -50 < float(match.group(1)) < 1000
     match = re.search(r"30 s upload through bridge: [\d.]+ s, real-time factor ([\d.]+)", text)
     assert match and 0 < float(match.group(1)) < 2
+    # Hours of audio (here half a minute and a minute): a time and a peak memory for each length.
+    hours = re.findall(r"\| ([\d.]+) min \| ([\d.]+) s, (\d+), \+(-?\d+) MB \|", text)
+    assert [h[0] for h in hours] == ["0.5", "1"] and all(float(h[1]) > 0 for h in hours), hours

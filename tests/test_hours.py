@@ -100,7 +100,7 @@ def test_an_hour_through_the_stack_holds_the_memory_of_minutes(hours, recordings
     # The hour's samples went to disk (115 MB), not to memory.
     assert w.peak_bytes["bridge"] > 0.8 * HOUR * PCM_BYTES_PER_SECOND
     assert w.growth("bridge") < MEMORY_BOUND_MB, f"the bridge grew by {w.growth('bridge'):.0f} MB for an hour"
-    assert w.growth("proxy") < 15, f"the proxy grew by {w.growth('proxy'):.0f} MB forwarding a 14 MB upload"
+    assert w.growth("proxy") < 8, f"the proxy grew by {w.growth('proxy'):.0f} MB forwarding a 14 MB upload"
     nothing_left(bridge)
     record("one hour of audio", "bounds", "answered to the end; memory of a short request; decoded audio on disk, "
            "freed at the end", bridge_rss_growth_mb=round(w.growth("bridge")),
