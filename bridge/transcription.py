@@ -180,15 +180,18 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
                       speech: SpeechMap | None = None, keywords: tuple[str, ...] = ()) -> AsyncIterator[PieceResult]:
     """Each piece's result in time order, decoded with ``keywords`` where given. Pieces go to the
     scheduler as soon as the plan yields them, so the engine works on the first ones while later
-    ones are still being found. With a ``guard`` each result is checked, and a failed piece is
-    transcribed again in halves through the same request's queue (``bridge.guard``), its "mostly
-    speech" check read from ``speech``."""
+    ones are still being found; a piece's samples are read from the stream when it is submitted,
+    and at most the engine's connections and one more pieces are submitted ahead of the one
+    handed on, so a slow engine never has hours of audio waiting in memory. With a
+    ``guard`` each result is checked, and a failed piece is transcribed again in halves through the
+    same request's queue (``bridge.guard``), its "mostly speech" check read from ``speech``."""
     stream = as_stream(audio)
     if plan is None:
         plan = cut_pieces(stream, engine.spec.max_piece_seconds, None)
     key = scheduler.new_request()
     queued: asyncio.Queue[tuple[int, int, asyncio.Future[EngineResult] | None] | None] = asyncio.Queue()
     futures: list[asyncio.Future[EngineResult]] = []
+    ahead = asyncio.Semaphore(scheduler.connections + 1)  # pieces read, not yet handed on
 
     def run(samples: np.ndarray) -> asyncio.Future[EngineResult]:
         return scheduler.submit(key, engine, samples, keywords)
@@ -207,10 +210,12 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
         try:
             if isinstance(plan, list):
                 for a, b in plan:
+                    await ahead.acquire()
                     submit(a, b)
             else:
                 async with contextlib.aclosing(plan):  # stops the VAD thread when the request goes
                     async for a, b in plan:
+                        await ahead.acquire()
                         submit(a, b)
         finally:
             queued.put_nowait(None)
@@ -220,6 +225,7 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
         while (item := await queued.get()) is not None:
             a, b, future = item
             result = await future if future is not None else None
+            ahead.release()
             yield a / SAMPLE_RATE, b / SAMPLE_RATE, result
         await submitter  # a failure while cutting surfaces here
     finally:

@@ -51,6 +51,9 @@ MUTATIONS = [
              'self.__dict__.setdefault("kept", []).append(chunk.copy())\n'
              '        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
              (HOURS + "test_an_hour_through_the_stack_holds_the_memory_of_minutes",)),
+    Mutation("pieces read from the audio only a few ahead of the engine", "bridge/transcription.py",
+             "ahead = asyncio.Semaphore(scheduler.connections + 1)", "ahead = asyncio.Semaphore(100000)",
+             (HOURS + "test_an_hour_through_the_stack_holds_the_memory_of_minutes",)),
     Mutation("a full disk while decoding is the request's 507", "bridge/audio.py",
              "if exc.errno in (errno.ENOSPC, errno.EDQUOT):", "if False:",
              (HOURS + "test_a_full_disk_fails_the_request_with_507_not_the_bridge",)),

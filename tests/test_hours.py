@@ -2,7 +2,8 @@
 temporary file, ``bridge.audio.SampleFile``), so the bridge's memory does not grow with the
 recording; that file is gone however the request ends (answered, refused, client gone, decoder
 killed); a full disk is a 507 in OpenAI's shape, never the bridge's end. Behind the proxy, with the
-stand-in engine that answers at once (only the bridge's own cost shows)."""
+stand-in engine (``bench.instant_engine``, made slower than the bridge's decoding and cutting, as a
+real engine on a CPU is)."""
 
 from __future__ import annotations
 
@@ -52,12 +53,14 @@ def recordings(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def hours(models_dir, catalog_file, tmp_path_factory):
-    """The proxy and a bridge that takes 3700 s, both in front of the instant engine; one decoder
+    """The proxy and a bridge that takes 3700 s, both in front of the stand-in engine; one decoder
     worker (the test that kills it knows which)."""
     work = tmp_path_factory.mktemp("hours")
     tmp = work / "tmp"
     tmp.mkdir()
-    engine, url = start_instant_engine("--words-per-second", "2.5")
+    # An engine slower than decoding and cutting (150 audio s/s over the request's three connections,
+    # the VAD runs at about 500): pieces found ahead must wait without their audio in memory.
+    engine, url = start_instant_engine("--words-per-second", "2.5", "--delay", "0.02")
     env = bridge_env(models_dir, catalog_file, ENGINE_ADAPTER="websocket", ENGINE_URL=url, SPEED_CHECK="false",
                      SHERPA_MAX_UTTERANCE="3700", DECODER_WORKERS="1", TMPDIR=str(tmp))
     try:
