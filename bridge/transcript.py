@@ -77,8 +77,10 @@ class Transcript:
 
     @property
     def token_logprobs(self) -> list[tuple[str, float]]:
-        """(token, log-probability) over the whole text, in order; empty when the engine gives none."""
-        return [pair for seg in self.segments for pair in zip(seg.tokens, seg.logprobs, strict=False)]
+        """(token, log-probability) over the whole text, in order, each segment's first token starting
+        a word (``word_start``); empty when the engine gives none."""
+        return [(word_start(token) if i == 0 else token, logprob) for seg in self.segments
+                for i, (token, logprob) in enumerate(zip(seg.tokens, seg.logprobs, strict=False))]
 
 
 def words_from_tokens(result: EngineResult, offset: float, limit: float = float("inf")) -> list[Word]:
@@ -115,11 +117,19 @@ def words_from_tokens(result: EngineResult, offset: float, limit: float = float(
     return words
 
 
+def word_start(token: str) -> str:
+    """A piece's (or segment's) first token as text that starts a word: texts are joined with a space,
+    so their tokens must be too, even where the engine's first token continues no word of its own."""
+    return token if token[:1].isspace() else " " + token
+
+
 def scored_tokens(result: EngineResult) -> list[tuple[str, float]]:
-    """(token, log-probability) of one piece, U+2581 read as a space; empty when the engine gives none."""
+    """(token, log-probability) of one piece, U+2581 read as a space, the first starting a word;
+    empty when the engine gives none."""
     if len(result.logprobs) != len(result.tokens):
         return []
-    return [(t.replace("\u2581", " "), p) for t, p in zip(result.tokens, result.logprobs, strict=True)]
+    tokens = [t.replace("\u2581", " ") for t in result.tokens]
+    return [(word_start(t) if i == 0 else t, p) for i, (t, p) in enumerate(zip(tokens, result.logprobs, strict=True))]
 
 
 def share_tokens(result: EngineResult, segments: list[Segment]) -> None:
@@ -128,7 +138,7 @@ def share_tokens(result: EngineResult, segments: list[Segment]) -> None:
     (the segments share out the piece's text in order); the last segment takes any rest."""
     if not segments or not result.tokens:
         return
-    tokens = [t.replace("\u2581", " ") for t in result.tokens]
+    tokens = [t.replace("\u2581", " ") for t in result.tokens]  # as the engine said them: token ids
     probs = result.logprobs if len(result.logprobs) == len(tokens) else []
     firsts = [0]  # index of each segment's first word
     for seg in segments[:-1]:

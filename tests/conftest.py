@@ -319,7 +319,8 @@ TDT_V2, TDT_V3 = "tiny-tdt-v2", "tiny-tdt-v3"
 def tdt_proxy(tmp_path_factory):
     """A bridge serving the parakeet v2 entry's flags with tiny-tdt's files, through the real managed
     engine (sherpa-onnx-offline-websocket-server, CPU); its catalog also has the v3 entry (25
-    languages) on the same files, downloaded, for switching. The proxy in front of it."""
+    languages) on the same files, downloaded, for switching; the speed check runs before ready. The
+    proxy in front of it."""
     work = tmp_path_factory.mktemp("tiny-tdt")
     specs = [tiny_tdt_spec(TDT_V2), tiny_tdt_spec(TDT_V3, PARAKEET_V3)]
     store = ModelStore(work / "models")
@@ -328,5 +329,7 @@ def tdt_proxy(tmp_path_factory):
     catalog = work / "catalog.json"
     catalog.write_text(json.dumps([s.model_dump() for s in specs]))
     env = bridge_env(work / "models", catalog, DEFAULT_MODEL=TDT_V2, SHERPA_NUM_THREADS="1",
-                     ENGINE_CONNECTIONS="2", SPEED_CHECK="false")
-    yield from bridge_behind_proxy(env, work, "tdt")
+                     ENGINE_CONNECTIONS="2")
+    for proxy in bridge_behind_proxy(env, work, "tdt"):
+        proxy.bridge.models_dir = work / "models"  # a test links Moonshine in, to switch to it
+        yield proxy

@@ -5,10 +5,21 @@ with the real ``openai`` client, on real speech."""
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
+
+import httpx
+import psutil
 import pytest
 import srt
+import websockets
 
+from adapters.sherpa_protocol import parse_reply, utterance_frames
+from bridge.ports import EngineResult
+from tests.conftest import MOONSHINE, TDT_V2
 from tests.helpers import sdk_client
+from tests.speech import read_wav16
 from tests.test_openai_fields import joined
 
 UTTERANCES = ["1089-134686-0000", "1089-134686-0001", "1688-142285-0000", "1688-142285-0001"]
@@ -60,3 +71,69 @@ def test_live_text_with_a_real_transducer_carries_its_scores(tdt_proxy):
     assert "".join(e.delta for _, e in events if e.type == DELTA).strip()
     assert completed.logprobs and all(p.logprob <= 0 for p in completed.logprobs)
     assert "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
+
+
+async def raw_reply(tdt_proxy, path) -> EngineResult:
+    """The engine child's own reply for a file, asked directly over its WebSocket."""
+    health = tdt_proxy.bridge.health()
+    port = next(a.split("=", 1)[1] for a in psutil.Process(health["engine_pid"]).cmdline() if a.startswith("--port="))
+    async with websockets.connect(f"ws://127.0.0.1:{port}", max_size=None) as ws:
+        for frame in utterance_frames(read_wav16(path)):
+            await ws.send(frame)
+        reply = parse_reply(await ws.recv())
+        await ws.send("Done")
+    return reply
+
+
+def test_scores_are_the_engines_own_on_json_the_stream_and_segments(tdt_proxy, reading):
+    """``include[]=logprobs`` on json carries the engine's ``ys_log_probs`` token for token, the
+    stream's deltas the same scores as its done event, and each ``verbose_json`` segment's
+    ``avg_logprob`` is the mean of its tokens' (the reading is shorter than a 120 s piece: the engine
+    hears it whole, as the bridge sends it)."""
+    raw = asyncio.run(raw_reply(tdt_proxy, reading))
+    assert raw.logprobs and len(raw.logprobs) == len(raw.tokens) == len(raw.timestamps)
+    client = sdk_client(tdt_proxy)
+    with reading.open("rb") as fh:
+        answer = client.audio.transcriptions.create(model="gpt-transcribe", file=fh, include=["logprobs"])
+    assert [p.logprob for p in answer.logprobs] == pytest.approx(raw.logprobs, abs=1e-5)
+    assert "".join(p.token for p in answer.logprobs).split() == answer.text.split()
+    with reading.open("rb") as fh:
+        events = list(client.audio.transcriptions.create(model="gpt-transcribe", file=fh, include=["logprobs"],
+                                                         stream=True))
+    # The stream cuts its first pieces short (first text sooner), so the engine hears other pieces:
+    # the deltas' scores are the done event's, and its tokens spell its text.
+    done = events[-1]
+    streamed = [p.logprob for e in events if e.type == "transcript.text.delta" for p in e.logprobs]
+    assert done.type == "transcript.text.done" and streamed == [p.logprob for p in done.logprobs]
+    assert streamed and all(lp <= 0 for lp in streamed)
+    assert "".join(p.token for p in done.logprobs).split() == done.text.split()
+    with reading.open("rb") as fh:
+        verbose = client.audio.transcriptions.create(model="gpt-transcribe", file=fh, response_format="verbose_json")
+    for seg in verbose.segments:
+        mine = [lp for t, lp in zip(raw.timestamps, raw.logprobs, strict=True) if seg.start <= t < seg.end]
+        assert mine and seg.avg_logprob == pytest.approx(sum(mine) / len(mine), abs=1e-5), seg
+
+
+def test_the_speed_check_and_a_switch_run_on_the_parakeet_entries(tdt_proxy, models_dir, reading):
+    """The speed check runs on the transducer entry before ready, and a switch from it to Moonshine
+    and back (the production flags each way) leaves each model answering as itself."""
+    bridge = tdt_proxy.bridge
+    check = bridge.health()["speed_check"]
+    assert check["model"] == TDT_V2 and check["real_time_factor"] > 0 and check["text"]
+    # Moonshine's installed files, linked into this bridge's store (a symlink out of it is refused).
+    shutil.copytree(models_dir / MOONSHINE.id, bridge.models_dir / MOONSHINE.id, copy_function=os.link)
+    try:
+        for model, timed in ((MOONSHINE.id, False), (TDT_V2, True)):
+            r = httpx.post(bridge.url + "/v1/models/switch", json={"model_id": model}, timeout=120)
+            assert r.status_code == 200 and r.json()["switched"], r.text
+            health = bridge.health()
+            assert health["model"] == model and health["speed_check"]["model"] == model
+            with reading.open("rb") as fh:
+                verbose = sdk_client(tdt_proxy).audio.transcriptions.create(
+                    model="gpt-transcribe", file=fh, response_format="verbose_json",
+                    timestamp_granularities=["word", "segment"])
+            assert bool(verbose.words) is timed  # word times only from the transducer
+    finally:
+        if bridge.health()["model"] != TDT_V2:
+            httpx.post(bridge.url + "/v1/models/switch", json={"model_id": TDT_V2}, timeout=120)
+        shutil.rmtree(bridge.models_dir / MOONSHINE.id)
