@@ -2,17 +2,17 @@
 types parse every answer): ``include[]=logprobs``, real ``verbose_json`` segment scores,
 ``chunking_strategy``, ``/v1/audio/translations`` and G.711 live input.
 
-Moonshine (the real engine here) gives no token log-probabilities; parakeet does, but cannot run
-here. The log-probability path is therefore driven by ``bench.instant_engine --transducer``, which
-answers in sherpa-onnx's transducer reply shape (tokens, times, ``ys_log_probs``), through the real
-bridge and proxy: what is checked is the bridge's handling of the engine's scores, not their values.
+Moonshine (the real engine here) gives no token log-probabilities; the transducer's scores are
+tested on the real engine with the tiny-tdt stand-in (``tests/test_parakeet_path.py``). Translation
+stays on ``bench.instant_engine --transducer`` under an entry that says it translates: no model
+here translates (parakeet v3 and Whisper do, on a GPU host), and what is checked is the bridge's
+answer in OpenAI's shapes, not a translation.
 """
 
 from __future__ import annotations
 
 import base64
 import json
-import statistics
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -74,29 +74,6 @@ def joined(path, utterances: list[str], pause: float = 0.6, between: np.ndarray 
     return write_wav16(path, np.concatenate(parts))
 
 
-def test_logprobs_on_json_and_on_the_stream(transducer_proxy, beckett):
-    client = sdk_client(transducer_proxy)
-    with beckett.open("rb") as fh:
-        answer = client.audio.transcriptions.create(model=TRANSDUCER, file=fh, include=["logprobs"])
-    probs = answer.logprobs
-    assert probs, "no logprobs"
-    # The tokens join to the text, each carries its UTF-8 bytes and the engine's score.
-    assert "".join(p.token for p in probs).split() == answer.text.split()
-    assert all(p.bytes == list(p.token.encode()) for p in probs)
-    assert [p.logprob for p in probs][:4] == pytest.approx([-0.1, -0.2, -0.3, -0.4])
-    with beckett.open("rb") as fh:
-        events = list(client.audio.transcriptions.create(model=TRANSDUCER, file=fh, include=["logprobs"],
-                                                         stream=True))
-    deltas = [e for e in events if e.type == "transcript.text.delta"]
-    done = events[-1]
-    assert done.type == "transcript.text.done" and deltas
-    assert [p.token for e in deltas for p in e.logprobs] == [p.token for p in done.logprobs]
-    assert "".join(p.token for p in done.logprobs).split() == done.text.split()
-    # Without the include, no logprobs.
-    with beckett.open("rb") as fh:
-        assert client.audio.transcriptions.create(model=TRANSDUCER, file=fh).logprobs is None
-
-
 def test_logprobs_are_refused_where_the_model_has_none(moonshine_proxy, beckett):
     client = sdk_client(moonshine_proxy)
     with beckett.open("rb") as fh, pytest.raises(openai.BadRequestError) as refused:
@@ -117,22 +94,6 @@ def token_table(path) -> dict[str, int]:
         token, number = line.rsplit(" ", 1)
         table.setdefault(base64.b64decode(token).decode("utf-8", "replace").replace("\u2581", " "), int(number))
     return table
-
-
-def test_verbose_json_segments_carry_the_engines_scores(transducer_proxy, tmp_path):
-    path = joined(tmp_path / "talk.wav", ["1089-134686-0000", "1089-134691-0000"], pause=2.5)
-    with path.open("rb") as fh:
-        answer = sdk_client(transducer_proxy).audio.transcriptions.create(
-            model=TRANSDUCER, file=fh, response_format="verbose_json", timestamp_granularities=["segment"])
-    table = token_table(transducer_proxy.tokens_file)
-    assert answer.segments
-    for seg in answer.segments:
-        words = seg.text.split()
-        # The stand-in scores a piece's 4 tokens -0.1 .. -0.4: a segment's mean lies between.
-        assert -0.4 <= seg.avg_logprob <= -0.1
-        # Token ids from the model's table: the words of the text that the table holds, in order.
-        assert seg.tokens == [table[" " + w] for w in words if " " + w in table] and seg.tokens
-        assert 0 < seg.compression_ratio < 2.4 and 0 <= seg.no_speech_prob <= 1
 
 
 def test_segment_scores_are_real_on_moonshine(moonshine_proxy, tmp_path):
@@ -226,24 +187,7 @@ def test_g711_live_sessions_hear_what_pcm16_hears(moonshine_proxy, tmp_path):
         assert wer(reference, text) <= pcm16 + 0.02, (fmt, pcm16, text)
 
 
-def test_live_logprobs_on_completed_events(transducer_proxy, moonshine_proxy, beckett):
-    events: list = []
-    client = sdk_client(transducer_proxy)
-    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
-        conn.session.update(session={"type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
-                                     "audio": {"input": {"turn_detection": None}}})
-        pcm = pcm24(beckett, silence_after=0)
-        for i in range(0, len(pcm), 4800):
-            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 4800]).decode())
-        conn.input_audio_buffer.commit()
-        for event in conn:
-            events.append(event)
-            if event.type in ("conversation.item.input_audio_transcription.completed", "error"):
-                break
-    completed = events[-1]
-    assert completed.type == "conversation.item.input_audio_transcription.completed", completed
-    assert completed.logprobs and "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
-    assert statistics.mean(p.logprob for p in completed.logprobs) < 0
+def test_live_logprobs_are_refused_where_the_model_has_none(moonshine_proxy):
     # A model without scores: the include is refused with an error event naming it.
     client = sdk_client(moonshine_proxy)
     with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:

@@ -6,6 +6,7 @@ with the real ``openai`` client, on real speech."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 
@@ -17,11 +18,12 @@ import websockets
 
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from bridge.ports import EngineResult
-from tests.conftest import MOONSHINE, TDT_V2
-from tests.helpers import sdk_client
+from tests.conftest import MOONSHINE, TDT_V2, TINY_TDT
+from tests.helpers import pcm24, sdk_client
 from tests.speech import read_wav16
 from tests.test_openai_fields import joined
 
+TOKENS = TINY_TDT / "tokens.txt"
 UTTERANCES = ["1089-134686-0000", "1089-134686-0001", "1688-142285-0000", "1688-142285-0001"]
 
 
@@ -88,8 +90,8 @@ async def raw_reply(tdt_proxy, path) -> EngineResult:
 def test_scores_are_the_engines_own_on_json_the_stream_and_segments(tdt_proxy, reading):
     """``include[]=logprobs`` on json carries the engine's ``ys_log_probs`` token for token, the
     stream's deltas the same scores as its done event, and each ``verbose_json`` segment's
-    ``avg_logprob`` is the mean of its tokens' (the reading is shorter than a 120 s piece: the engine
-    hears it whole, as the bridge sends it)."""
+    ``avg_logprob`` is the mean of its tokens' and its ``tokens`` their ids in the model's table (the
+    reading is shorter than a 120 s piece: the engine hears it whole, as the bridge sends it)."""
     raw = asyncio.run(raw_reply(tdt_proxy, reading))
     assert raw.logprobs and len(raw.logprobs) == len(raw.tokens) == len(raw.timestamps)
     client = sdk_client(tdt_proxy)
@@ -109,9 +111,18 @@ def test_scores_are_the_engines_own_on_json_the_stream_and_segments(tdt_proxy, r
     assert "".join(p.token for p in done.logprobs).split() == done.text.split()
     with reading.open("rb") as fh:
         verbose = client.audio.transcriptions.create(model="gpt-transcribe", file=fh, response_format="verbose_json")
+    ids = {line.rpartition(" ")[0].replace("\u2581", " "): int(line.rpartition(" ")[2])  # the engine says " "
+           for line in TOKENS.read_text().splitlines()}
     for seg in verbose.segments:
-        mine = [lp for t, lp in zip(raw.timestamps, raw.logprobs, strict=True) if seg.start <= t < seg.end]
-        assert mine and seg.avg_logprob == pytest.approx(sum(mine) / len(mine), abs=1e-5), seg
+        mine = [(token, lp) for token, t, lp in zip(raw.tokens, raw.timestamps, raw.logprobs, strict=True)
+                if seg.start <= t < seg.end]
+        assert mine and seg.avg_logprob == pytest.approx(sum(lp for _, lp in mine) / len(mine), abs=1e-5), seg
+        assert seg.tokens == [ids[token] for token, _ in mine]  # the model's own token ids
+        assert 0 < seg.compression_ratio and 0 <= seg.no_speech_prob <= 1
+    # UTF-8 bytes with each token; without the include, no logprobs.
+    assert all(p.bytes == list(p.token.encode()) for p in answer.logprobs)
+    with reading.open("rb") as fh:
+        assert client.audio.transcriptions.create(model="gpt-transcribe", file=fh).logprobs is None
 
 
 def test_the_speed_check_and_a_switch_run_on_the_parakeet_entries(tdt_proxy, models_dir, reading):
@@ -137,3 +148,25 @@ def test_the_speed_check_and_a_switch_run_on_the_parakeet_entries(tdt_proxy, mod
         if bridge.health()["model"] != TDT_V2:
             httpx.post(bridge.url + "/v1/models/switch", json={"model_id": TDT_V2}, timeout=120)
         shutil.rmtree(bridge.models_dir / MOONSHINE.id)
+
+
+def test_a_committed_turn_carries_the_engines_scores(tdt_proxy, beckett):
+    """A live session without server VAD (the client commits): ``completed`` carries the engine's
+    log-probabilities, token for token with its transcript."""
+    events: list = []
+    client = sdk_client(tdt_proxy)
+    with client.realtime.connect(extra_query={"intent": "transcription"}) as conn:
+        conn.session.update(session={"type": "transcription", "include": ["item.input_audio_transcription.logprobs"],
+                                     "audio": {"input": {"turn_detection": None}}})
+        pcm = pcm24(beckett, silence_after=0)
+        for i in range(0, len(pcm), 4800):
+            conn.input_audio_buffer.append(audio=base64.b64encode(pcm[i:i + 4800]).decode())
+        conn.input_audio_buffer.commit()
+        for event in conn:
+            events.append(event)
+            if event.type in ("conversation.item.input_audio_transcription.completed", "error"):
+                break
+    completed = events[-1]
+    assert completed.type == "conversation.item.input_audio_transcription.completed", completed
+    assert completed.logprobs and "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
+    assert all(p.logprob <= 0 for p in completed.logprobs)
