@@ -95,3 +95,27 @@ def test_proxy_lists_and_empty_values():
     s = load_proxy_settings(bridge_urls="http://a:8000/, http://b:8000", usage_json="", rate_limit_storage="")
     assert s.bridge_urls == ["http://a:8000", "http://b:8000"]
     assert s.usage_json is None and s.rate_limit_storage == "memory://"
+
+
+def test_a_gpu_host_starts_the_parakeet_engine_with_cuda_flags(tmp_path):
+    """What cannot run here, checked by reading: with compose's settings (``SHERPA_PROVIDER=cuda``,
+    the default parakeet model) the engine child is started on CUDA with the tuning the settings
+    resolve for it (4 threads per model run, batches of 8, 3 work threads) and the transducer's files."""
+    from adapters.managed_websocket import EngineSupervisor
+    from adapters.websocket import ConnectionPool
+    from bridge.catalog import Catalog
+    from bridge.config import load_settings
+
+    settings = load_settings(sherpa_provider="cuda", default_model="parakeet-tdt-0.6b-v2-int8")
+    spec = Catalog.load().get(settings.default_model).engine_model(tmp_path)
+    sup = EngineSupervisor(spec, binary="engine", provider=settings.sherpa_provider,
+                           num_threads=settings.sherpa_num_threads, num_work_threads=settings.sherpa_num_work_threads,
+                           max_batch_size=settings.sherpa_max_batch_size,
+                           max_utterance_seconds=settings.sherpa_max_utterance, ready_timeout=1, max_restarts=0,
+                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 1))
+    flags = sup.command(6006)
+    for wanted in ("--provider=cuda", "--num-threads=4", "--num-work-threads=3", "--max-batch-size=8",
+                   "--model-type=nemo_transducer", f"--encoder={tmp_path}/encoder.int8.onnx",
+                   f"--decoder={tmp_path}/decoder.int8.onnx", f"--joiner={tmp_path}/joiner.int8.onnx",
+                   f"--tokens={tmp_path}/tokens.txt"):
+        assert wanted in flags, (wanted, flags)
