@@ -56,15 +56,17 @@ def post(url: str, path: Path, fmt: str) -> httpx.Response:
 
 
 def one_request(services: Services, env: dict[str, str], name: str, path: Path, fmt: str) -> tuple[float, float]:
-    """A fresh bridge, warmed with a one-minute request in the same format (models loaded, buffers
-    made), then one upload: (seconds, peak MB over the bridge's RSS before it)."""
+    """A fresh bridge, warmed with a request in the same format (models loaded, buffers made), then
+    one upload: (seconds, peak MB over the bridge's RSS before it)."""
     port = free_port()
     proc = services.start(name, [sys.executable, "-m", "bridge"],
                           {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)})
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", proc, timeout=120)
-        post(url, recording(1), fmt)
+        # Warm-up: a minute, or with speakers a window's worth (10 min): the diarization models load
+        # at the first request for speakers, and their runtime's memory grows once to a window's size.
+        post(url, recording(10 if fmt == "diarized_json" else 1), fmt)
         watch = PeakRSS(proc.pid)
         time.sleep(1.0)
         idle = watch.now()

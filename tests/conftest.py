@@ -304,11 +304,11 @@ def tiny_tdt_spec(model_id: str, production: ModelSpec = PARAKEET_V2) -> ModelSp
                                          "repo_id": f"test/{model_id}", "files": files, "size_mb": 0})
 
 
-def install_standin(store: ModelStore, spec: ModelSpec) -> None:
+def install_standin(store: ModelStore, spec: ModelSpec, source: Path = TINY_TDT) -> None:
     folder = store.path_for(spec.id)
     folder.mkdir(parents=True, exist_ok=True)
     for f in spec.files:
-        (folder / f.name).write_bytes((TINY_TDT / f.name).read_bytes())
+        (folder / f.name).write_bytes((source / f.name).read_bytes())
     store._verify_and_mark(spec, folder)
 
 
@@ -319,17 +319,22 @@ TDT_V2, TDT_V3 = "tiny-tdt-v2", "tiny-tdt-v3"
 def tdt_proxy(tmp_path_factory):
     """A bridge serving the parakeet v2 entry's flags with tiny-tdt's files, through the real managed
     engine (sherpa-onnx-offline-websocket-server, CPU); its catalog also has the v3 entry (25
-    languages) on the same files, downloaded, for switching; the speed check runs before ready. The
-    proxy in front of it."""
+    languages) on the same files, downloaded, for switching; the speed check runs before ready; the
+    diarization stand-ins are installed (speakers by word times). The proxy in front of it."""
     work = tmp_path_factory.mktemp("tiny-tdt")
     specs = [tiny_tdt_spec(TDT_V2), tiny_tdt_spec(TDT_V3, PARAKEET_V3)]
+    speakers = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
+                standin_spec("test-embedding", "embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx")]
     store = ModelStore(work / "models")
     for spec in specs:
         install_standin(store, spec)
+    for spec in speakers:
+        install_standin(store, spec, STANDINS)
     catalog = work / "catalog.json"
-    catalog.write_text(json.dumps([s.model_dump() for s in specs]))
+    catalog.write_text(json.dumps([s.model_dump() for s in [*specs, *speakers]]))
     env = bridge_env(work / "models", catalog, DEFAULT_MODEL=TDT_V2, SHERPA_NUM_THREADS="1",
-                     ENGINE_CONNECTIONS="2")
+                     ENGINE_CONNECTIONS="2", DIARIZATION_SEGMENTATION_MODEL=speakers[0].id,
+                     DIARIZATION_EMBEDDING_MODEL=speakers[1].id, DIARIZATION_THRESHOLD="0.45")
     for proxy in bridge_behind_proxy(env, work, "tdt"):
         proxy.bridge.models_dir = work / "models"  # a test links Moonshine in, to switch to it
         yield proxy

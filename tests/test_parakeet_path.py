@@ -19,8 +19,8 @@ import websockets
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from bridge.ports import EngineResult
 from tests.conftest import MOONSHINE, TDT_V2, TINY_TDT
-from tests.helpers import pcm24, sdk_client
-from tests.speech import read_wav16
+from tests.helpers import diarization_score, pcm24, sdk_client
+from tests.speech import conversation, read_wav16
 from tests.test_openai_fields import joined
 
 TOKENS = TINY_TDT / "tokens.txt"
@@ -170,3 +170,26 @@ def test_a_committed_turn_carries_the_engines_scores(tdt_proxy, beckett):
     assert completed.type == "conversation.item.input_audio_transcription.completed", completed
     assert completed.logprobs and "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
     assert all(p.logprob <= 0 for p in completed.logprobs)
+
+
+def test_speakers_are_split_at_the_engines_word_boundaries(tdt_proxy, tmp_path):
+    """``diarized_json`` with a transducer: each word goes to the speaker of its time and segments
+    are cut where the speaker changes, so every segment starts at a word's start and ends at a
+    word's end (the engine's token times, as ``verbose_json`` gives them), and the speakers follow
+    the conversation (the words are the stand-in's, their times are real)."""
+    path, rows = conversation(tmp_path / "talk.wav", ["1688", "2609"], turns=8)
+    client = sdk_client(tdt_proxy)
+    with path.open("rb") as fh:
+        verbose = client.audio.transcriptions.create(model="gpt-transcribe", file=fh, response_format="verbose_json",
+                                                     timestamp_granularities=["word"])
+    with path.open("rb") as fh:
+        answer = client.audio.transcriptions.create(model="gpt-4o-transcribe-diarize", file=fh,
+                                                    response_format="diarized_json")
+    starts, ends = {round(w.start, 2) for w in verbose.words}, {round(w.end, 2) for w in verbose.words}
+    segments = answer.segments
+    assert len({s.speaker for s in segments}) == 2 and len(segments) >= 8
+    for seg in segments:
+        assert round(seg.start, 2) in starts and round(seg.end, 2) in ends, seg
+    assert " ".join(s.text for s in segments).split() == verbose.text.split()
+    found = diarization_score(rows, [s.model_dump() for s in segments], answer.duration)
+    assert found["words_right"] >= 0.9, found
