@@ -66,6 +66,9 @@ MUTATIONS = [
     Mutation("a window's speakers matched to those of the windows before", "bridge/diarization.py",
              "if speaker not in taken and i not in taken.values():", "if False:",
              (DIARIZATION_WINDOWS,)),
+    Mutation("each piece's first scored token starts a word", "bridge/transcript.py",
+             'return token if token[:1].isspace() else " " + token', "return token",
+             ("tests/test_parakeet_path.py::test_scores_are_the_engines_own_on_json_the_stream_and_segments",)),
     # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
     Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",
