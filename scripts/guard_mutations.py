@@ -191,7 +191,7 @@ MUTATIONS = [
              "if model_id in state.catalog and state.catalog.get(model_id).translates:", "if True:",
              ("tests/test_openai_fields.py::test_translations",)),
     Mutation("known speakers' references 2-10 s", "bridge/routes/transcriptions.py",
-             "if not low <= stream.seconds <= high:", "if False:",
+             "if not low <= len(out[name]) / SAMPLE_RATE <= high:", "if False:",
              ("tests/test_diarization.py::test_bad_diarize_requests_name_their_field",)),
     # docs/reliability.md's faults: what must hold when a part fails.
     Mutation("a request the usage store cannot record is refused, never served unmetered", "auth_proxy/metering.py",
