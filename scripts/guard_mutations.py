@@ -69,6 +69,9 @@ MUTATIONS = [
     Mutation("each piece's first scored token starts a word", "bridge/transcript.py",
              'return token if token[:1].isspace() else " " + token', "return token",
              ("tests/test_parakeet_path.py::test_scores_are_the_engines_own_on_json_the_stream_and_segments",)),
+    Mutation("requests at once reach the parakeet engine's batch", "adapters/managed_websocket.py",
+             'f"--max-batch-size={self.max_batch_size if self.spec.batches else 1}",', '"--max-batch-size=1",',
+             ("tests/test_parakeet_path.py::test_requests_at_once_reach_the_engines_batch",)),
     # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
     Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",

@@ -337,4 +337,5 @@ def tdt_proxy(tmp_path_factory):
                      DIARIZATION_EMBEDDING_MODEL=speakers[1].id, DIARIZATION_THRESHOLD="0.45")
     for proxy in bridge_behind_proxy(env, work, "tdt"):
         proxy.bridge.models_dir = work / "models"  # a test links Moonshine in, to switch to it
+        proxy.bridge.catalog_file = catalog
         yield proxy

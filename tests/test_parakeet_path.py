@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import os
+import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import psutil
@@ -18,9 +20,9 @@ import websockets
 
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from bridge.ports import EngineResult
-from tests.conftest import MOONSHINE, TDT_V2, TINY_TDT
+from tests.conftest import MOONSHINE, TDT_V2, TINY_TDT, BridgeProcess, bridge_env
 from tests.helpers import diarization_score, pcm24, sdk_client
-from tests.speech import conversation, read_wav16
+from tests.speech import conversation, librispeech_samples, read_wav16, write_wav16
 from tests.test_openai_fields import joined
 
 TOKENS = TINY_TDT / "tokens.txt"
@@ -193,3 +195,36 @@ def test_speakers_are_split_at_the_engines_word_boundaries(tdt_proxy, tmp_path):
     assert " ".join(s.text for s in segments).split() == verbose.text.split()
     found = diarization_score(rows, [s.model_dump() for s in segments], answer.duration)
     assert found["words_right"] >= 0.9, found
+
+
+def test_requests_at_once_reach_the_engines_batch(tdt_proxy, tmp_path):
+    """Several requests at once are decoded together in the engine's batches (``--max-batch-size``),
+    as the engine's own log says ("size: N" per batch, shown with ``ENGINE_LOG_LEVEL=debug``), and
+    each answer stays its request's own. A bridge tuned as on a GPU host (8 connections, fewer
+    work threads than connections), on the tdt bridge's store."""
+    utterances = ["1089-134686-0000", "1688-142285-0000", "2033-164914-0002", "3080-5032-0001",
+                  "1998-15444-0001", "2414-128291-0003", "367-130732-0001", "533-1066-0002"]
+    clips = [write_wav16(tmp_path / f"{u}.wav", librispeech_samples(u)) for u in utterances]
+    env = bridge_env(tdt_proxy.bridge.models_dir, tdt_proxy.bridge.catalog_file, DEFAULT_MODEL=TDT_V2,
+                     SHERPA_NUM_THREADS="1", ENGINE_CONNECTIONS="8", SHERPA_NUM_WORK_THREADS="1",
+                     ENGINE_LOG_LEVEL="debug", SPEED_CHECK="false")
+    bridge = BridgeProcess(env, tmp_path / "bridge.log")
+    try:
+        bridge.wait_ready()
+
+        def text(path) -> str:
+            with path.open("rb") as fh:
+                r = httpx.post(bridge.url + "/v1/audio/transcriptions", files={"file": fh}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["text"]
+
+        alone = [text(c) for c in clips]
+        for _ in range(3):
+            with ThreadPoolExecutor(len(clips)) as pool:
+                together = list(pool.map(text, clips))
+            assert together == alone  # each request's own words, batched or not
+        batches = [int(n) for n in re.findall(r"size: (\d+)", bridge.log())]
+    finally:
+        bridge.stop()
+    print("batch sizes:", sorted(set(batches)), len(batches))
+    assert batches and max(batches) >= 2, batches
