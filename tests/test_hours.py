@@ -65,7 +65,7 @@ def hours(models_dir, catalog_file, tmp_path_factory):
                      SHERPA_MAX_UTTERANCE="3700", DECODER_WORKERS="1", TMPDIR=str(tmp))
     try:
         for proxy in bridge_behind_proxy(env, work, "hours"):
-            proxy.bridge.tmpdir = tmp
+            proxy.bridge.tmpdir, proxy.engine = tmp, engine
             yield proxy
     finally:
         engine.kill()
@@ -89,10 +89,36 @@ def nothing_left(bridge: BridgeProcess) -> None:
 
 
 def test_an_hour_through_the_stack_holds_the_memory_of_minutes(hours, recordings):
+    """The hour goes to the bridge while the engine is held still (SIGSTOP) until the whole file is
+    decoded and the VAD has had time to find its pieces, as with an engine far slower than the VAD:
+    the pieces found wait without their audio (at most the engine's connections and one more are
+    read ahead), then the engine goes on and the hour is answered to its end."""
     bridge = hours.bridge
     trees = {"bridge": (bridge.proc.pid, set()), "proxy": (hours.proc.pid, set())}
-    with Watcher(trees, {"bridge": bridge.tmpdir}) as w:
-        r = post(hours, recordings["hour"], response_format="verbose_json")
+    answers: list[httpx.Response] = []
+    assert post(hours, recordings["ten"]).status_code == 200  # the engine's connections opened
+    hours.engine.send_signal(signal.SIGSTOP)
+    try:
+        with Watcher(trees, {"bridge": bridge.tmpdir}) as w:
+            sender = threading.Thread(target=lambda: answers.append(post(hours, recordings["hour"],
+                                                                          response_format="verbose_json")))
+            sender.start()
+            deadline = time.monotonic() + 120
+            while max((size for _, size in open_unnamed_files(bridge.proc.pid, bridge.tmpdir)), default=0) \
+                    < 0.999 * HOUR * PCM_BYTES_PER_SECOND:  # the hour decoded
+                assert time.monotonic() < deadline and sender.is_alive(), "the hour was never decoded"
+                time.sleep(0.05)
+            submitted = 0
+            for _ in range(50):  # 10 s: the VAD finds dozens of pieces meanwhile
+                health = bridge.health()
+                submitted = max(submitted, health["pieces_waiting"] + health["pieces_running"])
+                time.sleep(0.2)
+            hours.engine.send_signal(signal.SIGCONT)
+            sender.join()
+    finally:
+        hours.engine.send_signal(signal.SIGCONT)
+    r = answers[0]
+    assert submitted <= bridge.health()["engine_connections"] + 1, f"{submitted} pieces read ahead of the engine"
     assert r.status_code == 200, r.text[:300]
     body = r.json()
     assert body["duration"] == pytest.approx(HOUR, abs=0.5)
