@@ -214,6 +214,8 @@ async def decode_references(params: TranscriptionParams, state: BridgeState, fol
             await decode_into(state, path, stream)
             await stream.wait_done()
             out[name] = stream[:]
+        except AudioStorageFull as exc:
+            raise storage_error(exc) from None
         except (AudioDecodeError, AudioTimeout, AudioTooLong) as exc:
             raise APIError(400, f"{param} cannot be decoded as audio: {exc}", param=param,
                            code="invalid_value") from None
