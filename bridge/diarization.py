@@ -14,6 +14,10 @@ Text is given to speakers by time:
 - a model without them (Moonshine): the audio is cut at the speaker changes before it is
   transcribed (``turn_pieces``), so each piece has one speaker.
 
+Long recordings (over ``DIARIZATION_WINDOW_SECONDS``) are diarized in windows cut at pauses, and
+each window's speakers are matched to those of the windows before by their voices
+(``SpeakerBook``), so memory stays that of one window however long the recording.
+
 Known speakers: each reference (2-10 s of one person) and each speaker found get an embedding
 from the same model; the pairs closest in cosine similarity are matched one to one, down to
 ``KNOWN_SPEAKER_MIN_SIMILARITY``; speakers left over keep their letters.
