@@ -35,7 +35,7 @@ import string
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -44,6 +44,8 @@ from bridge.ports import SAMPLE_RATE
 from bridge.transcript import Segment, Word
 
 log = logging.getLogger("bridge.diarization")
+K = TypeVar("K")
+V = TypeVar("V")
 
 MIN_TURN_SECONDS = 0.3  # shorter speech is not a turn (sherpa-onnx's min_duration_on)
 MIN_PAUSE_SECONDS = 0.5  # shorter pauses inside one speaker's speech are bridged (min_duration_off)
@@ -157,16 +159,22 @@ class Diarizer:
             return turns
         found = {speaker: self.embed(speech_sample(audio, [t for t in turns if t.speaker == speaker]))
                  for speaker in dict.fromkeys(t.speaker for t in turns)}
-        pairs = sorted(((float(found[s] @ ref), s, name) for s in found for name, ref in references.items()),
-                       reverse=True)
-        renamed: dict[str, str] = {}
-        for similarity, speaker, name in pairs:
-            if similarity < self.min_similarity:
-                break
-            if speaker not in renamed and name not in renamed.values():
-                renamed[speaker] = name
+        renamed = best_pairs([(float(found[s] @ ref), s, name) for s in found for name, ref in references.items()],
+                             self.min_similarity)
         log.info("known speakers matched: %s", ", ".join(f"{s}={n}" for s, n in renamed.items()) or "none")
         return [Turn(t.start, t.end, renamed.get(t.speaker, t.speaker)) for t in turns]
+
+
+def best_pairs(pairs: list[tuple[float, K, V]], min_similarity: float) -> dict[K, V]:
+    """(similarity, a, b) pairs matched one to one, most similar first, down to ``min_similarity``:
+    each ``a`` -> its ``b`` (known speakers to references, a window's speakers to those before)."""
+    matched: dict[K, V] = {}
+    for similarity, a, b in sorted(pairs, reverse=True):
+        if similarity < min_similarity:
+            break
+        if a not in matched and b not in matched.values():
+            matched[a] = b
+    return matched
 
 
 def speech_sample(audio: Samples, turns: list[Turn]) -> np.ndarray:
@@ -198,14 +206,8 @@ class SpeakerBook:
     def match(self, voices: dict[int, np.ndarray]) -> dict[int, str]:
         """Each of a window's speakers (by number, in order of appearance) -> a letter."""
         known = [v / max(float(np.linalg.norm(v)), 1e-12) for v in self._voices]
-        pairs = sorted(((float(voice @ k), speaker, i) for speaker, voice in voices.items()
-                        for i, k in enumerate(known)), reverse=True)
-        taken: dict[int, int] = {}
-        for similarity, speaker, i in pairs:
-            if similarity < self.min_similarity:
-                break
-            if speaker not in taken and i not in taken.values():
-                taken[speaker] = i
+        taken = best_pairs([(float(voice @ k), speaker, i) for speaker, voice in voices.items()
+                            for i, k in enumerate(known)], self.min_similarity)
         for speaker, voice in voices.items():
             if speaker in taken:
                 self._voices[taken[speaker]] = self._voices[taken[speaker]] + voice

@@ -64,7 +64,7 @@ MUTATIONS = [
              "windows = plan_pieces(audio, self.window_seconds)", "windows = [(0, len(audio))]",
              (DIARIZATION_WINDOWS,)),
     Mutation("a window's speakers matched to those of the windows before", "bridge/diarization.py",
-             "if speaker not in taken and i not in taken.values():", "if False:",
+             "taken = best_pairs(", "taken = {} if True else best_pairs(",
              (DIARIZATION_WINDOWS,)),
     Mutation("each piece's first scored token starts a word", "bridge/transcript.py",
              'return token if token[:1].isspace() else " " + token', "return token",
