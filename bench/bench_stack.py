@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import json
 import os
 import platform
@@ -23,7 +22,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import httpx
 import numpy as np
@@ -36,8 +35,9 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
-from bridge.catalog import Catalog, ModelFile, ModelSpec  # noqa: E402
+from bridge.catalog import Catalog, ModelSpec  # noqa: E402
 from bridge.model_store import ModelStore  # noqa: E402
+from tests.model_standins import STANDINS, diarization_standins, install_standin  # noqa: E402
 
 
 def read_audio(path: Path) -> np.ndarray:
@@ -307,30 +307,15 @@ class PeakRSS:
         self._thread.join()
 
 
-STANDINS = ROOT.parent / "shared" / "models" / "diarization"
-DIARIZATION_STANDINS: dict[str, tuple[Literal["segmentation", "embedding"], str]] = {
-    "test-segmentation": ("segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
-    "test-embedding": ("embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx"),
-}
-
-
 def standin_models(work: Path) -> dict[str, str]:
-    """A model store with the two stand-ins of the diarization models installed, and the settings
-    that point the bridge at it."""
+    """A model store with the two stand-ins of the diarization models installed (the tests' own,
+    ``../shared/models/diarization/``), and the settings that point the bridge at it."""
     store = ModelStore(work / "models")
-    specs = []
-    for model_id, (kind, name) in DIARIZATION_STANDINS.items():
-        data = (STANDINS / name).read_bytes()
-        spec = ModelSpec(id=model_id, kind=kind, description="test stand-in", languages=[], source="huggingface",
-                         repo_id=f"test/{model_id}", revision="main",
-                         files=[ModelFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())])
-        folder = store.path_for(model_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(data)
-        store._verify_and_mark(spec, folder)
-        specs.append(spec.model_dump())
+    segmentation, embedding = specs = diarization_standins()
+    for spec in specs:
+        install_standin(store, spec, STANDINS)
     catalog = work / "catalog.json"
-    catalog.write_text(json.dumps(specs))
+    catalog.write_text(json.dumps([spec.model_dump() for spec in specs]))
     return {"MODELS_DIR": str(work / "models"), "CATALOG_FILE": str(catalog),
-            "DIARIZATION_SEGMENTATION_MODEL": "test-segmentation", "DIARIZATION_EMBEDDING_MODEL": "test-embedding",
+            "DIARIZATION_SEGMENTATION_MODEL": segmentation.id, "DIARIZATION_EMBEDDING_MODEL": embedding.id,
             "DIARIZATION_THRESHOLD": "0.45"}

@@ -20,6 +20,7 @@ import pytest
 
 from bridge.catalog import BUILTIN_MODELS, ModelFile, ModelSpec
 from bridge.model_store import ModelStore
+from tests.model_standins import STANDINS, TINY_TDT, diarization_standins, install_standin
 
 ROOT = Path(__file__).resolve().parent.parent
 MOONSHINE = next(m for m in BUILTIN_MODELS if m.id == "moonshine-base-en")
@@ -246,16 +247,6 @@ def bridge_behind_proxy(env: dict[str, str], work: Path, key_name: str) -> Itera
 
 # --- speaker diarization with the test stand-ins of its models ---------------------------------
 
-STANDINS = ROOT.parent / "shared" / "models" / "diarization"
-
-
-def standin_spec(model_id: str, kind: str, name: str) -> ModelSpec:
-    data = (STANDINS / name).read_bytes()
-    return ModelSpec(id=model_id, kind=kind, description=f"test stand-in: {name}", languages=[],
-                     source="huggingface", repo_id=f"test/{model_id}", revision="main",
-                     files=[ModelFile(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest())])
-
-
 @pytest.fixture(scope="session")
 def diarizing(tmp_path_factory):
     """A bridge (Moonshine) whose diarization models were downloaded from a Hugging Face stand-in
@@ -264,8 +255,7 @@ def diarizing(tmp_path_factory):
     from tests.hf_mirror import MirrorServer
 
     work = tmp_path_factory.mktemp("diarization")
-    specs = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
-             standin_spec("test-embedding", "embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx")]
+    specs = diarization_standins()
     for spec in specs:
         repo = work / "mirror" / "test" / spec.id
         repo.mkdir(parents=True)
@@ -288,7 +278,6 @@ def diarizing(tmp_path_factory):
 
 # --- the parakeet path through the real engine, with the tiny-tdt stand-in ------------------------
 
-TINY_TDT = ROOT.parent / "shared" / "models" / "tiny-tdt"
 PARAKEET_V2 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v2-int8")
 PARAKEET_V3 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v3-int8")
 
@@ -304,14 +293,6 @@ def tiny_tdt_spec(model_id: str, production: ModelSpec = PARAKEET_V2) -> ModelSp
                                          "repo_id": f"test/{model_id}", "files": files, "size_mb": 0})
 
 
-def install_standin(store: ModelStore, spec: ModelSpec, source: Path = TINY_TDT) -> None:
-    folder = store.path_for(spec.id)
-    folder.mkdir(parents=True, exist_ok=True)
-    for f in spec.files:
-        (folder / f.name).write_bytes((source / f.name).read_bytes())
-    store._verify_and_mark(spec, folder)
-
-
 TDT_V2, TDT_V3 = "tiny-tdt-v2", "tiny-tdt-v3"
 
 
@@ -323,8 +304,7 @@ def tdt_proxy(tmp_path_factory):
     diarization stand-ins are installed (speakers by word times). The proxy in front of it."""
     work = tmp_path_factory.mktemp("tiny-tdt")
     specs = [tiny_tdt_spec(TDT_V2), tiny_tdt_spec(TDT_V3, PARAKEET_V3)]
-    speakers = [standin_spec("test-segmentation", "segmentation", "pyannote-segmentation-3.0-sherpa.onnx"),
-                standin_spec("test-embedding", "embedding", "resemblyzer-ge2e-fbank80-sherpa.onnx")]
+    speakers = diarization_standins()
     store = ModelStore(work / "models")
     for spec in specs:
         install_standin(store, spec)
