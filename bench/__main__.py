@@ -47,7 +47,7 @@ from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_bin
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
 from bench import bench_hours, bench_real_speech
-from bench.bench_stack import Services, cpu_model, in_process_recognizer, recognize, wait_http
+from bench.bench_stack import Services, Watch, cpu_model, in_process_recognizer, recognize, wait_http
 from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings
 from bridge.model_store import ModelStore
@@ -149,58 +149,6 @@ def http_target(name: str, url: str, data: bytes, watched: list[psutil.Process],
 
 
 # ------------------------------------------------------------------------------------------ measuring
-
-class Watch:
-    """CPU seconds and peak RSS of some processes and their children while a block runs."""
-
-    def __init__(self, procs: list[psutil.Process]) -> None:
-        self.procs = procs
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _tree(self) -> list[psutil.Process]:
-        out = []
-        for p in self.procs:
-            try:
-                out += [p, *p.children(recursive=True)]
-            except psutil.Error:
-                pass
-        return out
-
-    def _cpu(self) -> dict[int, float]:
-        times = {}
-        for p in self._tree():
-            try:
-                t = p.cpu_times()
-                times[p.pid] = t.user + t.system
-            except psutil.Error:
-                pass
-        return times
-
-    def _sample(self) -> None:
-        while True:  # a sample at once: a block shorter than one period has a peak too
-            rss = 0
-            for p in self._tree():
-                try:
-                    rss += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            self.peak = max(self.peak, rss)
-            if self._stop.wait(0.05):
-                return
-
-    def __enter__(self) -> Watch:
-        self._before = self._cpu()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        after = self._cpu()
-        self._stop.set()
-        self._thread.join()
-        self.cpu_seconds = sum(t - self._before.get(pid, 0.0) for pid, t in after.items())
-
 
 @dataclass
 class Row:

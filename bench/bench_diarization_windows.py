@@ -26,9 +26,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import PeakRSS, Services, standin_models, wait_http
+from bench.bench_stack import Services, Watch, standin_models, wait_http
 from tests.helpers import diarization_score
 from tests.speech import HELD_OUT_SPEAKERS, conversation, read_wav16, write_wav16
 
@@ -63,8 +64,8 @@ def start_bridge(services: Services, env: dict[str, str], name: str, window: flo
 
 def diarize(url: str, path: Path, pid: int) -> tuple[dict, float, float]:
     """The answer, its seconds, and the bridge's peak RSS over idle (MB) while it answered."""
-    watch = PeakRSS(pid)
-    idle = watch.now()
+    watch = Watch([psutil.Process(pid)], interval=0.02)
+    idle = watch.rss()
     with watch, path.open("rb") as fh:
         started = time.perf_counter()
         r = httpx.post(url + "/v1/audio/transcriptions", files={"file": (path.name, fh)},

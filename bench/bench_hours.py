@@ -25,7 +25,7 @@ import httpx
 import psutil
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import PeakRSS, Services, cpu_model, standin_models, wait_http
+from bench.bench_stack import Services, Watch, cpu_model, standin_models, wait_http
 from tests.speech import librispeech_loop
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,9 +67,9 @@ def one_request(services: Services, env: dict[str, str], name: str, path: Path, 
         # Warm-up: a minute, or with speakers a window's worth (10 min): the diarization models load
         # at the first request for speakers, and their runtime's memory grows once to a window's size.
         post(url, recording(10 if fmt == "diarized_json" else 1), fmt)
-        watch = PeakRSS(proc.pid)
+        watch = Watch([psutil.Process(proc.pid)], interval=0.02)
         time.sleep(1.0)
-        idle = watch.now()
+        idle = watch.rss()
         with watch:
             started = time.perf_counter()
             post(url, path, fmt)

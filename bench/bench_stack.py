@@ -274,37 +274,61 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-class PeakRSS:
-    """Peak RSS of a process and its children, sampled every 20 ms while a block runs."""
+class Watch:
+    """CPU seconds and peak RSS of some processes and their children while a block runs."""
 
-    def __init__(self, pid: int) -> None:
-        self.proc = psutil.Process(pid)
+    def __init__(self, procs: list[psutil.Process], interval: float = 0.05) -> None:
+        self.procs = procs
+        self.interval = interval
         self.peak = 0
         self._stop = threading.Event()
 
-    def now(self) -> int:
-        total = 0
-        for p in [self.proc, *self.proc.children(recursive=True)]:
+    def _tree(self) -> list[psutil.Process]:
+        out = []
+        for p in self.procs:
             try:
-                total += p.memory_info().rss
+                out += [p, *p.children(recursive=True)]
             except psutil.Error:
                 pass
-        return total
+        return out
+
+    def _cpu(self) -> dict[int, float]:
+        times = {}
+        for p in self._tree():
+            try:
+                t = p.cpu_times()
+                times[p.pid] = t.user + t.system
+            except psutil.Error:
+                pass
+        return times
+
+    def rss(self) -> int:
+        """The RSS of the processes and their children now, bytes."""
+        rss = 0
+        for p in self._tree():
+            try:
+                rss += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return rss
 
     def _sample(self) -> None:
-        while True:
-            self.peak = max(self.peak, self.now())
-            if self._stop.wait(0.02):
+        while True:  # a sample at once: a block shorter than one period has a peak too
+            self.peak = max(self.peak, self.rss())
+            if self._stop.wait(self.interval):
                 return
 
-    def __enter__(self) -> PeakRSS:
+    def __enter__(self) -> Watch:
+        self._before = self._cpu()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        after = self._cpu()
         self._stop.set()
         self._thread.join()
+        self.cpu_seconds = sum(t - self._before.get(pid, 0.0) for pid, t in after.items())
 
 
 def standin_models(work: Path) -> dict[str, str]:
