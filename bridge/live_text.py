@@ -4,13 +4,19 @@ An offline model hears the open turn again at a steady pace (``delay``); a word 
 ``delta`` once two passes in a row agree on it and on every word before it (LocalAgreement-2,
 Macháček et al. 2023, whisper_streaming). Deltas only append: a word once sent is never taken back.
 
-What is final is never heard again. A pause of ``PAUSE_MS`` after at least ``MIN_SEGMENT_SECONDS``
-of the turn closes a segment: one pass over the audio up to the pause gives that segment's final
-text, and the passes that follow start there (the *anchor*). Models without token times
-(Moonshine) need the pause for this; every model gets the same rule, so a pass covers at most the
-audio since the last pause (``MAX_PASS_SECONDS``, beyond which passes stop until the commit). At
-the commit the rest of the turn is transcribed like any turn, and ``completed`` carries the
-segments' final texts joined: the whole turn.
+What is final is never heard again. A segment of the turn closes, and the passes that follow start
+at its end (the *anchor*), in one of two ways:
+
+- by the engine's token times (parakeet): once two passes agree on words, the segment ends after
+  the last agreed word that ends a sentence, or after the last agreed word once a pass covers
+  ``TOKEN_CUT_SECONDS`` without one; those agreed words are its final text, with no pass of its own;
+- by a pause of ``PAUSE_MS`` after at least ``MIN_SEGMENT_SECONDS`` of the turn (every model; the
+  only way for models without token times, such as Moonshine): one pass over the audio up to the
+  pause gives that segment's final text.
+
+A pass covers at most ``MAX_PASS_SECONDS`` past the anchor (beyond that, passes stop until the
+commit). At the commit the rest of the turn is transcribed like any turn, and ``completed``
+carries the segments' final texts joined: the whole turn.
 
 Cost: at most one pass per session in flight; a pass that comes due while the session's pass
 still runs, while its committed turns wait, or while the engine has work waiting or no connection
@@ -33,9 +39,9 @@ from typing import Protocol
 
 import numpy as np
 
-from bridge.ports import SAMPLE_RATE
+from bridge.ports import SAMPLE_RATE, EngineResult
 from bridge.state import BridgeState
-from bridge.transcript import scored_tokens
+from bridge.transcript import SENTENCE_ENDS, WORD_START_MARKS, scored_tokens, words_from_tokens
 
 log = logging.getLogger("bridge.live_text")
 
@@ -47,6 +53,7 @@ MIN_SEGMENT_SECONDS = 2.0  # ... once the segment holds this much: short pieces 
 MAX_SEGMENT_SECONDS = 15.0  # speech this long without a pause is closed anyway (Silero's cut)
 MAX_PASS_SECONDS = 30.0  # no pass over more than this: the commit handles the rest
 MIN_NEW_SECONDS = 0.2  # a pass needs this much audio it has not heard yet
+TOKEN_CUT_SECONDS = 8.0  # with token times and no agreed sentence end, a pass this long cuts at its last agreed word
 
 Delta = Callable[[str, str], Awaitable[None]]  # (item, text)
 
@@ -94,6 +101,36 @@ def continuation(sent: list[str], words: list[str]) -> tuple[list[str], list[str
     return list(words[end_words:]), list(sent[end_sent:])
 
 
+@dataclass(frozen=True)
+class Cut:
+    """Where a pass's agreed words end, by the engine's token times."""
+
+    words: int  # how many of the pass's words lie before it
+    tokens: int  # how many of its tokens
+    seconds: float  # from the pass's start
+
+
+def stable_cut(result: EngineResult, agreed_words: int, min_seconds: float) -> Cut | None:
+    """Where the next pass may start in the audio of ``result``, whose first ``agreed_words`` words
+    two passes agree on: after the last of them that ends a sentence, or else, when the pass covers
+    ``TOKEN_CUT_SECONDS``, after the last of them; never before ``min_seconds`` and never after the
+    pass's last word (the audio past it is still being read). The cut lies halfway between the
+    word's end and the next word's start. None without token times for every word."""
+    words = words_from_tokens(result, 0.0)
+    texts = result.text.split()
+    if not words or [w.word for w in words] != texts:
+        return None
+    firsts = [i for i, token in enumerate(result.tokens) if i == 0 or token.startswith(WORD_START_MARKS)]
+    cuts = [Cut(j + 1, firsts[j + 1], (min(words[j].end, words[j + 1].start) + words[j + 1].start) / 2)
+            for j in range(min(agreed_words, len(words) - 1))]
+    cuts = [cut for cut in cuts if cut.seconds >= min_seconds]
+    sentence_ends = [cut for cut in cuts if texts[cut.words - 1].endswith(SENTENCE_ENDS)]
+    if sentence_ends:
+        return sentence_ends[-1]
+    long_pass = words[-1].end >= TOKEN_CUT_SECONDS
+    return cuts[-1] if cuts and long_pass else None
+
+
 @dataclass
 class LiveTurn:
     """What live text knows about the open turn."""
@@ -116,10 +153,22 @@ class LiveTurn:
         self.anchor, self.sent_after_anchor, self.previous = end, beyond, []
         return new
 
-    def settle(self, words: list[str], heard_at: float) -> list[str]:
-        """A pass's words past the anchor: those two passes now agree on and not sent yet."""
-        new, _ = continuation(self.sent_after_anchor, agreed(self.previous, words))
+    def settle(self, words: list[str], heard_at: float) -> tuple[list[str], int]:
+        """A pass's words past the anchor: (those two passes now agree on and not sent yet, how many
+        of ``words`` two passes agree on)."""
+        settled = agreed(self.previous, words)
+        new, _ = continuation(self.sent_after_anchor, settled)
         self.previous, self.previous_at = words, heard_at
+        return new, len(settled)
+
+    def cut(self, result: EngineResult, cut: Cut) -> list[str]:
+        """Close a segment at a cut by token times: its final text is the pass's words before the cut
+        (agreed, so sent); the pass's later words stay the reading the next pass is compared with.
+        The words of it not yet sent (none, unless a misheard word was paired)."""
+        words = result.text.split()
+        scored = scored_tokens(result)[:cut.tokens]
+        new = self.close_segment(" ".join(words[:cut.words]), scored, self.anchor + round(cut.seconds * SAMPLE_RATE))
+        self.previous = words[cut.words:]
         return new
 
     def record(self, words: list[str], *, past_anchor: bool) -> str:
@@ -237,6 +286,7 @@ class LiveText:
         self.state.live_passes += 1
         try:
             async with self.state.engines.lease() as engine:
+                token_times = engine.spec.token_timestamps
                 result = await self.state.scheduler.submit(self.key, engine, self.audio(turn.anchor, end),
                                                            self.keywords)
         except Exception as exc:  # noqa: BLE001 - a pass is a preview: the commit reports engine trouble
@@ -246,14 +296,26 @@ class LiveText:
             self.state.live_passes -= 1
         log.debug("live pass %s %.2f-%.2f s: %r", "closing" if closing is not None else "open",
                   turn.anchor / SAMPLE_RATE, end / SAMPLE_RATE, result.text)
+        if turn is not self.turn:
+            return  # committed meanwhile
         if closing is not None:
-            lag_from = heard_at
+            self.state.metrics.live_segments.labels("pause").inc()
             new = turn.close_segment(result.text, scored_tokens(result), end)
-        else:
-            lag_from = turn.previous_at or heard_at
-            new = turn.settle(result.text.split(), heard_at)
-        if new and turn is self.turn:
-            lag = time.monotonic() - lag_from
-            self.state.metrics.live_lag.observe(lag)
-            text = turn.record(new, past_anchor=closing is None)
-            await asyncio.shield(self.delta(turn.item, text))  # never cut off halfway
+            await self._send(turn, new, heard_at, past_anchor=False)
+            return
+        lag_from = turn.previous_at or heard_at
+        new, settled = turn.settle(result.text.split(), heard_at)
+        await self._send(turn, new, lag_from, past_anchor=True)
+        cut = stable_cut(result, settled, MIN_SEGMENT_SECONDS) if token_times else None
+        if cut is not None:
+            log.debug("live segment cut by token times at %.2f s", turn.anchor / SAMPLE_RATE + cut.seconds)
+            self.state.metrics.live_segments.labels("token_times").inc()
+            await self._send(turn, turn.cut(result, cut), lag_from, past_anchor=False)
+
+    async def _send(self, turn: LiveTurn, words: list[str], lag_from: float, *, past_anchor: bool) -> None:
+        """One delta with ``words``, if any (the lag measured from ``lag_from``)."""
+        if not words:
+            return
+        self.state.metrics.live_lag.observe(time.monotonic() - lag_from)
+        text = turn.record(words, past_anchor=past_anchor)
+        await asyncio.shield(self.delta(turn.item, text))  # never cut off halfway

@@ -3,7 +3,6 @@ per test session, reached over loopback HTTP."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import signal
@@ -18,9 +17,15 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.catalog import BUILTIN_MODELS, ModelFile, ModelSpec
+from bridge.catalog import BUILTIN_MODELS
 from bridge.model_store import ModelStore
-from tests.model_standins import STANDINS, TINY_TDT, diarization_standins, install_standin
+from tests.model_standins import (
+    PARAKEET_V3,
+    STANDINS,
+    diarization_standins,
+    install_standin,
+    tiny_tdt_spec,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MOONSHINE = next(m for m in BUILTIN_MODELS if m.id == "moonshine-base-en")
@@ -277,21 +282,6 @@ def diarizing(tmp_path_factory):
 
 
 # --- the parakeet path through the real engine, with the tiny-tdt stand-in ------------------------
-
-PARAKEET_V2 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v2-int8")
-PARAKEET_V3 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v3-int8")
-
-
-def tiny_tdt_spec(model_id: str, production: ModelSpec = PARAKEET_V2) -> ModelSpec:
-    """A production parakeet entry (its flags, file names, piece length, word times, keywords) whose
-    files are the tiny-tdt stand-in's: the real engine runs it on the CPU (random weights)."""
-    files = []
-    for f in production.files:
-        data = (TINY_TDT / f.name).read_bytes()
-        files.append(ModelFile(name=f.name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
-    return production.model_copy(update={"id": model_id, "description": f"test: tiny-tdt as {production.id}",
-                                         "repo_id": f"test/{model_id}", "files": files, "size_mb": 0})
-
 
 TDT_V2, TDT_V3 = "tiny-tdt-v2", "tiny-tdt-v3"
 

@@ -15,7 +15,8 @@ import numpy as np
 import openai
 import pytest
 
-from bridge.live_text import agreed, continuation
+from bridge.live_text import LiveTurn, agreed, continuation, stable_cut
+from bridge.ports import EngineResult
 from tests.helpers import pcm24_of, transcribe, wer
 from tests.speech import librispeech_samples, librispeech_text, write_wav16
 from tests.test_proxy import ProxyProcess, add_key
@@ -84,6 +85,44 @@ def test_agreement_sends_only_what_two_passes_share():
     assert continuation(["the", "cap", "sat"], ["the", "cat", "sat", "on"]) == (["on"], [])
     # Sent words past a segment's end belong to the audio after it.
     assert continuation(["one", "two", "three"], ["one", "two"]) == ([], ["three"])
+
+
+def transducer_result(text: str, step: float = 0.5) -> EngineResult:
+    """A transducer's reply: one token a word, each ``step`` long, one after another."""
+    words = text.split()
+    return EngineResult(text, [f"\u2581{w}" for w in words], [i * step for i in range(len(words))],
+                        [step * 0.8] * len(words), [-0.1] * len(words))
+
+
+def test_token_times_cut_after_the_last_agreed_sentence_end_or_a_long_passs_last_agreed_word():
+    result = transducer_result("one two three. four five six seven eight")
+    # Halfway between "three." (ends at 1.4 s) and "four" (starts at 1.5 s).
+    cut = stable_cut(result, agreed_words=5, min_seconds=1.0)
+    assert cut is not None and (cut.words, cut.tokens) == (3, 3) and cut.seconds == pytest.approx(1.45)
+    assert stable_cut(result, agreed_words=2, min_seconds=0.0) is None  # no sentence end agreed, a short pass
+    assert stable_cut(result, agreed_words=5, min_seconds=2.0) is None  # the segment would be too short
+    long_pass = transducer_result(" ".join(f"w{i}" for i in range(20)))  # 10 s, no sentence end
+    cut = stable_cut(long_pass, agreed_words=12, min_seconds=2.0)
+    assert cut is not None and cut.words == 12
+    assert stable_cut(long_pass, agreed_words=20, min_seconds=2.0).words == 19  # the last word may still grow
+    assert stable_cut(EngineResult("one two. three", [], [], [], []), 3, 0.0) is None  # no token times
+
+
+def test_a_cut_by_token_times_makes_the_agreed_words_final_and_starts_the_next_pass_there():
+    turn = LiveTurn("item", anchor=16000)
+    first = transducer_result("one two three. four")
+    assert turn.settle(first.text.split(), 1.0) == ([], 0)
+    second = transducer_result("one two three. four five")
+    new, settled = turn.settle(second.text.split(), 2.0)
+    assert (new, settled) == (["one", "two", "three.", "four"], 4)
+    turn.record(new, past_anchor=True)
+    cut = stable_cut(second, settled, 0.0)
+    assert turn.cut(second, cut) == []  # all of it went out already
+    assert turn.finals == ["one two three."] and [t for t, _ in turn.scored] == [" one", " two", " three."]
+    assert turn.anchor == 16000 + round(1.45 * 16000)
+    assert turn.sent_after_anchor == ["four"] and turn.previous == ["four", "five"]
+    # The next pass hears from the cut on: what it agrees on past "four" goes out.
+    assert turn.settle(["four", "five", "six"], 3.0) == (["five"], 2)
 
 
 def test_words_arrive_while_the_person_is_still_talking(live_proxy, bridge):

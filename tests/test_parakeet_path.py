@@ -20,8 +20,9 @@ import websockets
 
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from bridge.ports import EngineResult
-from tests.conftest import MOONSHINE, TDT_V2, TINY_TDT, BridgeProcess, bridge_env
+from tests.conftest import MOONSHINE, TDT_V2, BridgeProcess, bridge_env
 from tests.helpers import diarization_score, pcm24, sdk_client
+from tests.model_standins import TINY_TDT
 from tests.speech import conversation, librispeech_samples, read_wav16, write_wav16
 from tests.test_openai_fields import joined
 
@@ -74,6 +75,35 @@ def test_live_text_with_a_real_transducer_carries_its_scores(tdt_proxy):
     assert completed.type == COMPLETED and completed.transcript
     assert "".join(e.delta for _, e in events if e.type == DELTA).strip()
     assert completed.logprobs and all(p.logprob <= 0 for p in completed.logprobs)
+    assert "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
+
+
+def test_live_text_cuts_a_turn_without_pauses_at_agreed_words_by_token_times(tdt_proxy):
+    """A turn with no pause for 30 s on the parakeet path: passes start after the last agreed
+    word, by the real engine's token times (segments cut that way are counted), not only at
+    pauses; words keep coming to the end of the turn; ``completed`` is the whole turn with the
+    engine's scores. (How well deltas and ``completed`` agree says nothing here: the stand-in's
+    words are random, so each pass may read the same audio differently.)"""
+    import numpy as np
+
+    from tests.helpers import pcm24_of
+    from tests.speech import without_pauses
+    from tests.test_live_text import COMPLETED, DELTA, metric, spoken
+
+    bridge = tdt_proxy.bridge
+    cuts_before = metric(bridge, "stt_bridge_live_segments_total", by="token_times")
+    samples = without_pauses(np.concatenate([librispeech_samples(u) for u in UTTERANCES]))
+    events = spoken(tdt_proxy, pcm24_of(samples), pace=2.0, transcription={
+        "model": "gpt-live-transcribe", "delay": "minimal"}, include=["item.input_audio_transcription.logprobs"])
+    completed = events[-1][1]
+    assert completed.type == COMPLETED and completed.transcript
+    cuts = metric(bridge, "stt_bridge_live_segments_total", by="token_times") - cuts_before
+    assert cuts >= 2, f"{cuts} segments cut by token times in a {len(samples) / 16000:.0f} s turn"
+    sent = [t for t, e in events if e.type == DELTA]
+    committed = next(t for t, e in events if e.type == "input_audio_buffer.committed")
+    started = events[0][0]
+    assert any(t > started + 0.75 * (committed - started) for t in sent if t < committed), \
+        "no words in the last quarter of the turn before its commit"
     assert "".join(p.token for p in completed.logprobs).split() == completed.transcript.split()
 
 
