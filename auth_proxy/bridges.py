@@ -14,7 +14,7 @@ compose's: the proxy only chooses among the bridges it is given (as vLLM's produ
 router does).
 
 Without ``BRIDGE_URLS`` there is one bridge, ``BRIDGE_URL``, and requests stream straight to it as
-before (see app.forward_request).
+before (see auth_proxy.forwarded_request).
 """
 
 from __future__ import annotations
@@ -237,80 +237,3 @@ class BridgePool:
             raise self.none_for(model)
         count = {m: sum(1 for b in ready if b.model == m) for m in {b.model for b in ready}}
         return min(ready, key=lambda b: (count[b.model] < 2, b.load, b.url))
-
-
-async def answer_from_pool(pool: BridgePool, request: Any, path: str, spooled: str | None,
-                           request_id: str) -> Any:
-    """The answers the proxy gives itself with several bridges (None: forward the request):
-
-    - ``GET /v1/models``: the union of the bridges' catalogs, each model with ``loaded_on``;
-    - ``GET /v1/models/{id}``: one entry of it;
-    - ``POST /v1/models/switch``: ``?bridges=one`` (the default) loads the model on one bridge
-      if no ready bridge has it (one whose model another bridge also serves, least busy first),
-      and changes nothing if one has; ``?bridges=all`` switches every ready bridge.
-    """
-    from starlette.responses import JSONResponse
-
-    if request.method == "GET" and path == "/v1/models":
-        return JSONResponse(pool.models())
-    if request.method == "GET" and path.startswith("/v1/models/"):
-        model_id = path.removeprefix("/v1/models/")
-        for card in pool.models()["data"]:
-            if card["id"] == model_id:
-                return JSONResponse(card)
-        raise APIError(404, f"model {model_id!r} is not in the catalog", param="model", code="model_not_found",
-                       should_retry=False)
-    if request.method != "POST" or path != "/v1/models/switch":
-        return None
-    import json
-
-    scope = request.query_params.get("bridges", "one")
-    if scope not in ("one", "all"):
-        raise APIError(400, "bridges must be 'one' or 'all'", param="bridges", code="invalid_value")
-    try:
-        with open(spooled or "/dev/null", "rb") as fh:
-            model_id = json.loads(fh.read(65536))["model_id"]
-        assert isinstance(model_id, str) and 0 < len(model_id) <= 128
-    except (ValueError, KeyError, TypeError, AssertionError):
-        raise APIError(400, 'body must be JSON: {"model_id": "<catalog id>"}', param="model_id",
-                       code="invalid_value") from None
-    if not any(card["id"] == model_id for card in pool.models()["data"]):
-        raise APIError(404, f"model {model_id!r} is not in the catalog; see GET /v1/models", param="model_id",
-                       code="model_not_found", should_retry=False)
-    serving = [b for b in pool.ready() if b.model == model_id]
-    if scope == "one" and serving:
-        return JSONResponse({"model": model_id, "previous": model_id, "switched": False, "switch_seconds": 0.0,
-                             "bridges": [b.url for b in serving]})
-    targets = [pool.pick_for_switch(model_id)] if scope == "one" else pool.ready()
-    if not targets:
-        raise pool.none_for(model_id)
-
-    async def switch(bridge: Bridge) -> tuple[Bridge, int, dict[str, Any]]:
-        bridge.in_flight += 1
-        try:
-            r = await bridge.client.post("/v1/models/switch", json={"model_id": model_id},
-                                         headers={"x-request-id": request_id})
-            return bridge, r.status_code, r.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            return bridge, 502, {"error": {"message": f"bridge unreachable: {exc.__class__.__name__}",
-                                           "type": "server_error", "param": None, "code": "bridge_unavailable"}}
-        finally:
-            bridge.in_flight -= 1
-            await pool.poll(bridge)
-
-    results = await asyncio.gather(*(switch(b) for b in targets))
-    failed = [(b, status, body) for b, status, body in results if status >= 300]
-    if scope == "one" and failed:  # the bridge's own answer, in the OpenAI shape
-        _, status, body = failed[0]
-        return JSONResponse(body, status_code=status)
-    per_bridge = [{"bridge": b.url, "status": status, **body} for b, status, body in results]
-    if failed:
-        where = ", ".join(f"{b.url} ({status})" for b, status, _ in failed)
-        return JSONResponse({"error": {"message": f"switching to {model_id} failed on {where}", "type": "server_error",
-                                       "param": "model_id", "code": "switch_failed"}, "results": per_bridge},
-                            status_code=max(status for _, status, _ in failed))
-    first = results[0][2]
-    return JSONResponse({"model": model_id, "previous": first.get("previous"),
-                         "switched": any(body.get("switched") for _, _, body in results),
-                         "switch_seconds": max(float(body.get("switch_seconds", 0)) for _, _, body in results),
-                         "bridges": [b.url for b in targets], "results": per_bridge})

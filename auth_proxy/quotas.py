@@ -18,6 +18,22 @@ def start_of_utc_day(now: float) -> float:
     return day.timestamp()
 
 
+def daily_audio_quota(state: ProxyState, key: ApiKey) -> float | None:
+    """The key's audio seconds per UTC day: its own, else the default; 0 or None for no quota."""
+    return key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
+        else state.settings.default_audio_seconds_per_day
+
+
+async def audio_quota_used_up(state: ProxyState, key: ApiKey) -> bool:
+    """Whether the key has used its audio seconds of today (read on the usage store's thread, after
+    the writes queued before)."""
+    quota = daily_audio_quota(state, key)
+    if not quota:
+        return False
+    used = await state.writer.run(state.usage.audio_seconds_since, key.id, start_of_utc_day(time.time()))
+    return bool(used >= quota)
+
+
 async def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -> dict[str, str]:
     """Raises 429 when the key is over a limit; returns the x-ratelimit-* headers."""
     headers: dict[str, str] = {}
@@ -35,8 +51,7 @@ async def check_limits(state: ProxyState, key: ApiKey, is_transcription: bool) -
         if not allowed:
             raise APIError(429, f"Rate limit reached: {rpm} requests per minute for key {key.name!r}",
                            code="rate_limit_exceeded", retry_after=max(1.0, reset), headers=headers)
-    quota = key.audio_seconds_per_day if key.audio_seconds_per_day is not None \
-        else state.settings.default_audio_seconds_per_day
+    quota = daily_audio_quota(state, key)
     if quota and is_transcription:
         now = time.time()
         used = await state.writer.run(state.usage.audio_seconds_since, key.id, start_of_utc_day(now))

@@ -13,11 +13,19 @@ machine's cores; the instant stand-in engine for a GPU, so that only the bridge'
 - stability: WER of the turn's deltas joined against its ``completed``, and the share of words that
   came only after the commit;
 - cost: CPU seconds of the engine process (and of the bridge) per second of audio, live text
-  against the same session with ``gpt-transcribe`` (text at each commit only);
+  against the same session with ``gpt-transcribe`` (text at each commit only), and the seconds of
+  audio the live passes sent to the engine per second of audio (what a GPU's time follows);
 - uploads: the latency of a 6 s upload repeated during a live session, against the same uploads
   with no session.
 
-    .venv/bin/python -m bench.bench_live_text [--engine moonshine|instant|both] [--turns 6] [--delay low]
+The tiny-tdt stand-in (``--engine tiny-tdt``: parakeet v2's flags on the real engine, random
+words) shows what the engine's token times do: passes that start after the last agreed word (its
+lag and WER say nothing of words; its engine time does). ``--no-pauses`` shortens each turn's pauses
+to 0.15 s (run-on speech, where only token times can cut); ``--compare DIR`` runs the same rows with
+another checkout's bridge (a git worktree of an earlier commit) beside.
+
+    .venv/bin/python -m bench.bench_live_text [--engine moonshine|instant|tiny-tdt|both] [--turns 6]
+        [--delay low] [--no-pauses] [--compare DIR]
 """
 
 from __future__ import annotations
@@ -41,14 +49,15 @@ import numpy as np
 import websockets
 
 from adapters.managed_websocket import free_port
-from bench.bench_stack import Services, cpu_model, wait_http
+from bench.bench_stack import ROOT, Services, cpu_model, wait_http
 from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.live_text import DELAYS
 from bridge.model_store import ModelStore
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.helpers import pcm24_of, wer
-from tests.speech import LIBRISPEECH, librispeech_samples, write_wav16
+from tests.model_standins import install_standin, tiny_tdt_spec
+from tests.speech import LIBRISPEECH, librispeech_samples, without_pauses, write_wav16
 
 RATE = 16000
 CHUNK = 0.1  # seconds per append, as a browser's worklet sends
@@ -183,6 +192,14 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pass_audio(metrics_url: str) -> float:
+    """Seconds of audio the bridge's live passes have sent to the engine (its metrics)."""
+    for line in httpx.get(metrics_url).text.splitlines():
+        if line.startswith("stt_bridge_live_pass_audio_seconds_total "):
+            return float(line.split()[1])
+    return float("nan")
+
+
 def children(pid: int) -> list[int]:
     kids = []
     for task in Path(f"/proc/{pid}/task").iterdir():
@@ -219,13 +236,19 @@ class Uploads:
 
 
 def bench_engine(name: str, env: dict[str, str], turns: list[np.ndarray], delay: str, work: Path,
-                 detector: SpeechDetector) -> list[str]:
+                 detector: SpeechDetector, tree: Path = ROOT) -> list[str]:
+    """The rows of one engine behind a bridge started from ``tree`` (this checkout or another)."""
     services = Services(work)
     port = free_port()
     rows: list[str] = []
+    if tree != ROOT:
+        name = f"{name} ({tree.name})"
     try:
+        metrics_port = free_port()
         bridge = services.start(f"bridge-{name}", [sys.executable, "-m", "bridge"],
-                                {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)})
+                                {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port),
+                                 "BRIDGE_METRICS_PORT": str(metrics_port)}, cwd=tree)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         http = f"http://127.0.0.1:{port}"
         wait_http(http + "/health", bridge, timeout=300)
         ws = f"ws://127.0.0.1:{port}/v1/realtime?intent=transcription"
@@ -234,12 +257,15 @@ def bench_engine(name: str, env: dict[str, str], turns: list[np.ndarray], delay:
         for label, model, pace in (("text at each commit (gpt-transcribe)", "gpt-transcribe", None),
                                    (f"live text (gpt-live-transcribe, delay {delay})", "gpt-live-transcribe", delay)):
             before = [cpu_seconds(p) for p in [bridge.pid, *engine]]
+            heard_before = pass_audio(metrics)
             logs = asyncio.run(live_session(ws, turns, model, pace))
             after = [cpu_seconds(p) for p in [bridge.pid, *engine]]
             s = score(logs, detector)
             engine_cpu = sum(after[1:]) - sum(before[1:])
+            heard = pass_audio(metrics) - heard_before
             rows.append(f"| {name} | {label} | {s['p50']:.2f} s | {s['p95']:.2f} s | {s['wer']:.1f} % | "
-                        f"{s['late']:.0f} % | {engine_cpu / audio:.2f} | {(after[0] - before[0]) / audio:.3f} |")
+                        f"{s['late']:.0f} % | {engine_cpu / audio:.2f} | {heard / audio:.2f} | "
+                        f"{(after[0] - before[0]) / audio:.3f} |")
             print(rows[-1], flush=True)
         upload = write_wav16(work / "upload.wav", turns[0][: 6 * RATE])
         with Uploads(http, upload) as alone:
@@ -248,18 +274,30 @@ def bench_engine(name: str, env: dict[str, str], turns: list[np.ndarray], delay:
             asyncio.run(live_session(ws, turns[: max(1, len(turns) // 2)], "gpt-live-transcribe", delay))
         rows.append(f"| {name} | 6 s upload: median latency alone {statistics.median(alone.latencies):.2f} s, "
                     f"beside a live session {statistics.median(beside.latencies):.2f} s (n = {len(alone.latencies)}, "
-                    f"{len(beside.latencies)}) | | | | | | |")
+                    f"{len(beside.latencies)}) | | | | | | | |")
         print(rows[-1], flush=True)
     finally:
         services.stop()
     return rows
 
 
+def tiny_tdt_env(work: Path) -> dict[str, str]:
+    """A model store and catalog with tiny-tdt as parakeet v2's entry, and the settings that serve it."""
+    spec = tiny_tdt_spec("tiny-tdt-v2")
+    install_standin(ModelStore(work / "tdt-models"), spec)
+    catalog = work / "tdt-catalog.json"
+    catalog.write_text(json.dumps([spec.model_dump()]))
+    return {"MODELS_DIR": str(work / "tdt-models"), "CATALOG_FILE": str(catalog), "DEFAULT_MODEL": spec.id,
+            "SHERPA_NUM_THREADS": "1"}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_live_text", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", choices=["moonshine", "instant", "both"], default="both")
+    ap.add_argument("--engine", choices=["moonshine", "instant", "tiny-tdt", "both"], default="both")
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--delay", choices=list(DELAYS), default="low")
+    ap.add_argument("--no-pauses", action="store_true", help="shorten each turn's pauses to 0.15 s")
+    ap.add_argument("--compare", type=Path, help="another checkout whose bridge runs the same rows beside")
     args = ap.parse_args()
     settings = load_settings()
     spec = Catalog.load(settings.catalog_file).get(settings.default_model)
@@ -270,30 +308,42 @@ def main() -> int:
         raise SystemExit("no Silero model found: the bench places words on the speech it finds")
     detector = SpeechDetector(vad_model)
     turns = pick_turns(args.turns)
+    if args.no_pauses:
+        turns = [without_pauses(t) for t in turns]
     work = Path(tempfile.mkdtemp(prefix="bench-live-text-"))
-    env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "MODELS_DIR": str(settings.models_dir),
+    env = {**os.environ, "LOG_LEVEL": "warning", "MODELS_DIR": str(settings.models_dir),
            "DEFAULT_MODEL": spec.id}
+    trees = [ROOT, *([args.compare.resolve()] if args.compare else [])]
     print(f"Live text, {len(turns)} LibriSpeech turns ({sum(len(t) for t in turns) / RATE:.0f} s, "
-          f"{', '.join(f'{len(t) / RATE:.1f}' for t in turns)} s), sent at real-time pace in 100 ms chunks, "
-          f"one session; CPU: {cpu_model()}, {os.cpu_count()} cores\n")
+          f"{', '.join(f'{len(t) / RATE:.1f}' for t in turns)} s{', pauses shortened' if args.no_pauses else ''}), "
+          f"sent at real-time pace in 100 ms chunks, one session; CPU: {cpu_model()}, {os.cpu_count()} cores\n")
     print("| engine | session | lag p50 | lag p95 | deltas vs completed (WER) | words only after the commit "
-          "| engine CPU s per audio s | bridge CPU s per audio s |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    if args.engine in ("moonshine", "both"):
-        bench_engine(spec.id, env, turns, args.delay, work, detector)
-    if args.engine in ("instant", "both"):
-        services = Services(work)
-        port = free_port()
-        try:
-            services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port),
-                                              "--words-per-second", "2.5"], env)
-            time.sleep(1.0)
-            bench_engine("instant stand-in", {**env, "ENGINE_ADAPTER": "websocket",
-                                              "ENGINE_URL": f"ws://127.0.0.1:{port}", "SPEED_CHECK": "false"},
-                         turns, args.delay, work, detector)
-        finally:
-            services.stop()
+          "| engine CPU s per audio s | audio s passes sent per audio s | bridge CPU s per audio s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for tree in trees:
+        if args.engine in ("moonshine", "both"):
+            bench_engine(spec.id, env, turns, args.delay, work, detector, tree)
+        if args.engine == "tiny-tdt":
+            bench_engine("tiny-tdt (parakeet v2 flags)", {**env, **tiny_tdt_env(work)}, turns, args.delay, work,
+                         detector, tree)
+        if args.engine in ("instant", "both"):
+            bench_instant(env, turns, args.delay, work, detector, tree)
     return 0
+
+
+def bench_instant(env: dict[str, str], turns: list[np.ndarray], delay: str, work: Path, detector: SpeechDetector,
+                  tree: Path) -> None:
+    services = Services(work)
+    port = free_port()
+    try:
+        services.start("instant-engine", [sys.executable, "-m", "bench.instant_engine", "--port", str(port),
+                                          "--words-per-second", "2.5"], env)
+        time.sleep(1.0)
+        bench_engine("instant stand-in", {**env, "ENGINE_ADAPTER": "websocket",
+                                          "ENGINE_URL": f"ws://127.0.0.1:{port}", "SPEED_CHECK": "false"},
+                     turns, delay, work, detector, tree)
+    finally:
+        services.stop()
 
 
 if __name__ == "__main__":

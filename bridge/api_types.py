@@ -9,9 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from starlette.datastructures import FormData, UploadFile
 
 from bridge.cutting import Chunking
-from bridge.formats import RESPONSE_FORMATS
 from bridge.languages import is_iso_639_1
 from common.errors import APIError
+from common.response_formats import RESPONSE_FORMATS, STREAMED_FORMATS, ResponseFormat
 
 FORM_FIELDS = {
     "file", "model", "language", "prompt", "response_format", "temperature",
@@ -47,7 +47,7 @@ class TranscriptionParams(BaseModel):
     model: str = ""
     language: str | None = None
     prompt: str | None = Field(None, max_length=10_000)  # a hint; a transducer cannot use it
-    response_format: Literal["json", "text", "srt", "verbose_json", "vtt", "diarized_json"] = "json"
+    response_format: ResponseFormat = "json"
     temperature: float = Field(0.0, ge=0.0, le=1.0)  # decoding is greedy; accepted and ignored
     timestamp_granularities: list[Literal["word", "segment"]] = Field(default_factory=list)
     stream: bool = False
@@ -193,8 +193,8 @@ def parse_transcription_form(form: FormData) -> tuple[UploadFile, TranscriptionP
         raise _field_error(param, msg) from None
     if params.timestamp_granularities and params.response_format != "verbose_json":
         raise _field_error("timestamp_granularities[]", "timestamp_granularities requires response_format=verbose_json")
-    if params.stream and params.response_format not in ("json", "text", "diarized_json"):
-        raise _field_error("stream", "stream=true is supported with response_format json, text or diarized_json")
+    if params.stream and params.response_format not in STREAMED_FORMATS:
+        raise _field_error("stream", f"stream=true is supported with response_format {', '.join(STREAMED_FORMATS)}")
     unsupported = [value for value in params.include if value not in INCLUDES]
     if unsupported:
         raise _field_error("include[]", f"include values not supported: {unsupported}; this server knows "

@@ -94,60 +94,20 @@ class BodyLimitMiddleware:
 
 
 def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engine) -> FastAPI:
+    """The bridge: its state opened at start (the model loaded before it is ready) and closed at
+    stop, its routes (``bridge.routes``), error handlers, body limit and access log."""
     metrics = BridgeMetrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         stop_metrics = serve_metrics(metrics.registry, settings.bridge_metrics_host or settings.bridge_host,
                                      settings.bridge_metrics_port, "BRIDGE_METRICS_PORT")
-        catalog = Catalog.load(settings.catalog_file)
-        if settings.default_model not in catalog:
-            raise RuntimeError(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "
-                               f"({', '.join(s.id for s in catalog.all())})")
-        store = ModelStore(settings.models_dir)
-        engines = EngineManager(settings, catalog, store, factory, metrics)
-        scheduler = FairScheduler(settings.engine_connections)
-        log.info("engine tuning: %d connections (pieces in flight), %d threads per model run, %d engine work "
-                 "threads, provider %s", settings.engine_connections, settings.sherpa_num_threads,
-                 settings.sherpa_num_work_threads, settings.sherpa_provider)
-        vad_model = find_vad_model(settings.vad_model)
-        detector = SpeechDetector(vad_model, rate=settings.vad_sample_rate) if vad_model is not None else None
-        live_detector = detector  # live turns: always 16 kHz (bridge.state)
-        if vad_model is not None and settings.vad_sample_rate != 16000:
-            live_detector = SpeechDetector(vad_model, rate=16000)
-        if detector is None:
-            log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
-                        "cut by energy only")
-        decoders = None
-        if settings.audio_decoder == "pyav":
-            decoders = DecoderPool(settings.decoder_workers, settings.decoder_memory_mb)
-            await decoders.start()
-            log.info("audio decoder: %d PyAV worker processes (pids %s)", decoders.size,
-                     " ".join(map(str, decoders.pids)))
-        else:
-            log.info("audio decoder: one ffmpeg process per request")
-        guard = None
-        if settings.guard_pieces:
-            guard = PieceGuard(GuardLimits(settings.guard_max_words_per_second, settings.guard_max_compression_ratio,
-                                           settings.guard_min_words_per_speech_second,
-                                           settings.guard_min_piece_seconds), detector)
-        state = BridgeState(settings=settings, catalog=catalog, store=store, engines=engines,
-                            scheduler=scheduler, metrics=metrics, detector=detector, live_detector=live_detector,
-                            decoders=decoders, guard=guard)
-        app.state.bridge = state
+        app.state.bridge = state = await open_state(settings, metrics, factory)
         try:
-            load_seconds = await engines.load_initial(settings.default_model)
-            state.ready_after = time.monotonic() - state.started_at
-            log.info("bridge ready: model %s loaded in %.2f s", settings.default_model, load_seconds)
-            if len(catalog.get(settings.default_model).languages) > 1:
-                # The answers' language detector (bridge.languages), loaded now rather than by a request.
-                await asyncio.to_thread(DETECTOR.load)
+            await load_default_model(state)
             yield
         finally:
-            await scheduler.close()
-            await engines.close()
-            if decoders is not None:
-                await decoders.close()
+            await close_state(state)
             if stop_metrics is not None:
                 stop_metrics()
             log.info("bridge stopped")
@@ -195,3 +155,68 @@ def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engi
     app.add_middleware(AccessMiddleware, logger="bridge.access", routes=ROUTES, observe=metrics.observe_request)
     metrics.watch(lambda: getattr(app.state, "bridge", None))
     return app
+
+
+async def open_state(settings: BridgeSettings, metrics: BridgeMetrics, factory: EngineFactory) -> BridgeState:
+    """What the bridge holds while it runs: the catalog and model store, the engine manager, the
+    fair scheduler, the speech detectors, the decoder workers and the piece guard."""
+    catalog = Catalog.load(settings.catalog_file)
+    if settings.default_model not in catalog:
+        raise RuntimeError(f"invalid setting DEFAULT_MODEL={settings.default_model!r}: not in the catalog "
+                           f"({', '.join(s.id for s in catalog.all())})")
+    store = ModelStore(settings.models_dir)
+    log.info("engine tuning: %d connections (pieces in flight), %d threads per model run, %d engine work "
+             "threads, provider %s", settings.engine_connections, settings.sherpa_num_threads,
+             settings.sherpa_num_work_threads, settings.sherpa_provider)
+    detector, live_detector = speech_detectors(settings)
+    guard = None
+    if settings.guard_pieces:
+        guard = PieceGuard(GuardLimits(settings.guard_max_words_per_second, settings.guard_max_compression_ratio,
+                                       settings.guard_min_words_per_speech_second,
+                                       settings.guard_min_piece_seconds), detector)
+    return BridgeState(settings=settings, catalog=catalog, store=store,
+                       engines=EngineManager(settings, catalog, store, factory, metrics),
+                       scheduler=FairScheduler(settings.engine_connections), metrics=metrics, detector=detector,
+                       live_detector=live_detector, decoders=await start_decoders(settings), guard=guard)
+
+
+def speech_detectors(settings: BridgeSettings) -> tuple[SpeechDetector | None, SpeechDetector | None]:
+    """Silero for uploads (at ``VAD_SAMPLE_RATE``) and for live turns (always 16 kHz: bridge.state);
+    none without its model."""
+    vad_model = find_vad_model(settings.vad_model)
+    if vad_model is None:
+        log.warning("no Silero VAD model (VAD_MODEL, or pip install --no-deps silero-vad): long audio is "
+                    "cut by energy only")
+        return None, None
+    detector = SpeechDetector(vad_model, rate=settings.vad_sample_rate)
+    live = detector if settings.vad_sample_rate == 16000 else SpeechDetector(vad_model, rate=16000)
+    return detector, live
+
+
+async def start_decoders(settings: BridgeSettings) -> DecoderPool | None:
+    """The PyAV decoder workers (``AUDIO_DECODER=pyav``); None: one ffmpeg process per request."""
+    if settings.audio_decoder != "pyav":
+        log.info("audio decoder: one ffmpeg process per request")
+        return None
+    decoders = DecoderPool(settings.decoder_workers, settings.decoder_memory_mb)
+    await decoders.start()
+    log.info("audio decoder: %d PyAV worker processes (pids %s)", decoders.size, " ".join(map(str, decoders.pids)))
+    return decoders
+
+
+async def load_default_model(state: BridgeState) -> None:
+    """Load ``DEFAULT_MODEL`` (the bridge is ready once it answered), and the answers' language
+    detector (bridge.languages) when that model speaks several languages, rather than on a request."""
+    settings = state.settings
+    load_seconds = await state.engines.load_initial(settings.default_model)
+    state.ready_after = time.monotonic() - state.started_at
+    log.info("bridge ready: model %s loaded in %.2f s", settings.default_model, load_seconds)
+    if len(state.catalog.get(settings.default_model).languages) > 1:
+        await asyncio.to_thread(DETECTOR.load)
+
+
+async def close_state(state: BridgeState) -> None:
+    await state.scheduler.close()
+    await state.engines.close()
+    if state.decoders is not None:
+        await state.decoders.close()

@@ -15,6 +15,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import CommaList, SettingsError, apart_from_port, format_validation_error, split_comma_list
 
+AdapterName = Literal["managed-websocket", "websocket", "subprocess"]  # ENGINE_ADAPTER (bridge.engine_factory)
+
 
 class BridgeSettings(BaseSettings):
     model_config = SettingsConfigDict(case_sensitive=False, extra="ignore")
@@ -37,7 +39,7 @@ class BridgeSettings(BaseSettings):
     default_model: str = "moonshine-base-en"
     models_dir: Path = Path("./models")
     catalog_file: Path | None = None  # JSON list of extra catalog entries (tests, custom exports)
-    engine_adapter: Literal["managed-websocket", "websocket", "subprocess"] = "managed-websocket"
+    engine_adapter: AdapterName = "managed-websocket"
     engine_url: str = ""  # for ENGINE_ADAPTER=websocket, e.g. ws://engine:6006
     engine_binary_dir: Path | None = None  # where sherpa-onnx binaries live; default: PATH
     sherpa_provider: Literal["cpu", "cuda"] = "cpu"

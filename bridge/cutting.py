@@ -10,6 +10,7 @@ never pauses the cut is still made (hard split). Pure digital silence is not sen
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -18,7 +19,24 @@ import numpy as np
 from bridge.ports import SAMPLE_RATE
 
 FRAME = SAMPLE_RATE // 10  # 100 ms
+PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 SILENCE_RMS = 1e-4
+
+
+Spans = list[tuple[float, float]]  # speech (start, end) in seconds
+
+
+class SpeakerTurn(Protocol):
+    """A stretch of one speaker's speech (``bridge.diarization.Turn``)."""
+
+    @property
+    def start(self) -> float: ...  # seconds
+
+    @property
+    def end(self) -> float: ...
+
+    @property
+    def speaker(self) -> str: ...
 
 
 class Samples(Protocol):
@@ -42,26 +60,61 @@ def plan_pieces(samples: Samples, max_piece_seconds: float, start: int = 0, end:
         # Look for the pause in the last 40 % of the window.
         lo = start + int(limit * 0.6)
         hi = start + limit
-        window = samples[lo:hi]
-        n = len(window) // FRAME
-        if n == 0:
+        rms = frame_rms(samples[lo:hi])
+        if len(rms) == 0:
             cut = hi
         else:
-            frames = window[: n * FRAME].reshape(n, FRAME)
-            rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1))
             quietest = int(np.argmin(rms[::-1]))  # ties: the latest frame, the longest piece
-            cut = lo + (n - 1 - quietest) * FRAME + FRAME // 2
+            cut = lo + (len(rms) - 1 - quietest) * FRAME + FRAME // 2
         pieces.append((start, cut))
         start = cut
     pieces.append((start, total))
     return pieces
 
 
+def frame_rms(samples: np.ndarray) -> np.ndarray:
+    """The RMS of each whole 100 ms frame of ``samples``."""
+    n = len(samples) // FRAME
+    frames = samples[: n * FRAME].reshape(n, FRAME).astype(np.float64)
+    return np.sqrt(np.mean(frames ** 2, axis=1)) if n else np.zeros(0)
+
+
+def loud_seconds(samples: np.ndarray, rms_floor: float) -> float:
+    """Seconds of the 100 ms frames of ``samples`` louder than ``rms_floor``."""
+    return float(np.sum(frame_rms(samples) > rms_floor)) * FRAME / SAMPLE_RATE
+
+
+def quietest_point(samples: np.ndarray, floor: int) -> int:
+    """The middle of a quietest 100 ms frame at least ``floor`` from either end: of the frames
+    about as quiet as the quietest, the one nearest the middle (halves of similar length)."""
+    lo, hi = floor, len(samples) - floor
+    rms = frame_rms(samples[lo:hi]) if hi > lo else np.zeros(0)
+    n = len(rms)
+    if n == 0:
+        return len(samples) // 2
+    lowest = float(rms.min())
+    quiet = np.flatnonzero(rms <= lowest + 0.1 * (float(np.median(rms)) - lowest))
+    best = int(quiet[np.argmin(np.abs(quiet - (n - 1) / 2))])
+    return lo + best * FRAME + FRAME // 2
+
+
+def speech_share(spans: Spans, start: float, end: float, pad: float = PAD / SAMPLE_RATE) -> float:
+    """How much of [start, end] the (ordered, possibly overlapping) spans cover, each widened by
+    ``pad`` on both sides, 0..1."""
+    if end <= start:
+        return 1.0
+    covered, reach = 0.0, start
+    for a, b in spans:
+        a, b = max(a - pad, reach), min(b + pad, end)
+        if b > a:
+            covered += b - a
+            reach = b
+    return min(1.0, covered / (end - start))
+
+
 def is_silent(piece: np.ndarray) -> bool:
     return len(piece) == 0 or float(np.sqrt(np.mean(piece.astype(np.float64) ** 2))) < SILENCE_RMS
 
-
-PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 
 
 @dataclass(frozen=True)
@@ -174,3 +227,49 @@ def plan_speech_pieces(total: int, speech: list[tuple[int, int]], max_piece_seco
 def split_long(samples: Samples, pieces: list[tuple[int, int]], max_piece_seconds: float) -> list[tuple[int, int]]:
     """Hard-split any piece longer than the model's safe length (speech that never pauses)."""
     return [cut for start, end in pieces for cut in plan_pieces(samples, max_piece_seconds, start, end)]
+
+
+@dataclass(frozen=True)
+class Run:
+    """One speaker's turns in a row, as one stretch."""
+
+    start: float
+    end: float
+    speaker: str
+
+
+def turn_pieces(turns: Sequence[SpeakerTurn], total: int, max_piece_seconds: float, samples: Samples
+                ) -> list[tuple[int, int, str]]:
+    """Pieces (start, end sample, speaker) for a model without token times: one speaker's run of
+    turns each, padded into the pauses around it (never into the next speaker's), split where a
+    run is longer than the model takes. Overlapping turns are cut in the middle of the overlap."""
+    runs: list[Run] = []
+    for t in turns:
+        if runs and runs[-1].speaker == t.speaker:
+            runs[-1] = Run(runs[-1].start, max(runs[-1].end, t.end), t.speaker)
+        else:
+            runs.append(Run(t.start, t.end, t.speaker))
+    pad = PAD / SAMPLE_RATE
+    bounds: list[tuple[float, float]] = []
+    for i, run in enumerate(runs):
+        start = run.start - pad if i == 0 else None
+        end = run.end + pad if i == len(runs) - 1 else None
+        if i > 0:
+            prev = runs[i - 1]
+            start = (prev.end + run.start) / 2 if run.start <= prev.end else max(run.start - pad,
+                                                                                (prev.end + run.start) / 2)
+        if i + 1 < len(runs):
+            nxt = runs[i + 1]
+            end = (run.end + nxt.start) / 2 if nxt.start <= run.end else min(run.end + pad, (run.end + nxt.start) / 2)
+        assert start is not None and end is not None
+        bounds.append((start, end))
+    pieces: list[tuple[int, int, str]] = []
+    for run, (start, end) in zip(runs, bounds, strict=True):
+        a = max(0, int(start * SAMPLE_RATE))
+        b = min(total, int(end * SAMPLE_RATE))
+        if pieces:
+            a = max(a, pieces[-1][1])
+        if b <= a:
+            continue
+        pieces += [(x, y, run.speaker) for x, y in plan_pieces(samples, max_piece_seconds, a, b)]
+    return pieces

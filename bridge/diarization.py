@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from bridge.cutting import PAD, Samples, plan_pieces
+from bridge.cutting import Samples, plan_pieces
 from bridge.ports import SAMPLE_RATE
 from bridge.transcript import Segment, Word
 
@@ -242,43 +242,6 @@ def speaker_at(turns: list[Turn], start: float, end: float) -> str:
         return max(cover, key=lambda s: cover[s])
     middle = (start + end) / 2
     return min(turns, key=lambda t: min(abs(t.start - middle), abs(t.end - middle))).speaker
-
-
-def turn_pieces(turns: list[Turn], total: int, max_piece_seconds: float, samples: Samples
-                ) -> list[tuple[int, int, str]]:
-    """Pieces (start, end sample, speaker) for a model without token times: one speaker's run of
-    turns each, padded into the pauses around it (never into the next speaker's), split where a
-    run is longer than the model takes. Overlapping turns are cut in the middle of the overlap."""
-    runs: list[Turn] = []
-    for t in turns:
-        if runs and runs[-1].speaker == t.speaker:
-            runs[-1] = Turn(runs[-1].start, max(runs[-1].end, t.end), t.speaker)
-        else:
-            runs.append(Turn(t.start, t.end, t.speaker))
-    pad = PAD / SAMPLE_RATE
-    bounds: list[tuple[float, float]] = []
-    for i, run in enumerate(runs):
-        start = run.start - pad if i == 0 else None
-        end = run.end + pad if i == len(runs) - 1 else None
-        if i > 0:
-            prev = runs[i - 1]
-            start = (prev.end + run.start) / 2 if run.start <= prev.end else max(run.start - pad,
-                                                                                (prev.end + run.start) / 2)
-        if i + 1 < len(runs):
-            nxt = runs[i + 1]
-            end = (run.end + nxt.start) / 2 if nxt.start <= run.end else min(run.end + pad, (run.end + nxt.start) / 2)
-        assert start is not None and end is not None
-        bounds.append((start, end))
-    pieces: list[tuple[int, int, str]] = []
-    for run, (start, end) in zip(runs, bounds, strict=True):
-        a = max(0, int(start * SAMPLE_RATE))
-        b = min(total, int(end * SAMPLE_RATE))
-        if pieces:
-            a = max(a, pieces[-1][1])
-        if b <= a:
-            continue
-        pieces += [(x, y, run.speaker) for x, y in plan_pieces(samples, max_piece_seconds, a, b)]
-    return pieces
 
 
 def split_by_speaker(segments: list[Segment], turns: list[Turn]) -> list[Segment]:

@@ -6,16 +6,17 @@ hands the adapter plain values and an ``EngineModel``, so adapters never see eit
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from adapters.keywords import KeywordsEngine
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, ManagedWebSocketEngine, find_binary
 from adapters.subprocess_cli import CLI_BINARY, SubprocessEngine
 from adapters.websocket import ConnectionPool, WebSocketEngine
 from bridge.catalog import ModelSpec
-from bridge.config import BridgeSettings
+from bridge.config import AdapterName, BridgeSettings
 from bridge.ports import ModelEngine
 
-ADAPTERS = ("managed-websocket", "websocket", "subprocess")
+ADAPTERS: tuple[str, ...] = get_args(AdapterName)
 
 
 def create_engine(name: str, entry: ModelSpec, model_dir: Path, settings: BridgeSettings) -> ModelEngine:

@@ -17,13 +17,11 @@ from typing import Any
 
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
-from bridge.guard import compression_ratio
 from bridge.tokens import logprob_entries
-from bridge.transcript import Segment, Transcript
+from bridge.transcript import Segment, Transcript, compression_ratio
 
 TokenIds = Callable[[list[str]], list[int]]
 
-RESPONSE_FORMATS = ("json", "text", "srt", "verbose_json", "vtt", "diarized_json")
 
 
 def usage(seconds: float) -> dict[str, Any]:

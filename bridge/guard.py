@@ -19,15 +19,15 @@ dropped. The counts go to ``/health`` and the metrics.
 from __future__ import annotations
 
 import asyncio
-import zlib
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from bridge.cutting import FRAME
+from bridge.cutting import loud_seconds, quietest_point
 from bridge.ports import SAMPLE_RATE, EngineResult
+from bridge.transcript import compression_ratio
 from bridge.vad import SpeechDetector
 
 Submit = Callable[[np.ndarray], Awaitable[EngineResult]]
@@ -41,11 +41,6 @@ class GuardLimits:
     max_compression_ratio: float = 2.4  # openai-whisper's threshold
     min_words_per_speech_second: float = 0.3  # below this, a piece of speech is "empty"
     min_piece_seconds: float = 3.0  # halves are never shorter than this
-
-
-def compression_ratio(text: str) -> float:
-    raw = text.encode("utf-8")
-    return len(raw) / max(1, len(zlib.compress(raw))) if raw else 0.0
 
 
 @dataclass
@@ -90,9 +85,7 @@ class PieceGuard:
 
     def speech_seconds(self, samples: np.ndarray) -> float:
         if self.detector is None:  # no VAD: loud enough counts as speech
-            frames = samples[: len(samples) // FRAME * FRAME].reshape(-1, FRAME)
-            rms = np.sqrt(np.mean(frames.astype(np.float64) ** 2, axis=1)) if len(frames) else np.zeros(0)
-            return float(np.sum(rms > 0.01)) * FRAME / SAMPLE_RATE
+            return loud_seconds(samples, 0.01)
         return sum(b - a for a, b in self.detector.speech_segments(samples)) / SAMPLE_RATE
 
     async def run(self, submit: Submit, samples: np.ndarray, speech_at: SpeechAt | None = None) -> EngineResult:
@@ -128,21 +121,6 @@ class PieceGuard:
     def as_dict(self) -> dict[str, object]:
         return {"retried": self.retried, "improved": self.improved, "unreliable": self.unreliable,
                 "failed_checks": dict(self.failed)}
-
-
-def quietest_point(samples: np.ndarray, floor: int) -> int:
-    """The middle of a quietest 100 ms frame at least ``floor`` from either end: of the frames
-    about as quiet as the quietest, the one nearest the middle (halves of similar length)."""
-    lo, hi = floor, len(samples) - floor
-    n = (hi - lo) // FRAME
-    if n <= 0:
-        return len(samples) // 2
-    frames = samples[lo:lo + n * FRAME].reshape(n, FRAME).astype(np.float64)
-    rms = np.sqrt(np.mean(frames ** 2, axis=1))
-    lowest = float(rms.min())
-    quiet = np.flatnonzero(rms <= lowest + 0.1 * (float(np.median(rms)) - lowest))
-    best = int(quiet[np.argmin(np.abs(quiet - (n - 1) / 2))])
-    return lo + best * FRAME + FRAME // 2
 
 
 def join_results(left: EngineResult, right: EngineResult, offset: float) -> EngineResult:

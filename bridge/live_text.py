@@ -294,6 +294,7 @@ class LiveText:
             return
         finally:
             self.state.live_passes -= 1
+        self.state.metrics.live_pass_audio.inc((end - turn.anchor) / SAMPLE_RATE)
         log.debug("live pass %s %.2f-%.2f s: %r", "closing" if closing is not None else "open",
                   turn.anchor / SAMPLE_RATE, end / SAMPLE_RATE, result.text)
         if turn is not self.turn:

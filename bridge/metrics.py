@@ -53,6 +53,9 @@ class BridgeMetrics:
                                    "skipped_busy (the engine had work waiting), skipped_in_flight (the session's "
                                    "pass still ran), skipped_long (the turn's open part is past 30 s)",
                                    ["outcome"], registry=r)
+        self.live_pass_audio = Counter("stt_bridge_live_pass_audio_seconds", "Live text: seconds of audio the "
+                                       "passes sent to the engine (what live text costs it beside the turns)",
+                                       registry=r)
         self.live_segments = Counter("stt_bridge_live_segments", "Live text: segments of open turns made final "
                                      "before the commit, by how they were cut: pause (a pass up to a pause), "
                                      "token_times (after agreed words, by the engine's token times)",

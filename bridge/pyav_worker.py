@@ -55,74 +55,94 @@ def decode(av: Any, path: str, max_samples: int, out: BinaryIO) -> int:
         if not container.streams.audio:
             raise Refused("no_audio", "the file has no audio track")
         stream = container.streams.audio[0]
-        resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-        pending: list[bytes] = []
-        pending_samples = 0
-        total = 0
-        # Samples before the stream's start time are encoder priming (Opus pre-skip, AAC priming):
-        # the ffmpeg command line starts its output there, so the same audio comes out of both.
-        to_drop: int | None = None
-
-        def emit(frames: list[Any]) -> None:
-            nonlocal pending_samples, total, to_drop
-            for frame in frames:
-                n = frame.samples
-                skip = 0
-                if to_drop:
-                    skip = min(n, to_drop)
-                    to_drop -= skip
-                    n -= skip
-                if not n:
-                    continue
-                pending.append(memoryview(frame.planes[0])[skip * 4:(skip + n) * 4].tobytes())
-                pending_samples += n
-                total += n
-            if total > max_samples:
-                raise Refused("too_long", "longer than the limit")
-            if pending_samples >= CHUNK_SAMPLES:
-                flush()
-
-        def flush() -> None:
-            nonlocal pending_samples
-            if pending:
-                send(out, b"a", b"".join(pending))
-                out.flush()
-                pending.clear()
-                pending_samples = 0
-
-        # Decoded frames are gathered into blocks of about half a second before the resampler: a
-        # call per decoded frame (1152 samples of mp3) cost as much as the decoding itself. The
-        # resampler sees the same samples in the same order, so its output is the same to the bit.
-        fifo: Any = None
-        shape: tuple[str, str, int] | None = None
-
-        def resample_gathered() -> None:
-            if fifo is not None and fifo.samples:
-                emit(resampler.resample(fifo.read()))
-
+        sink = SampleSink(out, max_samples)
+        gathered = Gathered(av, av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE), sink)
         try:
-            for packet in container.demux(stream):
-                if packet.is_corrupt:  # as ffmpeg -xerror: "corrupt input packet" ends the decode
-                    raise Refused("invalid", "corrupt input packet (the file is truncated or damaged)")
-                for frame in packet.decode():
-                    if to_drop is None:
-                        to_drop = _priming(stream, frame)
-                    if (frame.format.name, frame.layout.name, frame.sample_rate) != shape:
-                        # A new shape mid-stream (or the first frame): what was gathered goes first.
-                        resample_gathered()
-                        shape = (frame.format.name, frame.layout.name, frame.sample_rate)
-                        fifo = av.AudioFifo()
-                    frame.pts = None  # the FIFO checks pts against its count; positions are not used
-                    fifo.write(frame)
-                    if fifo.samples >= frame.sample_rate // 2:
-                        resample_gathered()
-            resample_gathered()
-            emit(resampler.resample(None))
+            _decode_packets(container, stream, sink, gathered)
+            gathered.finish()
         except av.FFmpegError as exc:
             # As ffmpeg's -xerror: a corrupt packet is an error, not a silently partial answer.
             raise Refused("invalid", _reason(exc)) from None
-        flush()
-        return total
+        sink.flush()
+        return sink.total
+
+
+def _decode_packets(container: Any, stream: Any, sink: SampleSink, gathered: Gathered) -> None:
+    for packet in container.demux(stream):
+        if packet.is_corrupt:  # as ffmpeg -xerror: "corrupt input packet" ends the decode
+            raise Refused("invalid", "corrupt input packet (the file is truncated or damaged)")
+        for frame in packet.decode():
+            if sink.to_drop is None:
+                sink.to_drop = _priming(stream, frame)
+            gathered.add(frame)
+
+
+class SampleSink:
+    """Resampled samples on their way out: the encoder's priming dropped (samples before the
+    stream's start time, Opus pre-skip, AAC priming: the ffmpeg command line starts its output
+    there, so the same audio comes out of both), the cap checked, sent in chunks."""
+
+    def __init__(self, out: BinaryIO, max_samples: int) -> None:
+        self.out, self.max_samples = out, max_samples
+        self.pending: list[bytes] = []
+        self.pending_samples = 0
+        self.total = 0
+        self.to_drop: int | None = None  # known once the first frame is decoded
+
+    def emit(self, frames: list[Any]) -> None:
+        for frame in frames:
+            n = frame.samples
+            skip = 0
+            if self.to_drop:
+                skip = min(n, self.to_drop)
+                self.to_drop -= skip
+                n -= skip
+            if not n:
+                continue
+            self.pending.append(memoryview(frame.planes[0])[skip * 4:(skip + n) * 4].tobytes())
+            self.pending_samples += n
+            self.total += n
+        if self.total > self.max_samples:
+            raise Refused("too_long", "longer than the limit")
+        if self.pending_samples >= CHUNK_SAMPLES:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            send(self.out, b"a", b"".join(self.pending))
+            self.out.flush()
+            self.pending.clear()
+            self.pending_samples = 0
+
+
+class Gathered:
+    """Decoded frames gathered into blocks of about half a second before the resampler: a call per
+    decoded frame (1152 samples of mp3) cost as much as the decoding itself. The resampler sees the
+    same samples in the same order, so its output is the same to the bit."""
+
+    def __init__(self, av: Any, resampler: Any, sink: SampleSink) -> None:
+        self.av, self.resampler, self.sink = av, resampler, sink
+        self.fifo: Any = None
+        self.shape: tuple[str, str, int] | None = None
+
+    def add(self, frame: Any) -> None:
+        if (frame.format.name, frame.layout.name, frame.sample_rate) != self.shape:
+            # A new shape mid-stream (or the first frame): what was gathered goes first.
+            self._resample()
+            self.shape = (frame.format.name, frame.layout.name, frame.sample_rate)
+            self.fifo = self.av.AudioFifo()
+        frame.pts = None  # the FIFO checks pts against its count; positions are not used
+        self.fifo.write(frame)
+        if self.fifo.samples >= frame.sample_rate // 2:
+            self._resample()
+
+    def finish(self) -> None:
+        self._resample()
+        self.sink.emit(self.resampler.resample(None))
+
+    def _resample(self) -> None:
+        if self.fifo is not None and self.fifo.samples:
+            self.sink.emit(self.resampler.resample(self.fifo.read()))
 
 
 def _priming(stream: Any, first: Any) -> int:

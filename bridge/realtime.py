@@ -47,10 +47,10 @@ from bridge.live_text import (
     default_delay,
 )
 from bridge.ports import SAMPLE_RATE, EngineRejected, EngineUnavailable
+from bridge.request_checks import check_language, check_languages, check_model
 from bridge.state import BridgeState
 from bridge.tokens import logprob_entries
-from bridge.transcript import scored_tokens
-from bridge.transcription import Prefetch, cut_pieces, iter_pieces
+from bridge.transcription import DeltaText, Prefetch, cut_pieces, iter_pieces, piece_deltas
 from common.errors import APIError
 
 log = logging.getLogger("bridge.realtime")
@@ -363,20 +363,22 @@ class RealtimeSession:
         return values
 
     def _check_model(self, config: SessionConfig) -> None:
+        """The session's model, language and languages, checked as an upload's are
+        (``bridge.request_checks``); speakers are for uploads only."""
         loaded = self.state.engines.model
         if loaded is None:
             return
-        if config.model and config.model != loaded.id and config.model not in self.settings.model_aliases:
-            raise RealtimeError("model_not_loaded", f"model {config.model!r} is not loaded; the loaded model is "
-                                f"{loaded.id!r} (or use one of its aliases)", f"{TRANSCRIPTION_PARAM}.model")
-        if config.language and config.language not in loaded.languages:
-            raise RealtimeError("unsupported_language", f"model {loaded.id} does not support language "
-                                f"{config.language!r}; it supports: {', '.join(loaded.languages)}",
-                                f"{TRANSCRIPTION_PARAM}.language")
-        if config.languages and not set(config.languages) & set(loaded.languages):
-            raise RealtimeError("unsupported_language", f"model {loaded.id} speaks none of languages "
-                                f"({', '.join(config.languages)}); it speaks: {', '.join(loaded.languages)}",
-                                f"{TRANSCRIPTION_PARAM}.languages")
+        if config.model in self.settings.diarize_aliases:
+            raise RealtimeError("model_not_loaded", f"model {config.model!r} finds speakers in uploads only; live "
+                                f"sessions use the loaded model {loaded.id!r} (or one of its aliases)",
+                                f"{TRANSCRIPTION_PARAM}.model")
+        try:
+            check_model(config.model, loaded, self.state)
+            check_language(config.language or None, loaded)
+            check_languages(config.languages, loaded, self.state)
+        except APIError as exc:
+            raise RealtimeError(exc.code or "invalid_value", exc.message,
+                                f"{TRANSCRIPTION_PARAM}.{(exc.param or 'model').replace('[]', '')}") from None
 
     async def _follow_live_setting(self) -> None:
         """Start or end live text as the session's settings now ask; a full bridge says so and
@@ -585,10 +587,9 @@ class RealtimeSession:
                           deltas: bool = True) -> tuple[str, list[tuple[str, float]]]:
         """The turn's text (with ``deltas``, a ``delta`` per piece) and its tokens' log-probabilities."""
         state = self.state
-        texts: list[str] = []
-        scored: list[tuple[str, float]] = []
+        sent = DeltaText()
         if not len(samples):
-            return "", scored
+            return "", []
         async with state.engines.lease() as engine:
             audio = AudioStream.from_samples(samples)
             plan = cut_pieces(audio, engine.spec.max_piece_seconds, state.live_detector,
@@ -597,21 +598,13 @@ class RealtimeSession:
             pieces = Prefetch(iter_pieces(state.scheduler, engine, audio, plan, state.guard,
                                           keywords=self._keywords()))
             try:
-                async for _start, _end, result in pieces:
-                    if result is None or not result.text:
-                        continue
-                    delta = result.text if not texts else " " + result.text
-                    texts.append(result.text)
-                    extra: dict[str, Any] = {}
-                    if self.config.logprobs:
-                        pairs = scored_tokens(result)
-                        scored += pairs
-                        extra["logprobs"] = logprob_entries(pairs)
+                async for delta, scored in piece_deltas(pieces, sent, self.config.logprobs):
                     if deltas:
-                        await self._delta(item, delta, **extra)
+                        await self._delta(item, delta, **({"logprobs": logprob_entries(scored)}
+                                                           if self.config.logprobs else {}))
             finally:
                 await pieces.aclose()
-        return " ".join(texts), scored
+        return sent.text, sent.scored
 
     async def finish(self, *, wait: bool) -> None:
         """End the session: with ``wait``, the turns already committed are transcribed first."""

@@ -39,7 +39,7 @@ class BridgeState:
     realtime_sessions: int = 0
     live_sessions: int = 0  # realtime sessions with live text (REALTIME_LIVE_SESSIONS)
     live_passes: int = 0  # live-text passes on the engine now (bridge.live_text)
-    diarizer: Diarizer | None = None  # made at the first request for speakers (bridge.routes.transcriptions)
+    diarizer: Diarizer | None = None  # made at the first request for speakers (bridge.speakers)
 
 
 def get_state(request: Request) -> BridgeState:

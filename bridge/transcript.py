@@ -25,12 +25,13 @@ speech, since Silero's spans end tight on the voice: 0.4 of a clean 2 s sentence
 
 from __future__ import annotations
 
+import zlib
 from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bridge.cutting import PAD
-from bridge.ports import SAMPLE_RATE, EngineResult
+from bridge.cutting import Spans, speech_share
+from bridge.ports import EngineResult
 
 WORD_START_MARKS = ("\u2581", " ")
 TOKEN_FRAME_SECONDS = 0.08  # parakeet's encoder frame: fallback token length when no duration
@@ -39,8 +40,6 @@ PAUSE_SECONDS = 1.0  # a silence this long between two words ends a segment
 MAX_SEGMENT_SECONDS = 15.0
 CUE_SECONDS = 7.0  # without token times: a piece longer than this is split at its pauses
 SNAP_WORDS = 2  # a cue boundary moves to a sentence end this close (in words)
-
-Spans = list[tuple[float, float]]
 
 
 @dataclass
@@ -153,18 +152,11 @@ def share_tokens(result: EngineResult, segments: list[Segment]) -> None:
             seg.logprobs.append(probs[i])
 
 
-def speech_share(spans: Spans, start: float, end: float, pad: float = PAD / SAMPLE_RATE) -> float:
-    """How much of [start, end] the (ordered, possibly overlapping) spans cover, each widened by
-    ``pad`` on both sides, 0..1."""
-    if end <= start:
-        return 1.0
-    covered, reach = 0.0, start
-    for a, b in spans:
-        a, b = max(a - pad, reach), min(b + pad, end)
-        if b > a:
-            covered += b - a
-            reach = b
-    return min(1.0, covered / (end - start))
+def compression_ratio(text: str) -> float:
+    """A text's bytes over their zlib-compressed size: high for text that repeats itself (Whisper's
+    measure, in ``verbose_json`` segments and the piece guard)."""
+    raw = text.encode("utf-8")
+    return len(raw) / max(1, len(zlib.compress(raw))) if raw else 0.0
 
 
 def split_words(words: list[Word]) -> list[list[Word]]:

@@ -2,8 +2,8 @@
 
 ``cut_pieces`` finds the pieces (VAD in a thread, beside the engine); ``iter_pieces`` submits each
 as soon as it is found and yields each piece's result in time order as soon as it and every piece
-before it are done (what streaming sends); ``transcribe`` collects them into a ``Transcript``. Leaving
-either early (error, client gone) cancels the pieces that have not run yet.
+before it are done (what streaming sends; ``bridge.transcript`` builds the ``Transcript`` from them).
+Leaving early (error, client gone) cancels the pieces that have not run yet.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 import numpy as np
 
 from bridge.audio import AudioStream
-from bridge.cutting import PAD, Chunking, PieceBuilder, is_silent, plan_pieces, split_long
+from bridge.cutting import PAD, Chunking, PieceBuilder, Spans, is_silent, plan_pieces, speech_share, split_long
 from bridge.guard import PieceGuard
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
-from bridge.transcript import Spans, Transcript, build_transcript, speech_share
+from bridge.transcript import scored_tokens
 from bridge.vad import SpeechDetector, lower_thread_priority
 
 PieceResult = tuple[float, float, EngineResult | None]
@@ -109,60 +109,72 @@ async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDet
         for piece in plan_pieces(stream, max_piece_seconds):
             yield piece
         return
-    loop = asyncio.get_running_loop()
-    found: asyncio.Queue[list[tuple[int, int]] | BaseException | None] = asyncio.Queue()
-    stop = threading.Event()
+    scan = VadScan(stream, detector, PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds, pad),
+                   max_piece_seconds, vad_threads=vad_threads, chunking=chunking, speech=speech)
+    async for piece in scan.pieces():
+        yield piece
 
-    def post(item: list[tuple[int, int]] | BaseException | None) -> None:
+
+class VadScan:
+    """The VAD's scan of one request's audio, in a thread of its own (its priority lowered for
+    good, so not the shared pool) beside the decoder and the engine: each piece is handed over as
+    soon as the scan has passed its end and its audio is decoded."""
+
+    def __init__(self, stream: AudioStream, detector: SpeechDetector, builder: PieceBuilder, max_piece_seconds: float,
+                 *, vad_threads: int, chunking: Chunking, speech: SpeechMap | None) -> None:
+        self.stream, self.detector, self.builder = stream, detector, builder
+        self.max_piece_seconds, self.vad_threads, self.chunking, self.speech = (max_piece_seconds, vad_threads,
+                                                                                chunking, speech)
+        self.loop = asyncio.get_running_loop()
+        self.found: asyncio.Queue[list[tuple[int, int]] | BaseException | None] = asyncio.Queue()
+        self.stop = threading.Event()
+
+    async def pieces(self) -> AsyncIterator[tuple[int, int]]:
+        """The pieces in order, as the scan finds them; leaving early stops the scan."""
+        if self.speech is not None:
+            self.speech.scanning = True
+        threading.Thread(target=self._run, name="vad-scan", daemon=True).start()
+        try:
+            while (item := await self.found.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                for piece in item:
+                    yield piece
+        finally:
+            self.stop.set()
+
+    def _run(self) -> None:
+        lower_thread_priority()
+        try:
+            for start, end in self.detector.iter_segments_parallel(
+                    self.stream, workers=self.vad_threads, stop=self.stop, threshold=self.chunking.threshold,
+                    min_silence=self.chunking.min_silence_seconds):
+                if self.speech is not None:
+                    self.speech.record(start, end)
+                closed = self.builder.add(start, end)
+                if closed:
+                    self._post(self._settle(closed))
+            if not self.stop.is_set():
+                if self.speech is not None:
+                    self.speech.finish()
+                self._post(self._settle(self.builder.finish()))
+            self._post(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request (cancelled: an aborted decode)
+            self._post(exc)
+
+    def _post(self, item: list[tuple[int, int]] | BaseException | None) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is gone (shutdown): nobody waits
-            loop.call_soon_threadsafe(found.put_nowait, item)
+            self.loop.call_soon_threadsafe(self.found.put_nowait, item)
 
-    def settle(pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    def _settle(self, pieces: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Wait until each piece's audio is decoded (its padding may reach past what the VAD has
         seen), clamp the last one to the end, and hard-split any that is too long."""
         settled = []
         for a, b in pieces:
-            b = min(b, stream.wait_samples(b, stop))
+            b = min(b, self.stream.wait_samples(b, self.stop))
             if b > a:
                 settled.append((a, b))
-        return split_long(stream, settled, max_piece_seconds)
-
-    def scan() -> None:
-        builder = PieceBuilder(None, max_piece_seconds, target_seconds, first_seconds, pad)
-        try:
-            for start, end in detector.iter_segments_parallel(stream, workers=vad_threads, stop=stop,
-                                                              threshold=chunking.threshold,
-                                                              min_silence=chunking.min_silence_seconds):
-                if speech is not None:
-                    speech.record(start, end)
-                closed = builder.add(start, end)
-                if closed:
-                    post(settle(closed))
-            if not stop.is_set():
-                if speech is not None:
-                    speech.finish()
-                post(settle(builder.finish()))
-            post(None)
-        except BaseException as exc:  # noqa: BLE001 - handed to the request (cancelled: an aborted decode)
-            post(exc)
-
-    def scan_at_low_priority() -> None:
-        lower_thread_priority()
-        scan()
-
-    if speech is not None:
-        speech.scanning = True
-    # A thread of its own (not the shared pool), since its priority is lowered for good.
-    scanner = threading.Thread(target=scan_at_low_priority, name="vad-scan", daemon=True)
-    scanner.start()
-    try:
-        while (item := await found.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            for piece in item:
-                yield piece
-    finally:
-        stop.set()
+        return split_long(self.stream, settled, self.max_piece_seconds)
 
 
 async def plan_cuts(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,
@@ -240,11 +252,35 @@ async def iter_pieces(scheduler: FairScheduler, engine: ModelEngine, audio: Audi
                 future.exception()  # mark retrieved: no "exception never retrieved" noise
 
 
-async def transcribe(scheduler: FairScheduler, engine: ModelEngine, audio: Audio,
-                     plan: Plan | None = None) -> Transcript:
-    stream = as_stream(audio)
-    pieces = [piece async for piece in iter_pieces(scheduler, engine, stream, plan)]
-    return build_transcript(pieces, await stream.wait_done() / SAMPLE_RATE, engine.spec.token_timestamps)
+class DeltaText:
+    """The text a transcription has sent in ``delta`` events so far (and its tokens' scores)."""
+
+    def __init__(self) -> None:
+        self.texts: list[str] = []
+        self.scored: list[tuple[str, float]] = []
+
+    def add(self, text: str, scored: list[tuple[str, float]] | None = None) -> str:
+        """``text`` as the next delta carries it: after a space, unless it is the first."""
+        delta = text if not self.texts else " " + text
+        self.texts.append(text)
+        self.scored += scored or []
+        return delta
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.texts)
+
+
+async def piece_deltas(pieces: AsyncIterator[PieceResult], sent: DeltaText, logprobs: bool
+                       ) -> AsyncIterator[tuple[str, list[tuple[str, float]]]]:
+    """Each piece that holds text as its delta: (the delta's text, with ``logprobs`` its tokens'
+    log-probabilities); ``sent`` keeps what went out. Uploads' streams and live turns both send
+    their pieces this way."""
+    async for _start, _end, result in pieces:
+        if result is None or not result.text:
+            continue
+        scored = scored_tokens(result) if logprobs else []
+        yield sent.add(result.text, scored), scored
 
 
 class Prefetch:

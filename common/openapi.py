@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+from common.response_formats import RESPONSE_FORMATS, TRANSLATION_FORMATS
+
 ERROR = {
     "type": "object",
     "required": ["error"],
@@ -55,7 +57,7 @@ TRANSCRIPTION_FORM = {
                   "(OpenAI's current name), whisper-1, gpt-4o-transcribe, gpt-4o-mini-transcribe"},
         "language": {"type": "string", "description": "ISO-639-1 code"},
         "prompt": {"type": "string", "maxLength": 10000},
-        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt", "diarized_json"],
+        "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS),
                             "description": "diarized_json: with model gpt-4o-transcribe-diarize only"},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "timestamp_granularities[]": {"type": "array", "items": {"type": "string", "enum": ["word", "segment"]}},
@@ -85,7 +87,7 @@ TRANSLATION_FORM = {
     "properties": {
         **{name: TRANSCRIPTION_FORM["properties"][name]  # type: ignore[index]
            for name in ("file", "model", "prompt", "temperature")},
-        "response_format": {"type": "string", "enum": ["json", "text", "srt", "verbose_json", "vtt"]},
+        "response_format": {"type": "string", "enum": list(TRANSLATION_FORMATS)},
     },
 }
 

@@ -14,7 +14,8 @@ import httpx
 import numpy as np
 import pytest
 
-from bridge.diarization import Diarizer, Turn, split_by_speaker, turn_pieces
+from bridge.cutting import turn_pieces
+from bridge.diarization import Diarizer, Turn, split_by_speaker
 from bridge.transcript import Segment as TextSegment
 from bridge.transcript import Word
 from tests.conftest import STANDINS

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -78,12 +79,27 @@ class Load:
                 if r.status_code == 503:  # as the SDKs do, though sooner than Retry-After asks
                     time.sleep(0.2)
 
+    def wait_for(self, what: str, enough: Callable[[list[Outcome]], bool], timeout: float = 300) -> None:
+        """Wait until the answers so far are ``enough`` (counted in requests, not seconds: a loaded
+        machine answers slowly); ``what`` names them in the failure."""
+        deadline = time.monotonic() + timeout
+        while not enough(list(self.outcomes)):
+            assert not self.errors, f"while waiting for {what}: {self.errors[:3]}"
+            assert time.monotonic() < deadline, \
+                f"no {what} in {timeout:.0f} s; answers so far: {summary(self.outcomes)}"
+            time.sleep(0.2)
+
     def stop(self) -> list[Outcome]:
         self._stop.set()
         for future in self._futures:
             future.result()
         self._pool.shutdown()
         return self.outcomes
+
+
+def summary(outcomes: list[Outcome]) -> str:
+    """How many answers of each status and code."""
+    return str(dict(Counter(f"{o.status} {o.code}".strip() for o in outcomes)))
 
 
 def served_ids(db: Path | str, want: set[str], timeout: float = 20) -> dict[str, dict]:
@@ -119,18 +135,28 @@ def check_fail_closed(outcomes: list[Outcome], bridge_log: str, served: dict[str
     after = [o for o in outcomes if o.started > back]
     print(f"\n{what}: {len(outcomes)} requests, {len(refused)} refused, {len(during)} started meanwhile "
           f"({sorted({o.status for o in during})}), {len(spanning)} served across it, {len(after)} after")
-    assert refused and all(o.status == 503 and o.code == "usage_unavailable" and o.retry_after for o in refused)
+    assert refused, f"nothing refused: {summary(outcomes)}"
+    wrong = [o for o in refused if not (o.status == 503 and o.code == "usage_unavailable" and o.retry_after)]
+    assert not wrong, f"refusals other than 503 usage_unavailable with Retry-After: {wrong[:3]}"
     # Nothing is served unmetered: a request started meanwhile is refused, or its record was written
     # before it was served (SQLite can still append into the space its WAL already holds on a full disk).
-    assert during and any(o.status == 503 for o in during)
+    assert any(o.status == 503 for o in during), f"none refused of those started meanwhile: {summary(during)}"
     assert all(o.status == 503 or o.request_id in served for o in during), \
         "a request was served while its usage could not be written"
     assert not any(o.request_id in bridge_log for o in refused), "a refused request reached the bridge"
-    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
+    assert after, f"no request started after the store was back: {summary(outcomes)}"
+    assert all(o.status == 200 for o in after), f"refused after the store was back: {summary(after)}"
     missing = {o.request_id for o in outcomes if o.status == 200} - set(served)
     assert not missing, f"{len(missing)} served requests not metered"
-    assert spanning and all(served[o.request_id]["audio_seconds"] > 0 for o in spanning)
+    assert spanning, f"no request in flight when the store went away was served: {summary(outcomes)}"
+    unmetered = [o.request_id for o in spanning if not served[o.request_id]["audio_seconds"] > 0]
+    assert not unmetered, f"served across the outage without their audio metered: {unmetered[:3]}"
     return refused, spanning
+
+
+def served_count(outcomes: list[Outcome], after: float = 0.0) -> int:
+    """How many requests started after ``after`` were served."""
+    return sum(o.status == 200 and o.started > after for o in outcomes)
 
 
 def mp3_clips(beckett: Path, work: Path) -> list[bytes]:
@@ -189,7 +215,8 @@ def test_bridge_sigterm_and_restart_under_load(models_dir, catalog_file, beckett
                            for o in refused)
     assert not [o for o in outcomes if o.code == "stream_incomplete"]
     assert any(o.status == 200 for o in across), "requests in flight at SIGTERM should have finished"
-    assert after and all(o.status == 200 for o in after), [o for o in after if o.status != 200][:3]
+    assert after, f"no request started after the store was back: {summary(outcomes)}"
+    assert all(o.status == 200 for o in after), f"refused after the store was back: {summary(after)}"
     # Every answered request is in the usage store once, as what it was.
     assert len(served) == sum(1 for o in outcomes if o.status == 200), [
         o for o in outcomes if o.status == 200 and o.request_id not in served][:4]
@@ -238,13 +265,15 @@ def test_usage_disk_full_under_load(bridge, beckett, tmp_path):
         proxy.db = tmp_path / "usage-disk" / "usage.db"
         load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=6)
         try:
-            time.sleep(2)
+            load.wait_for("6 requests served before the disk filled", lambda done: served_count(done) >= 6)
             full = time.monotonic()
             fill()
-            time.sleep(3)
+            load.wait_for("3 requests refused after the disk filled",
+                          lambda done: sum(o.status == 503 and o.started > full + 0.5 for o in done) >= 3)
             freed = time.monotonic()
             free()
-            time.sleep(4)
+            load.wait_for("6 requests served after the disk was freed",
+                          lambda done: served_count(done, after=freed + 0.5) >= 6)
             outcomes = load.stop()
             bridge_log = bridge.log()
             served = served_ids(proxy.db, {o.request_id for o in outcomes if o.status == 200})

@@ -11,8 +11,10 @@ import httpx
 import numpy as np
 import pytest
 
-from bridge.guard import GuardLimits, PieceGuard, compression_ratio, quietest_point
+from bridge.cutting import quietest_point
+from bridge.guard import GuardLimits, PieceGuard
 from bridge.ports import EngineResult
+from bridge.transcript import compression_ratio
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.helpers import transcribe

@@ -129,3 +129,76 @@ def test_the_circle_check_finds_a_deferred_import(monkeypatch):
 
     monkeypatch.setattr(Path, "read_text", patched)
     assert any("auth_proxy.app" in circle for circle in import_circles("auth_proxy"))
+
+
+MAX_FUNCTION_LINES = 80
+MAX_NESTING = 4
+NESTING = (ast.If, ast.For, ast.AsyncFor, ast.While, ast.With, ast.AsyncWith, ast.Try, ast.Match)
+
+
+def nesting(node: ast.AST, depth: int = 0) -> int:
+    """How deep blocks nest inside ``node`` (an ``elif`` is no deeper than its ``if``; functions and
+    classes defined inside count on their own)."""
+    deepest = depth
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef | ast.Lambda):
+            continue
+        elif_ = isinstance(node, ast.If) and node.orelse == [child] and isinstance(child, ast.If)
+        deeper = isinstance(child, NESTING) and not elif_
+        deepest = max(deepest, nesting(child, depth + deeper))
+    return deepest
+
+
+def oversized_functions(source: str, file: str) -> dict[str, str]:
+    """``file:function`` -> what is too much (lines, nesting) for each function of ``source`` over the limits."""
+    found = {}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            lines, depth = node.end_lineno - node.lineno + 1, nesting(node)
+            if lines > MAX_FUNCTION_LINES or depth > MAX_NESTING:
+                found[f"{file}:{node.name}"] = f"{lines} lines, nested {depth} deep"
+    return found
+
+
+def test_functions_stay_short_and_shallow():
+    """No function outside the tests is over 80 lines or nests blocks more than 4 deep: a function
+    reads as its docstring."""
+    found: dict[str, str] = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            found |= oversized_functions(path.read_text(), str(path.relative_to(ROOT)))
+    assert found == {}
+
+
+def test_the_size_check_finds_a_deep_function():
+    deep = "def f(x):\n    for a in x:\n        if a:\n            with a:\n                try:\n" \
+           "                    while a:\n                        pass\n                except E:\n" \
+           "                    pass\n"
+    flat = "def g(x):\n    if x:\n        pass\n    elif x:\n        pass\n" \
+           "    elif x:\n        if x:\n            pass\n"
+    assert oversized_functions(deep, "m.py") == {"m.py:f": "9 lines, nested 5 deep"}
+    assert oversized_functions(flat, "m.py") == {}
+    assert "m.py:h" in oversized_functions("def h():\n" + "    x = 1\n" * 80, "m.py")
+
+
+def string_lists(values: set[str], least: int) -> list[str]:
+    """Where the project's code writes a list, tuple, set or ``Literal`` of at least ``least`` of ``values``."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                elements = node.elts if isinstance(node, ast.List | ast.Tuple | ast.Set) else None
+                if isinstance(node, ast.Subscript) and getattr(node.value, "id", "") == "Literal":
+                    elements = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+                strings = {e.value for e in elements or [] if isinstance(e, ast.Constant) and isinstance(e.value, str)}
+                if len(strings & values) >= least:
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    return sorted(set(found))  # a Literal and the tuple inside it: one place
+
+
+def test_the_response_formats_and_the_adapter_names_are_listed_once():
+    """Adding a response format or an engine adapter means changing one line, not finding four files."""
+    formats = string_lists({"json", "text", "srt", "verbose_json", "vtt", "diarized_json"}, least=3)
+    assert [f.split(":")[0] for f in formats] == ["common/response_formats.py"] * len(formats) and formats, formats
+    adapters = string_lists({"managed-websocket", "websocket", "subprocess"}, least=2)
+    assert [a.split(":")[0] for a in adapters] == ["bridge/config.py"], adapters

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import BridgeProcess, bridge_env, start_instant_engine
 from tests.reliability import record
-from tests.test_faults import Load, check_fail_closed, mp3_clips, served_ids
+from tests.test_faults import Load, check_fail_closed, mp3_clips, served_count, served_ids
 from tests.test_proxy import ProxyProcess, add_key
 from tests.test_usage_store import PostgresServer
 
@@ -37,20 +37,19 @@ def test_postgres_outage_under_load_fails_closed_and_loses_nothing(slow_bridge, 
     proxy = ProxyProcess(slow_bridge.url, tmp_path, USAGE_DB=pg.url)
     load = Load(proxy.url, key, mp3_clips(beckett, tmp_path), clients=6)
     try:
-        time.sleep(2)
+        load.wait_for("6 requests served before the outage", lambda done: served_count(done) >= 6)
         down = time.monotonic()
         pg.stop()
         stopped = time.monotonic()
-        time.sleep(4)
+        load.wait_for("3 requests refused while PostgreSQL was down",
+                      lambda done: sum(o.status == 503 and o.started > stopped + 0.5 for o in done) >= 3)
         starting = time.monotonic()  # the server takes connections before pg_ctl returns
         pg.start()
         up = time.monotonic()
-        deadline = up + 30
-        while not (ok := [o for o in list(load.outcomes) if o.started > up and o.status == 200]):
-            assert time.monotonic() < deadline, "the proxy did not take requests again by itself"
-            time.sleep(0.2)
-        back = min(o.started for o in ok)
-        time.sleep(3)
+        load.wait_for("a request served after PostgreSQL started again (the proxy reconnects by itself)",
+                      lambda done: served_count(done, after=up) >= 1, timeout=60)
+        back = min(o.started for o in load.outcomes if o.started > up and o.status == 200)
+        load.wait_for("6 requests served after the store was back", lambda done: served_count(done, after=back) >= 6)
         outcomes = load.stop()
         bridge_log = slow_bridge.log()
         served = served_ids(pg.url, {o.request_id for o in outcomes if o.status == 200})
