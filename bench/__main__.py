@@ -48,10 +48,10 @@ from adapters.sherpa_protocol import parse_reply, utterance_frames
 from adapters.websocket import ConnectionPool
 from bench import bench_hours, bench_real_speech
 from bench.bench_stack import Services, Watch, cpu_model, in_process_recognizer, recognize, wait_http
-from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings, load_settings
-from bridge.model_store import ModelStore
-from bridge.speed_check import PROBE
+from bridge.models.catalog import Catalog, ModelSpec
+from bridge.models.model_store import ModelStore
+from bridge.models.speed_check import PROBE
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 16000

@@ -1,5 +1,5 @@
 """The CPU engine through the whole bridge: Moonshine as the bridge installs it now (the package's
-files rewritten as ONNX, ``bridge/ort_convert.py``) against the package's ``.ort`` files as they were
+files rewritten as ONNX, ``bridge/models/ort_convert.py``) against the package's ``.ort`` files as they were
 served before, side by side in one run, with the bridge's default settings.
 
 For each: LibriSpeech clips from ``../shared/data`` uploaded one at a time (c=1) and four at a time
@@ -24,9 +24,9 @@ import numpy as np
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import Services, cpu_model, wait_http
-from bridge.catalog import Catalog, ModelFile
 from bridge.config import load_settings
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog, ModelFile
+from bridge.models.model_store import ModelStore
 from tests.helpers import wer
 from tests.speech import LIBRISPEECH, librispeech_samples, librispeech_text, write_wav16
 

@@ -45,10 +45,10 @@ from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_bin
 from adapters.websocket import ConnectionPool  # noqa: E402
 from bench.bench_long import speech  # noqa: E402
 from bench.bench_stack import Services, raw_one, wait_http  # noqa: E402
-from bridge.audio import cap_samples  # noqa: E402
-from bridge.catalog import Catalog  # noqa: E402
 from bridge.config import load_settings  # noqa: E402
-from bridge.model_store import ModelStore  # noqa: E402
+from bridge.decoding.stream import cap_samples  # noqa: E402
+from bridge.models.catalog import Catalog  # noqa: E402
+from bridge.models.model_store import ModelStore  # noqa: E402
 from tests.speech import write_wav16  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def in_process_decode(path: Path) -> float:
     """The floor: the decoder workers' own code (PyAV), run here, no process or pipe around it."""
     import av
 
-    from bridge.pyav_worker import decode
+    from bridge.decoding.pyav_worker import decode
 
     t = time.perf_counter()
     decode(av, str(path), cap_samples(600), io.BytesIO())
@@ -85,7 +85,7 @@ def decoded(path: Path) -> np.ndarray:
     """``path`` as the decoder workers decode it (16 kHz mono float32)."""
     import av
 
-    from bridge.pyav_worker import decode
+    from bridge.decoding.pyav_worker import decode
 
     out = io.BytesIO()
     decode(av, str(path), cap_samples(600), out)

@@ -23,8 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from bridge.catalog import BUILTIN_MODELS
 from bridge.languages import LanguageDetector
+from bridge.models.catalog import BUILTIN_MODELS
 
 V3 = next(m for m in BUILTIN_MODELS if m.id == "parakeet-tdt-0.6b-v3-int8").languages
 LOCALE = Path("/usr/share/locale")

@@ -31,9 +31,9 @@ from adapters.managed_websocket import free_port
 from adapters.sherpa_protocol import parse_reply, utterance_frames
 from bench.__main__ import start_raw_engine
 from bench.bench_stack import Services, wait_http
-from bridge.catalog import Catalog
 from bridge.config import load_settings
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog
+from bridge.models.model_store import ModelStore
 
 CHUNK_SECONDS = 0.1
 

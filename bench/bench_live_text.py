@@ -50,10 +50,10 @@ import websockets
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import ROOT, Services, cpu_model, wait_http
-from bridge.catalog import Catalog
 from bridge.config import load_settings
 from bridge.live_text import DELAYS
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog
+from bridge.models.model_store import ModelStore
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.helpers import pcm24_of, wer
 from tests.model_standins import install_standin, tiny_tdt_spec

@@ -21,7 +21,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -36,10 +35,10 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
-from bench.bench_stack import wait_http  # noqa: E402
-from bridge.catalog import Catalog  # noqa: E402
-from bridge.config import load_settings, usable_cores  # noqa: E402
-from bridge.model_store import ModelStore  # noqa: E402
+from bench.bench_stack import Watch, wait_http  # noqa: E402
+from bridge.config import BridgeSettings, load_settings, usable_cores  # noqa: E402
+from bridge.models.catalog import Catalog, ModelSpec  # noqa: E402
+from bridge.models.model_store import ModelStore  # noqa: E402
 from bridge.transcription import plan_cuts  # noqa: E402
 from bridge.vad import SpeechDetector, find_vad_model  # noqa: E402
 from tests.speech import HARVARD, festival_wav, read_wav16, write_wav16  # noqa: E402
@@ -67,6 +66,20 @@ async def raw_sequential(url: str, samples: np.ndarray, plan: list[tuple[int, in
         return time.perf_counter() - t
 
 
+def raw_engine(spec: ModelSpec, store: ModelStore, tuning: BridgeSettings,
+               threads: int) -> tuple[subprocess.Popen[bytes], str]:
+    """The raw engine, started with the flags the bridge gives its child and ``threads``; its URL."""
+    sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
+                           provider=tuning.sherpa_provider, num_threads=threads,
+                           num_work_threads=tuning.sherpa_num_work_threads,
+                           max_batch_size=tuning.sherpa_max_batch_size,
+                           max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
+                           restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
+    port = free_port()
+    proc = subprocess.Popen(sup.command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"ws://127.0.0.1:{port}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=600)
@@ -89,20 +102,9 @@ def main() -> int:
     tuning = load_settings(sherpa_provider=provider, sherpa_num_threads=args.threads,
                            engine_connections=args.connections)
 
-    def raw_engine(threads: int) -> tuple[subprocess.Popen[bytes], str]:
-        sup = EngineSupervisor(spec.engine_model(store.path_for(spec.id)), binary=find_binary(SERVER_BINARY, None),
-                               provider=provider, num_threads=threads,
-                               num_work_threads=tuning.sherpa_num_work_threads,
-                               max_batch_size=tuning.sherpa_max_batch_size,
-                               max_utterance_seconds=spec.max_piece_seconds + 5, ready_timeout=120, max_restarts=0,
-                               restart_window=1, pool=ConnectionPool("ws://127.0.0.1:0", 1, 60))
-        port = free_port()
-        proc = subprocess.Popen(sup.command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        return proc, f"ws://127.0.0.1:{port}"
-
-    raw_same, raw_same_url = raw_engine(tuning.sherpa_num_threads)
+    raw_same, raw_same_url = raw_engine(spec, store, tuning, tuning.sherpa_num_threads)
     all_threads = max(tuning.sherpa_num_threads, usable_cores())
-    raw_all, raw_all_url = raw_engine(all_threads)
+    raw_all, raw_all_url = raw_engine(spec, store, tuning, all_threads)
     bport = free_port()
     bridge = subprocess.Popen([sys.executable, "-m", "bridge"], cwd=ROOT, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL,
@@ -119,24 +121,13 @@ def main() -> int:
             asyncio.run(raw_sequential(raw_url, samples, plan[:1]))
         httpx.post(url + "/v1/audio/transcriptions", files={"file": ("w.wav", wav.read_bytes()[:16000 * 2 * 5])},
                    timeout=120)
-        proc = psutil.Process(bridge.pid)
-        base_rss = proc.memory_info().rss
-        peak = [base_rss]
-        done = threading.Event()
-
-        def watch() -> None:
-            while not done.is_set():
-                peak[0] = max(peak[0], proc.memory_info().rss)
-                time.sleep(0.02)
-
-        watcher = threading.Thread(target=watch)
-        watcher.start()
-        t = time.perf_counter()
-        with wav.open("rb") as fh:
-            r = httpx.post(url + "/v1/audio/transcriptions", files={"file": fh}, timeout=3600)
-        stack_s = time.perf_counter() - t
-        done.set()
-        watcher.join()
+        watch = Watch([psutil.Process(bridge.pid)], interval=0.02)
+        base_rss = watch.rss()
+        with watch:
+            t = time.perf_counter()
+            with wav.open("rb") as fh:
+                r = httpx.post(url + "/v1/audio/transcriptions", files={"file": fh}, timeout=3600)
+            stack_s = time.perf_counter() - t
         r.raise_for_status()
         raw_s = asyncio.run(raw_sequential(raw_same_url, samples, plan))
         raw_all_s = asyncio.run(raw_sequential(raw_all_url, samples, plan))
@@ -153,7 +144,7 @@ def main() -> int:
         f"raw_{all_threads}_threads_sequential_seconds": round(raw_all_s, 2),
         f"raw_{all_threads}_threads_over_stack": round(raw_all_s / stack_s, 3),
         "stack_rtf": round(stack_s / args.seconds, 4),
-        "bridge_peak_rss_growth_mb": round((peak[0] - base_rss) / 2**20, 1),
+        "bridge_peak_rss_growth_mb": round((watch.peak - base_rss) / 2**20, 1),
         "connections": tuning.engine_connections, "threads": tuning.sherpa_num_threads,
     }, indent=2))
     return 0

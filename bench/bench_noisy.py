@@ -25,9 +25,9 @@ import numpy as np
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import Services, in_process_recognizer, recognize, wait_http
-from bridge.catalog import Catalog
 from bridge.config import load_settings
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog
+from bridge.models.model_store import ModelStore
 from tests.helpers import wer
 from tests.speech import HARVARD, festival_wav, read_wav16, write_wav16
 
@@ -109,6 +109,21 @@ def start_bridges(services: Services, env: dict[str, str], prefix: str = "") -> 
     return urls
 
 
+def timed_answers(client: httpx.Client, url: str, path: Path, rounds: int) -> tuple[str, float, dict[str, float]]:
+    """``path`` sent ``rounds`` times: (the text, the median time, the guard's counts per request)."""
+    before = client.get(url + "/health").json()["guard"] or {}
+    times, text = [], ""
+    for _ in range(rounds):
+        with path.open("rb") as fh:
+            t = time.perf_counter()
+            r = client.post(url + "/v1/audio/transcriptions", files={"file": ("a.wav", fh)})
+            times.append(time.perf_counter() - t)
+        text = r.json()["text"]
+    after = client.get(url + "/health").json()["guard"] or {}
+    counts = {k: (after.get(k, 0) - before.get(k, 0)) / rounds for k in ("retried", "improved", "unreliable")}
+    return text, statistics.median(times), counts
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.bench_noisy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--snr", type=float, nargs="+", default=[20, 10, 0])
@@ -144,18 +159,8 @@ def main() -> int:
             cells = []
             counts = {}
             for name in ("no guard", "guard"):
-                before = client.get(urls[name] + "/health").json()["guard"] or {}
-                times, text = [], ""
-                for _ in range(args.rounds):
-                    with path.open("rb") as fh:
-                        t = time.perf_counter()
-                        r = client.post(urls[name] + "/v1/audio/transcriptions", files={"file": ("a.wav", fh)})
-                        times.append(time.perf_counter() - t)
-                    text = r.json()["text"]
-                after = client.get(urls[name] + "/health").json()["guard"] or {}
-                counts[name] = {k: (after.get(k, 0) - before.get(k, 0)) / args.rounds
-                                for k in ("retried", "improved", "unreliable")}
-                cells.append(f"{wer(reference, text):.3f} / {statistics.median(times):.2f} s")
+                text, seconds, counts[name] = timed_answers(client, urls[name], path, args.rounds)
+                cells.append(f"{wer(reference, text):.3f} / {seconds:.2f} s")
             c = counts["guard"]
             label = "clean" if snr is None else f"{snr:g} dB"
             print(f"| {label} | {wer(reference, raw_text):.3f} | {cells[0]} | {cells[1]} | "

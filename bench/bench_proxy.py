@@ -29,8 +29,8 @@ import httpx
 
 from adapters.managed_websocket import free_port
 from bench.bench_stack import Services, wait_http
-from bridge.catalog import BUILTIN_MODELS
-from bridge.model_store import ModelStore
+from bridge.models.catalog import BUILTIN_MODELS
+from bridge.models.model_store import ModelStore
 
 ROOT = Path(__file__).resolve().parent.parent
 

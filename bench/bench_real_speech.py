@@ -36,9 +36,9 @@ import numpy as np
 
 from bench.bench_noisy import babble_and_pink, hand_cut, mix, pink_noise, start_bridges
 from bench.bench_stack import Services, in_process_recognizer, recognize
-from bridge.catalog import Catalog
 from bridge.config import load_settings
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog
+from bridge.models.model_store import ModelStore
 from tests.helpers import wer
 from tests.speech import LIBRISPEECH, librispeech_samples, librispeech_text, speech_span, write_wav16
 

@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 from adapters.managed_websocket import free_port  # noqa: E402
 from bench.bench_stack import Services, wait_http  # noqa: E402
-from bridge.catalog import BUILTIN_MODELS  # noqa: E402
-from bridge.model_store import ModelStore  # noqa: E402
+from bridge.models.catalog import BUILTIN_MODELS  # noqa: E402
+from bridge.models.model_store import ModelStore  # noqa: E402
 
 
 def main() -> int:

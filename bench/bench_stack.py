@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT))
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, find_binary, free_port  # noqa: E402
 from adapters.sherpa_protocol import parse_reply, utterance_frames  # noqa: E402
 from adapters.websocket import ConnectionPool  # noqa: E402
-from bridge.catalog import Catalog, ModelSpec  # noqa: E402
-from bridge.model_store import ModelStore  # noqa: E402
+from bridge.models.catalog import Catalog, ModelSpec  # noqa: E402
+from bridge.models.model_store import ModelStore  # noqa: E402
 from tests.model_standins import STANDINS, diarization_standins, install_standin  # noqa: E402
 
 
@@ -170,7 +170,29 @@ def http_throughput(url: str, data: bytes, seconds: float, concurrency: int, tot
     return total * seconds / elapsed
 
 
-def main() -> int:
+def three_paths(urls: dict[str, str], samples: np.ndarray, data: bytes, seconds: float, auth: dict[str, str],
+                args: argparse.Namespace) -> tuple[dict[str, float], dict[str, float]]:
+    """The raw engine, the bridge and the proxy, each warmed up: (median latency at concurrency 1,
+    rounds interleaved; mean throughput in audio seconds per second at ``args.concurrency``)."""
+    raw_url, bridge_url, proxy_url = urls["raw"], urls["bridge"], urls["proxy"]
+    asyncio.run(raw_one(raw_url, samples))
+    client = httpx.Client(timeout=600)
+    http_one(client, bridge_url, data, {})
+    http_one(client, proxy_url, data, auth)
+    lat: dict[str, list[float]] = {"raw": [], "bridge": [], "proxy": []}
+    for _ in range(args.rounds):  # interleaved
+        lat["raw"].append(asyncio.run(raw_one(raw_url, samples)))
+        lat["bridge"].append(http_one(client, bridge_url, data, {}))
+        lat["proxy"].append(http_one(client, proxy_url, data, auth))
+    thr: dict[str, list[float]] = {"raw": [], "bridge": [], "proxy": []}
+    for _ in range(2):
+        thr["raw"].append(asyncio.run(raw_throughput(raw_url, samples, args.concurrency, args.requests)))
+        thr["bridge"].append(http_throughput(bridge_url, data, seconds, args.concurrency, args.requests, {}))
+        thr["proxy"].append(http_throughput(proxy_url, data, seconds, args.concurrency, args.requests, auth))
+    return ({k: statistics.median(v) for k, v in lat.items()}, {k: statistics.mean(v) for k, v in thr.items()})
+
+
+def parse_args() -> argparse.Namespace:
     import moonshine_cpp
 
     ap = argparse.ArgumentParser()
@@ -179,7 +201,11 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-"))
     models_dir = Path(os.environ.get("MODELS_DIR", work / "models"))
@@ -229,25 +255,8 @@ def main() -> int:
         time.sleep(1)
         idle_bridge_mb = psutil.Process(bridge.pid).memory_info().rss / 2**20
         idle_proxy_mb = psutil.Process(proxy.pid).memory_info().rss / 2**20
-        # Warm up all three paths.
-        asyncio.run(raw_one(raw_url, samples))
-        client = httpx.Client(timeout=600)
-        http_one(client, bridge_url, data, {})
-        http_one(client, proxy_url, data, auth)
-
-        lat: dict[str, list[float]] = {"raw": [], "bridge": [], "proxy": []}
-        for _ in range(args.rounds):  # interleaved
-            lat["raw"].append(asyncio.run(raw_one(raw_url, samples)))
-            lat["bridge"].append(http_one(client, bridge_url, data, {}))
-            lat["proxy"].append(http_one(client, proxy_url, data, auth))
-        med = {k: statistics.median(v) for k, v in lat.items()}
-
-        thr: dict[str, list[float]] = {"raw": [], "bridge": [], "proxy": []}
-        for _ in range(2):
-            thr["raw"].append(asyncio.run(raw_throughput(raw_url, samples, args.concurrency, args.requests)))
-            thr["bridge"].append(http_throughput(bridge_url, data, seconds, args.concurrency, args.requests, {}))
-            thr["proxy"].append(http_throughput(proxy_url, data, seconds, args.concurrency, args.requests, auth))
-        tput = {k: statistics.mean(v) for k, v in thr.items()}
+        urls = {"raw": raw_url, "bridge": bridge_url, "proxy": proxy_url}
+        med, tput = three_paths(urls, samples, data, seconds, auth, args)
     finally:
         for p in (proxy, bridge, raw):
             p.terminate()

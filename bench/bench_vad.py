@@ -58,7 +58,7 @@ def bridge_scan(x: np.ndarray, regions: int, rate: int = 16000) -> tuple[float, 
     Silero at ``rate``."""
     import threading
 
-    from bridge.audio import AudioStream
+    from bridge.decoding.stream import AudioStream
     from bridge.vad import SpeechDetector
 
     model = find_vad_model(None)

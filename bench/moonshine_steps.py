@@ -1,5 +1,5 @@
 """Where Moonshine's time goes: one decoder step, the package's ``.ort`` files against the same
-files rewritten as ONNX (``bridge.ort_convert``), in onnxruntime alone, with its profiler's top
+files rewritten as ONNX (``bridge.models.ort_convert``), in onnxruntime alone, with its profiler's top
 operators for one cached step. Small enough to hand upstream (moonshine-cpp, sherpa-onnx,
 onnxruntime): it needs only the moonshine-cpp wheel, onnxruntime, onnx and numpy.
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from bench.bench_stack import cpu_model
-from bridge.ort_convert import convert
+from bridge.models.ort_convert import convert
 
 STEPS = 20
 

@@ -7,9 +7,9 @@ import argparse
 import logging
 import sys
 
-from bridge.catalog import Catalog
 from bridge.config import BridgeSettings, load_settings
-from bridge.model_store import ModelStore, ModelStoreError
+from bridge.models.catalog import Catalog
+from bridge.models.model_store import ModelStore, ModelStoreError
 from common.logs import setup_logging
 from common.settings import SettingsError
 

@@ -17,16 +17,16 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
-from bridge.engine_factory import create_engine
-from bridge.engine_manager import EngineFactory, EngineManager
+from bridge.decoding.pyav_decoder import DecoderPool
 from bridge.guard import GuardLimits, PieceGuard
 from bridge.languages import DETECTOR
 from bridge.metrics import ROUTES, BridgeMetrics
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog
+from bridge.models.engine_factory import create_engine
+from bridge.models.engine_manager import EngineFactory, EngineManager
+from bridge.models.model_store import ModelStore
 from bridge.ports import EngineUnavailable
-from bridge.pyav_decoder import DecoderPool
 from bridge.routes import health, models, realtime, transcriptions
 from bridge.scheduler import FairScheduler
 from bridge.state import BridgeState

@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from common.settings import CommaList, SettingsError, apart_from_port, format_validation_error, split_comma_list
 
-AdapterName = Literal["managed-websocket", "websocket", "subprocess"]  # ENGINE_ADAPTER (bridge.engine_factory)
+AdapterName = Literal["managed-websocket", "websocket", "subprocess"]  # ENGINE_ADAPTER (bridge.models.engine_factory)
 
 
 class BridgeSettings(BaseSettings):
@@ -73,8 +73,8 @@ class BridgeSettings(BaseSettings):
 
     # Requests
     max_upload_bytes: int = Field(25 * 1024 * 1024, ge=1024)
-    # Decoding: "pyav" = FFmpeg's libraries in decoder workers started once (bridge.pyav_decoder);
-    # "ffmpeg" = one ffmpeg process per request (bridge.audio). Same protections, same output.
+    # Decoding: "pyav" = FFmpeg's libraries in decoder workers started once (bridge.decoding.pyav_decoder);
+    # "ffmpeg" = one ffmpeg process per request (bridge.decoding.ffmpeg). Same protections, same output.
     audio_decoder: Literal["pyav", "ffmpeg"] = "pyav"
     decoder_workers: int = Field(0, ge=0, le=64)  # 0 = auto: one per usable core
     decoder_memory_mb: int = Field(1024, ge=0)  # address-space cap of each decoder worker; 0 = none

@@ -23,8 +23,7 @@ from bridge.api_types import (
     parse_transcription_form,
     parse_translation_form,
 )
-from bridge.audio import AudioStream
-from bridge.decoding import decode_error, start_decode
+from bridge.decoding.stream import AudioStream
 from bridge.diarization import Turn, split_by_speaker
 from bridge.formats import diarized_segment, render, segment_id, usage
 from bridge.languages import languages_heard
@@ -42,6 +41,7 @@ from bridge.state import BridgeState
 from bridge.tokens import logprob_entries, token_ids
 from bridge.transcript import build_transcript
 from bridge.transcription import DeltaText, Prefetch, SpeechMap, cut_pieces, iter_pieces, piece_deltas
+from bridge.upload import decode_error, start_decode
 from common.access import AccessRecord
 from common.errors import APIError
 from common.response_formats import TIMED_FORMATS

@@ -3,7 +3,7 @@
 The bridge knows only ``ModelEngine``; ``adapters/`` knows how sherpa-onnx is reached and imports
 nothing of the bridge but this module (``tests/test_layout.py``). What an engine needs to know
 about a model is an ``EngineModel``, which the bridge builds from its catalog. A new way of running
-an engine is a new adapter module plus a branch in ``bridge.engine_factory``.
+an engine is a new adapter module plus a branch in ``bridge.models.engine_factory``.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from bridge.api_types import valid_keywords, valid_languages
-from bridge.audio import AudioStream
+from bridge.decoding.stream import AudioStream
 from bridge.languages import languages_heard
 from bridge.live_text import (
     DELAYS,

@@ -17,12 +17,12 @@ import numpy as np
 from bridge.api_types import (
     TranscriptionParams,
 )
-from bridge.audio import AudioDecodeError, AudioStorageFull, AudioStream, AudioTimeout, AudioTooLong
 from bridge.cutting import turn_pieces
-from bridge.decoding import decode_into, storage_error
+from bridge.decoding.stream import AudioDecodeError, AudioStorageFull, AudioStream, AudioTimeout, AudioTooLong
 from bridge.diarization import MAX_KNOWN_SPEAKERS, REFERENCE_SECONDS, Diarizer, Turn
 from bridge.ports import SAMPLE_RATE
 from bridge.state import BridgeState
+from bridge.upload import decode_into, storage_error
 from common.errors import APIError
 
 

@@ -7,14 +7,14 @@ from dataclasses import dataclass, field
 
 from starlette.requests import Request
 
-from bridge.catalog import Catalog
 from bridge.config import BridgeSettings
+from bridge.decoding.pyav_decoder import DecoderPool
 from bridge.diarization import Diarizer
-from bridge.engine_manager import EngineManager
 from bridge.guard import PieceGuard
 from bridge.metrics import BridgeMetrics
-from bridge.model_store import ModelStore
-from bridge.pyav_decoder import DecoderPool
+from bridge.models.catalog import Catalog
+from bridge.models.engine_manager import EngineManager
+from bridge.models.model_store import ModelStore
 from bridge.scheduler import FairScheduler
 from bridge.vad import SpeechDetector
 

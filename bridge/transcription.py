@@ -15,8 +15,8 @@ from collections.abc import AsyncGenerator, AsyncIterator
 
 import numpy as np
 
-from bridge.audio import AudioStream
 from bridge.cutting import PAD, Chunking, PieceBuilder, Spans, is_silent, plan_pieces, speech_share, split_long
+from bridge.decoding.stream import AudioStream
 from bridge.guard import PieceGuard
 from bridge.ports import SAMPLE_RATE, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler

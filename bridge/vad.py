@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.audio import AudioStream, StreamWindow
+from bridge.decoding.stream import AudioStream, StreamWindow
 from bridge.ports import SAMPLE_RATE
 from bridge.silero import SHIFT, WINDOW, SegmentTracker, SileroModel, windows_of
 

@@ -45,8 +45,8 @@ DIARIZATION_WINDOWS = ("tests/test_diarization.py::"
                        "test_a_long_recording_is_diarized_in_windows_its_speakers_matched_across_them")
 
 MUTATIONS = [
-    # Hours of audio (bridge/audio.py): decoded samples on disk, freed with the request; a full disk a 507.
-    Mutation("a request's decoded audio kept on disk, not in memory", "bridge/audio.py",
+    # Hours of audio (bridge/decoding/stream.py): decoded samples on disk, freed with the request; a full disk a 507.
+    Mutation("a request's decoded audio kept on disk, not in memory", "bridge/decoding/stream.py",
              'data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
              'self.__dict__.setdefault("kept", []).append(chunk.copy())\n'
              '        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
@@ -54,7 +54,7 @@ MUTATIONS = [
     Mutation("pieces read from the audio only a few ahead of the engine", "bridge/transcription.py",
              "ahead = asyncio.Semaphore(scheduler.connections + 1)", "ahead = asyncio.Semaphore(100000)",
              (HOURS + "test_an_hour_through_the_stack_holds_the_memory_of_minutes",)),
-    Mutation("a full disk while decoding is the request's 507", "bridge/audio.py",
+    Mutation("a full disk while decoding is the request's 507", "bridge/decoding/stream.py",
              "if exc.errno in (errno.ENOSPC, errno.EDQUOT):", "if False:",
              (HOURS + "test_a_full_disk_fails_the_request_with_507_not_the_bridge",)),
     Mutation("a request's decoded audio freed when it ends", "bridge/job.py",
@@ -72,8 +72,8 @@ MUTATIONS = [
     Mutation("requests at once reach the parakeet engine's batch", "adapters/managed_websocket.py",
              'f"--max-batch-size={self.max_batch_size if self.spec.batches else 1}",', '"--max-batch-size=1",',
              ("tests/test_parakeet_path.py::test_requests_at_once_reach_the_engines_batch",)),
-    # Moonshine's weights folded once at install, not converted on every decoder step (bridge/ort_convert.py).
-    Mutation("Moonshine's int8 weights folded at install", "bridge/ort_convert.py",
+    # Moonshine's weights folded once at install, not converted on every decoder step (bridge/models/ort_convert.py).
+    Mutation("Moonshine's int8 weights folded at install", "bridge/models/ort_convert.py",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC",
              "options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL",
              ("tests/test_model_store.py::test_pypi_moonshine_is_installed_as_onnx_that_says_the_same",)),
@@ -117,14 +117,14 @@ MUTATIONS = [
              "words = words_from_tokens(result, start, end) if token_timestamps else []",
              "words = words_from_tokens(result, start) if token_timestamps else []",
              ("tests/test_parakeet_path.py::test_words_and_segments_stay_inside_the_audio",)),
-    Mutation("demuxer whitelist", "bridge/audio.py",
+    Mutation("demuxer whitelist", "bridge/decoding/ffmpeg.py",
              '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp"', '"au,voc,ac3,eac3,dts,truehd,mp2,loas,latm,3gp,nut"',
              ("tests/test_bad_inputs.py::test_a_valid_recording_in_a_container_off_the_whitelist_is_refused",)),
     Mutation("proxy cap on chunked bodies", "auth_proxy/forwarding.py", "if size > cap:", "if size > cap * 100:",
              ("tests/test_proxy.py::test_oversized_bodies_are_refused_before_forwarding",)),
     # The decoders' own caps (the worker's sample count, ffmpeg's -t) sit behind this one, which holds
     # the memory: breaking either alone changes nothing a test can see, so the bridge's cap is the guard.
-    Mutation("decoded audio capped at SHERPA_MAX_UTTERANCE (decompression bomb)", "bridge/audio.py",
+    Mutation("decoded audio capped at SHERPA_MAX_UTTERANCE (decompression bomb)", "bridge/decoding/stream.py",
              "self.limit = cap_samples(max_seconds)", "self.limit = cap_samples(max_seconds) * 7",
              ("tests/test_bad_inputs.py::test_audio_longer_than_the_limit_is_refused_without_decoding_it_all",)),
     Mutation("key guessing refused", "auth_proxy/auth.py",

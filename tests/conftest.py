@@ -17,8 +17,8 @@ from typing import Any
 import httpx
 import pytest
 
-from bridge.catalog import BUILTIN_MODELS
-from bridge.model_store import ModelStore
+from bridge.models.catalog import BUILTIN_MODELS
+from bridge.models.model_store import ModelStore
 from tests.model_standins import (
     PARAKEET_V3,
     STANDINS,

@@ -8,8 +8,8 @@ import hashlib
 from pathlib import Path
 from typing import Literal
 
-from bridge.catalog import BUILTIN_MODELS, ModelFile, ModelSpec
-from bridge.model_store import ModelStore
+from bridge.models.catalog import BUILTIN_MODELS, ModelFile, ModelSpec
+from bridge.models.model_store import ModelStore
 
 SHARED_MODELS = Path(__file__).resolve().parent.parent.parent / "shared" / "models"
 STANDINS = SHARED_MODELS / "diarization"

@@ -12,9 +12,9 @@ import pytest
 from bench.bench_noisy import hand_cut, mix
 from bench.bench_real_speech import noisy_speech, utterances
 from bench.bench_stack import in_process_recognizer, recognize
-from bridge.audio import AudioStream
+from bridge.decoding.stream import AudioStream
 from bridge.guard import GuardLimits, PieceGuard
-from bridge.model_store import ModelStore
+from bridge.models.model_store import ModelStore
 from bridge.ports import EngineResult
 from bridge.transcription import SpeechMap, cut_pieces
 from bridge.vad import SpeechDetector, find_vad_model

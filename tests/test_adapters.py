@@ -7,10 +7,10 @@ import asyncio
 import pytest
 
 from adapters.websocket import WebSocketEngine
-from bridge.audio import decode_file
 from bridge.config import load_settings
-from bridge.engine_factory import create_engine
-from bridge.model_store import ModelStore
+from bridge.decoding.ffmpeg import decode_file
+from bridge.models.engine_factory import create_engine
+from bridge.models.model_store import ModelStore
 from bridge.ports import EngineUnavailable
 from tests.conftest import BECKETT_TEXT, MOONSHINE
 from tests.helpers import wer

@@ -20,7 +20,7 @@ import jsonschema
 import pytest
 import yaml
 
-from bridge.catalog import ModelFile, ModelSpec
+from bridge.models.catalog import ModelFile, ModelSpec
 from tests.conftest import MOONSHINE, ROOT, free_port
 from tests.hf_mirror import MirrorServer
 

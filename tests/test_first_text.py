@@ -17,9 +17,9 @@ import numpy as np
 import psutil
 import pytest
 
-from bridge.audio import AudioStream
 from bridge.cutting import plan_speech_pieces, split_long
-from bridge.pyav_decoder import DecoderPool
+from bridge.decoding.pyav_decoder import DecoderPool
+from bridge.decoding.stream import AudioStream
 from bridge.silero import SHIFT
 from bridge.transcription import cut_pieces
 from bridge.vad import SpeechDetector, find_vad_model
@@ -187,7 +187,7 @@ def test_early_pieces_grow_to_the_safe_length():
 
 def decoder_workers(bridge: BridgeProcess) -> list[psutil.Process]:
     return [p for p in psutil.Process(bridge.proc.pid).children()
-            if "bridge.pyav_worker" in " ".join(p.cmdline())]
+            if "bridge.decoding.pyav_worker" in " ".join(p.cmdline())]
 
 
 @pytest.fixture(scope="module")

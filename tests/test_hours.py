@@ -1,5 +1,5 @@
 """Hours of audio in one request: the decoded audio lives on disk (16-bit samples in an unnamed
-temporary file, ``bridge.audio.SampleFile``), so the bridge's memory does not grow with the
+temporary file, ``bridge.decoding.stream.SampleFile``), so the bridge's memory does not grow with the
 recording; that file is gone however the request ends (answered, refused, client gone, decoder
 killed); a full disk is a 507 in OpenAI's shape, never the bridge's end. Behind the proxy, with the
 stand-in engine (``bench.instant_engine``, made slower than the bridge's decoding and cutting, as a
@@ -155,7 +155,8 @@ def test_the_decoded_audio_is_freed_however_the_request_ends(hours, recordings):
 
     # The decoder is killed while it decodes (stopped first: an hour of mp3 decodes in about a second),
     # once the request holds its file: that request fails, the next one is answered.
-    [worker] = [p for p in psutil.Process(bridge.proc.pid).children() if "bridge.pyav_worker" in " ".join(p.cmdline())]
+    [worker] = [p for p in psutil.Process(bridge.proc.pid).children()
+                if "bridge.decoding.pyav_worker" in " ".join(p.cmdline())]
     worker.send_signal(signal.SIGSTOP)
     answers: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answers.append(post(hours, recordings["hour"])))

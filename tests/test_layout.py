@@ -59,7 +59,7 @@ def test_adapters_see_the_bridge_only_through_its_port():
 
 @pytest.mark.parametrize("rule, bad_line", [
     (test_the_proxy_imports_nothing_of_the_bridge, "from bridge.config import load_settings\n"),
-    (test_adapters_see_the_bridge_only_through_its_port, "    from bridge.catalog import ModelSpec\n"),
+    (test_adapters_see_the_bridge_only_through_its_port, "    from bridge.models.catalog import ModelSpec\n"),
 ])
 def test_the_rules_catch_a_wrong_import(rule, bad_line, monkeypatch):
     """Each rule fails on one wrong import (top level or inside a function)."""
@@ -164,7 +164,7 @@ def test_functions_stay_short_and_shallow():
     """No function outside the tests is over 80 lines or nests blocks more than 4 deep: a function
     reads as its docstring."""
     found: dict[str, str] = {}
-    for package in PACKAGES:
+    for package in (*PACKAGES, "bench", "scripts"):
         for path in sorted((ROOT / package).rglob("*.py")):
             found |= oversized_functions(path.read_text(), str(path.relative_to(ROOT)))
     assert found == {}
@@ -202,3 +202,24 @@ def test_the_response_formats_and_the_adapter_names_are_listed_once():
     assert [f.split(":")[0] for f in formats] == ["common/response_formats.py"] * len(formats) and formats, formats
     adapters = string_lists({"managed-websocket", "websocket", "subprocess"}, least=2)
     assert [a.split(":")[0] for a in adapters] == ["bridge/config.py"], adapters
+
+
+GROUPS = ("bridge.decoding", "bridge.models")
+BRIDGE_BASE = {"bridge.ports", "bridge.config", "bridge.metrics"}
+
+
+def test_the_bridges_groups_import_only_its_base():
+    """Decoding and models are groups of their own: they import nothing of the rest of the bridge
+    but its base (the port, the settings, the metrics), so the imports between them and the rest
+    run one way."""
+    crossing = {}
+    for file, names in imports_of("bridge").items():
+        module = file[:-3].replace("/", ".")
+        group = next((g for g in GROUPS if module.startswith(g + ".")), None)
+        if group is None:
+            continue
+        outside = {n for n in names if n.startswith("bridge.") and not n.startswith(group)
+                   and ".".join(n.split(".")[:2]) not in BRIDGE_BASE}
+        if outside:
+            crossing[file] = sorted(outside)
+    assert crossing == {}

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from bridge.catalog import Catalog, ModelFile, ModelSpec
-from bridge.model_store import ModelStore, ModelStoreError, tokenizer_bin_to_tokens_txt
+from bridge.models.catalog import Catalog, ModelFile, ModelSpec
+from bridge.models.model_store import ModelStore, ModelStoreError, tokenizer_bin_to_tokens_txt
 from tests.conftest import MOONSHINE, ROOT
 from tests.hf_mirror import MirrorServer
 
@@ -191,7 +191,7 @@ def test_parakeet_v2_is_verified_like_v3(tmp_path):
 
 def test_pypi_moonshine_is_installed_as_onnx_that_says_the_same(models_dir, tmp_path):
     """The package's .ort files become plain ONNX at install (their int8 weights folded once by
-    onnxruntime, bridge.ort_convert); the engine's text from them is the package's, word for word,
+    onnxruntime, bridge.models.ort_convert); the engine's text from them is the package's, word for word,
     on real speech, and an install made before (a marker without the .onnx files) is converted at
     the next start."""
     import json
@@ -244,7 +244,7 @@ def weights_converted_at_run_time(path: Path, ort_format: bool = False) -> list[
     if ort_format:  # read through the same converter, without its folding
         import tempfile
 
-        from bridge.ort_convert import ort_to_onnx
+        from bridge.models.ort_convert import ort_to_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             plain = Path(tmp) / "unfolded.onnx"

@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from bridge.model_store import ModelStore
+from bridge.models.model_store import ModelStore
 from tests.conftest import MOONSHINE, BridgeProcess, bridge_env, start_instant_engine
 from tests.helpers import g711, live_turns, pcm24, sdk_client, wer
 from tests.speech import librispeech_samples, librispeech_text, write_wav16

@@ -72,7 +72,7 @@ def test_engine_tuning_is_resolved_from_provider_and_cores():
 def test_batch_size_reaches_only_models_the_engine_batches(tmp_path):
     from adapters.managed_websocket import EngineSupervisor
     from adapters.websocket import ConnectionPool
-    from bridge.catalog import Catalog
+    from bridge.models.catalog import Catalog
 
     catalog = Catalog.load()
 
@@ -103,8 +103,8 @@ def test_a_gpu_host_starts_the_parakeet_engine_with_cuda_flags(tmp_path):
     resolve for it (4 threads per model run, batches of 8, 3 work threads) and the transducer's files."""
     from adapters.managed_websocket import EngineSupervisor
     from adapters.websocket import ConnectionPool
-    from bridge.catalog import Catalog
     from bridge.config import load_settings
+    from bridge.models.catalog import Catalog
 
     settings = load_settings(sherpa_provider="cuda", default_model="parakeet-tdt-0.6b-v2-int8")
     spec = Catalog.load().get(settings.default_model).engine_model(tmp_path)

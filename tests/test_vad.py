@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from bench.bench_noisy import mix, pink_noise, unit
-from bridge.audio import AudioStream
+from bridge.decoding.stream import AudioStream
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.speech import librispeech_samples
 

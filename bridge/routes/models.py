@@ -7,8 +7,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from bridge.api_types import SwitchRequest
-from bridge.catalog import ModelSpec, UnknownModelError
-from bridge.engine_manager import ModelNotDownloaded
+from bridge.models.catalog import ModelSpec, UnknownModelError
+from bridge.models.engine_manager import ModelNotDownloaded
 from bridge.state import BridgeState, get_state
 from common.errors import APIError
 

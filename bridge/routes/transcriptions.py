@@ -13,9 +13,9 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from bridge.api_types import MAX_KEYWORDS, MAX_LANGUAGES
-from bridge.decoding import storage_error
 from bridge.job import Job
 from bridge.state import BridgeState, get_state
+from bridge.upload import storage_error
 from common.access import access_record
 from common.errors import APIError
 

@@ -12,8 +12,8 @@ from adapters.keywords import KeywordsEngine
 from adapters.managed_websocket import SERVER_BINARY, EngineSupervisor, ManagedWebSocketEngine, find_binary
 from adapters.subprocess_cli import CLI_BINARY, SubprocessEngine
 from adapters.websocket import ConnectionPool, WebSocketEngine
-from bridge.catalog import ModelSpec
 from bridge.config import AdapterName, BridgeSettings
+from bridge.models.catalog import ModelSpec
 from bridge.ports import ModelEngine
 
 ADAPTERS: tuple[str, ...] = get_args(AdapterName)

@@ -16,12 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from bridge.catalog import Catalog, ModelSpec
 from bridge.config import BridgeSettings
 from bridge.metrics import BridgeMetrics
-from bridge.model_store import ModelStore
+from bridge.models.catalog import Catalog, ModelSpec
+from bridge.models.model_store import ModelStore
+from bridge.models.speed_check import SpeedCheck, run_speed_check
 from bridge.ports import EngineHealth, EngineModel, EngineUnavailable, ModelEngine
-from bridge.speed_check import SpeedCheck, run_speed_check
 
 log = logging.getLogger("bridge.models")
 
@@ -64,7 +64,7 @@ class EngineManager:
 
     @property
     def speed(self) -> SpeedCheck | None:
-        """The loaded engine's speed check (``bridge.speed_check``), if it ran."""
+        """The loaded engine's speed check (``bridge.models.speed_check``), if it ran."""
         return self._speed.get(id(self.engine)) if self.engine else None
 
     async def _start_engine(self, spec: ModelSpec) -> ModelEngine:

@@ -15,7 +15,8 @@ from typing import Any
 
 from starlette.datastructures import UploadFile
 
-from bridge.audio import AudioDecodeError, AudioStorageFull, AudioStream, AudioTimeout, AudioTooLong, ffmpeg_decode
+from bridge.decoding.ffmpeg import ffmpeg_decode
+from bridge.decoding.stream import AudioDecodeError, AudioStorageFull, AudioStream, AudioTimeout, AudioTooLong
 from bridge.state import BridgeState
 from common.errors import APIError
 

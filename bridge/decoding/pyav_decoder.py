@@ -1,6 +1,6 @@
 """The default decoder (``AUDIO_DECODER=pyav``): a pool of decoder worker processes started once.
 
-Each worker (``bridge.pyav_worker``) decodes one file at a time with FFmpeg's libraries and streams
+Each worker (``bridge.decoding.pyav_worker``) decodes one file at a time with FFmpeg's libraries and streams
 16 kHz mono float32 back, which goes into the request's ``AudioStream`` as it arrives. A request
 waits for a free worker (at most ``DECODER_WORKERS`` decode at once; decoding is far faster than
 the engine, so this is not where requests queue).
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bridge.audio import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong
+from bridge.decoding.stream import AudioDecodeError, AudioStream, AudioTimeout, AudioTooLong
 
 log = logging.getLogger("bridge.decoder")
 HEADER = struct.Struct("<cI")
@@ -42,9 +42,9 @@ class DecoderWorker:
     @classmethod
     async def spawn(cls, memory_mb: int) -> DecoderWorker:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "bridge.pyav_worker", str(memory_mb),
+            sys.executable, "-m", "bridge.decoding.pyav_worker", str(memory_mb),
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None,
-            cwd=str(Path(__file__).resolve().parent.parent),
+            cwd=str(Path(__file__).resolve().parents[2]),
             limit=READ_BUFFER,
         )
         return cls(proc)

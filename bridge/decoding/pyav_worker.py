@@ -1,6 +1,6 @@
 """A decoder worker: FFmpeg's libraries through PyAV, in a process of its own.
 
-``bridge.pyav_decoder`` starts a few of these once and sends each one file at a time, so a request
+``bridge.decoding.pyav_decoder`` starts a few of these once and sends each one file at a time, so a request
 costs no process start, while a decoder that crashes or hangs on a crafted file takes down only its
 worker (the bridge kills and replaces it). Each worker caps its own address space
 (``DECODER_MEMORY_MB``), so a file that makes the decoder allocate without end fails alone.
@@ -12,11 +12,11 @@ Protocol, over the worker's stdin and stdout:
   ``d`` done (JSON ``{"samples": n}``) or ``e`` error (JSON ``{"kind": ..., "message": ...}``, kind
   ``invalid``, ``no_audio`` or ``too_long``).
 
-The protections are those of the ffmpeg command line in ``bridge.audio``: the ``file`` protocol
+The protections are those of the ffmpeg command line in ``bridge.decoding.ffmpeg``: the ``file`` protocol
 only, the demuxer whitelist, the first audio stream only, and decoding stops once the output passes
 ``max_samples`` (the duration cap, enforced while decoding).
 
-Run as ``python -m bridge.pyav_worker MEMORY_MB``.
+Run as ``python -m bridge.decoding.pyav_worker MEMORY_MB``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import struct
 import sys
 from typing import Any, BinaryIO
 
-from bridge.audio import DEMUXER_WHITELIST  # the same whitelist as the ffmpeg command line
+from bridge.decoding.ffmpeg import DEMUXER_WHITELIST  # the same whitelist as the ffmpeg command line
 from bridge.ports import SAMPLE_RATE
 
 HEADER = struct.Struct("<cI")

@@ -23,8 +23,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from bridge.catalog import MODEL_ID_RE, ModelFile, ModelSpec
-from bridge.ort_convert import convert
+from bridge.models.catalog import MODEL_ID_RE, ModelFile, ModelSpec
+from bridge.models.ort_convert import convert
 
 log = logging.getLogger("bridge.models")
 

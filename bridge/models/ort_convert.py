@@ -21,7 +21,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("bridge.ort_convert")
+log = logging.getLogger("bridge.models.ort_convert")
 
 
 def ort_to_onnx(source: Path, target: Path) -> None:

@@ -22,7 +22,7 @@ class ModelFile(BaseModel):
     name: str
     size: int | None = None  # bytes; checked after download when known
     sha256: str | None = None  # checked after download when known
-    # pypi: made at install from this file of the package (bridge.ort_convert: .ort -> .onnx)
+    # pypi: made at install from this file of the package (bridge.models.ort_convert: .ort -> .onnx)
     converted_from: str | None = None
 
     @field_validator("name")
@@ -234,7 +234,7 @@ BUILTIN_MODELS: list[ModelSpec] = [
         pypi_subdir="models/base-en",
         # The package's .ort files rewritten as ONNX at install, so that onnxruntime folds their
         # int8 weights into float32 once instead of on every decoder step: 5x faster on CPU, the
-        # same text (bridge/ort_convert.py, bench/README.md "Where Moonshine's time went").
+        # same text (bridge/models/ort_convert.py, bench/README.md "Where Moonshine's time went").
         files=[
             ModelFile(name="encoder_model.onnx", converted_from="encoder_model.ort"),
             ModelFile(name="decoder_model_merged.onnx", converted_from="decoder_model_merged.ort"),

@@ -25,7 +25,7 @@ from bridge.ports import SAMPLE_RATE, ModelEngine
 
 log = logging.getLogger("bridge.speed")
 
-PROBE = Path(__file__).resolve().parent / "data" / "speed-check.wav"
+PROBE = Path(__file__).resolve().parents[1] / "data" / "speed-check.wav"
 PROBE_TEXT = "The birch canoe slid on the smooth planks."
 SLOW_ON_CUDA = (
     "slower than expected on CUDA. int8 exports quantize the encoder with uint8 weights, which "
