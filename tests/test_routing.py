@@ -312,7 +312,9 @@ def test_a_killed_bridge_fails_only_what_it_held_and_its_twin_takes_the_rest(clu
           f"({sorted({r.status_code for _, _, r in failed})}); {len(after)} started after")
     # What failed was in flight on a1 when it died; it is a clean 503 the client may retry.
     assert len(failed) <= held + 1, (held, [r.text for _, _, r in failed])
-    assert all(s < killed < e and r.status_code == 503 and r.headers.get("retry-after") for s, e, r in failed)
+    assert all(s < killed < e and r.status_code == 503 and r.headers.get("retry-after") for s, e, r in failed), \
+        [(round(s - killed, 2), round(e - killed, 2), r.status_code, r.headers.get("retry-after"), r.text[:200])
+         for s, e, r in failed]
     assert after and all(r.status_code == 200 and r.headers["x-model-id"] == MOONSHINE.id for _, _, r in after)
     time.sleep(0.3)
     assert all(served_by(cluster, r.request_id) == ["a2"] for _, _, r in after)
