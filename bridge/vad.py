@@ -121,8 +121,8 @@ class SpeechDetector:
                 # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
                 # bound past the first region moves by up to 32 ms).
                 start = max(0, placed * size - lead) // SHIFT * SHIFT
-                first = regions[0] if regions else None
-                if first is not None and not first.finished \
+                first = regions[0] if regions else None  # the file's first region has offset 0
+                if first is not None and first.offset == 0 and not first.finished \
                         and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:
                     return True
                 if sum(not r.finished for r in regions) >= workers or stream.available <= start:
@@ -137,8 +137,8 @@ class SpeechDetector:
               stream: AudioStream | StreamWindow | None = None) -> Iterator[tuple[int, int]]:
         """Runs the model over every region that has audio for it, all in one batch, until each is
         at its end and ``more`` adds no region (``stream``: what to wait on while no region is
-        open); hands on the segments in order of the regions."""
-        current = 0  # the region whose segments go out now
+        open); hands on the segments in order of the regions, and lets go of each region once its
+        segments are handed on (a file of hours has hundreds)."""
         coming = True
         while True:
             if coming:
@@ -154,14 +154,14 @@ class SpeechDetector:
                     region.finish()
             if ready:
                 self._run(ready)
-            while current < len(regions):
-                region = regions[current]
+            while regions:  # the first is the region whose segments go out now
+                region = regions[0]
                 while region.found:
                     yield region.found.popleft()
                 if not region.finished:
                     break
-                current += 1
-            if (current == len(regions) and not coming) or (stop is not None and stop.is_set()):
+                regions.pop(0)
+            if (not regions and not coming) or (stop is not None and stop.is_set()):
                 return
             if not ready:  # every open region is at the decoder's front, or none is open yet
                 waiting = next((r for r in regions if not r.finished), None)
