@@ -59,7 +59,6 @@ class ForwardedRequest:
             request_id=self.record.request_id, key_id=key.id, key_name=key.name, model="", route=self.path,
             status=0, audio_seconds=0.0, latency_ms=0.0, created=time.time()))
         self.spooled: str | None = None  # the body on disk (several bridges)
-        self.body: Any = b""  # the body as it is sent on (a stream of the request, with one bridge)
         self.length: int | None = None
         self.bridge: Bridge | None = None  # with several bridges: the one serving it
         self.released = False
@@ -103,11 +102,11 @@ class ForwardedRequest:
         settings = self.state.settings
         try:
             cap, several = settings.max_upload_bytes + 64 * 1024, self.state.pool is not None
-            self.body, self.length, self.spooled = await spool_body(self.request, cap, settings.body_read_timeout,
-                                                                    spool=several)
+            body, self.length, self.spooled = await spool_body(self.request, cap, settings.body_read_timeout,
+                                                               spool=several)
             target = self._target()
             if self.state.pool is None:
-                return await self.state.client.send(self._build(self.state.client, target, self.body), stream=True)
+                return await self.state.client.send(self._build(self.state.client, target, body), stream=True)
             own = await own_answer(self) if own_answer is not None else None
             if own is not None:
                 await self.metered.durable()
