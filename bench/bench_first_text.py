@@ -82,7 +82,7 @@ def in_process_decode(path: Path) -> float:
 
 
 def decoded(path: Path) -> np.ndarray:
-    """``path`` as the decoder workers decode it (16 kHz mono float32)."""
+    """``path`` as the decoder workers decode it (16 kHz mono 16-bit), as float32."""
     import av
 
     from bridge.decoding.pyav_worker import decode
@@ -93,7 +93,7 @@ def decoded(path: Path) -> np.ndarray:
     while data:
         kind, size = struct.unpack("<cI", data[:5])
         if kind == b"a":
-            samples.append(np.frombuffer(data[5:5 + size], dtype="<f4"))
+            samples.append(np.frombuffer(data[5:5 + size], dtype="<i2").astype(np.float32) / np.float32(32768))
         data = data[5 + size:]
     return np.concatenate(samples)
 

@@ -52,3 +52,22 @@ def test_video_file_with_an_audio_track(decoder_bridge, beckett, format_dir):
     renamed = format_dir / "recording.wav"
     renamed.write_bytes(video.read_bytes())
     assert wer(BECKETT_TEXT, transcribe(decoder_bridge.url, renamed).json()["text"]) <= 0.15
+
+
+def test_mp3_whose_sample_rate_and_channels_change_midway(decoder_bridge, beckett, format_dir):
+    """Two mp3 files joined end to end (a podcast's parts; the first mono at 22.05 kHz, the second
+    stereo at 44.1 kHz): the decoder follows the new shape instead of failing the request (the
+    PyAV workers once answered 400, "the decoder failed on this file")."""
+    parts = []
+    for k, (start, rate, channels) in enumerate(((0, "22050", "1"), (5, "44100", "2"))):
+        part = format_dir / f"part{k}.mp3"
+        subprocess.run(["ffmpeg", "-nostdin", "-y", "-loglevel", "error", "-ss", str(start), "-i", str(beckett),
+                        *(["-t", "5"] if k == 0 else []), "-ar", rate, "-ac", channels, "-c:a", "libmp3lame",
+                        "-write_xing", "0", "-id3v2_version", "0", str(part)], check=True)
+        parts.append(part.read_bytes())
+    joined = format_dir / "joined.mp3"
+    joined.write_bytes(b"".join(parts))
+    r = transcribe(decoder_bridge.url, joined)
+    assert r.status_code == 200, r.text
+    assert wer(BECKETT_TEXT, r.json()["text"]) <= 0.15
+    assert abs(r.json()["usage"]["seconds"] - 9.96) < 0.15

@@ -1,7 +1,7 @@
 """The default decoder (``AUDIO_DECODER=pyav``): a pool of decoder worker processes started once.
 
 Each worker (``bridge.decoding.pyav_worker``) decodes one file at a time with FFmpeg's libraries and streams
-16 kHz mono float32 back, which goes into the request's ``AudioStream`` as it arrives. A request
+16 kHz mono 16-bit samples back, which go into the request's ``AudioStream`` as it arrives. A request
 waits for a free worker (at most ``DECODER_WORKERS`` decode at once; decoding is far faster than
 the engine, so this is not where requests queue).
 
@@ -155,7 +155,7 @@ class DecoderPool:
         while True:
             kind, payload = await worker.read_frame()
             if kind == b"a":
-                if not stream.append(np.frombuffer(payload, dtype="<f4")):
+                if not stream.append(np.frombuffer(payload, dtype="<i2")):
                     return False  # too long or aborted here: the worker is mid-file, replace it
             elif kind == b"d":
                 stream.finish()

@@ -64,8 +64,11 @@ class SampleFile:
         self._closed = False
 
     def write(self, at: int, chunk: np.ndarray) -> None:
-        """Samples ``at``.. onwards; raises ``AudioStorageFull`` when the disk is."""
-        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())
+        """Samples ``at``.. onwards (16-bit as they are, float rounded to 16 bits); raises
+        ``AudioStorageFull`` when the disk is."""
+        if chunk.dtype != np.int16:
+            chunk = np.clip(np.rint(chunk * 32768.0), -32768, 32767)
+        data = memoryview(chunk.astype("<i2", copy=False).tobytes())
         offset = at * 2
         with self._lock:
             if self._closed:
@@ -145,10 +148,11 @@ class AudioStream:
     # -- decoder side -------------------------------------------------------------------------
 
     def append(self, chunk: np.ndarray) -> bool:
-        """Add decoded samples; False once the stream is finished (too long, aborted, disk full)."""
+        """Add decoded samples (float32, or 16-bit from the PyAV workers); False once the stream is
+        finished (too long, aborted, disk full)."""
         if self._done:
             return False
-        if not np.isfinite(chunk).all():
+        if chunk.dtype != np.int16 and not np.isfinite(chunk).all():
             chunk = np.nan_to_num(chunk, nan=0.0, posinf=0.0, neginf=0.0)
         end = self._n + len(chunk)
         if end > self.limit:
