@@ -159,18 +159,34 @@ def test_text_at_the_commit_only_without_live_text(live_proxy):
 def test_a_busy_engine_skips_passes_instead_of_queueing_them(live_proxy, bridge, tmp_path):
     """An upload of three minutes of speech keeps the engine busy: the session's passes are skipped
     (counted) while it holds the engine, the upload's text is its own, and the turn still gets its
-    whole text at the commit."""
+    whole text at the commit.
+
+    The bound on what live text costs an upload, counted rather than timed: no pass starts while the
+    upload's pieces wait for the engine or fill the connections it may use, so an upload waits
+    behind at most the one pass per session already running when it came (at most
+    ``MAX_PASS_SECONDS`` of audio; milliseconds on a GPU), and passes start beside it only once its
+    last pieces leave a connection free. Here the session starts after the upload: at most 2 passes
+    may run before the upload's answer, against one per tick (16 in its 8 s) without the rule."""
     copies = 10
     long_audio = write_wav16(tmp_path / "long.wav", np.tile(librispeech_samples(LONG_TURN), copies))
     skipped_before = metric(bridge, "stt_bridge_live_passes_total", outcome="skipped_busy")
     answers: list[httpx.Response] = []
-    upload = threading.Thread(target=lambda: answers.append(transcribe(bridge.url, long_audio, timeout=600)))
-    upload.start()
+    ran_by_the_answer: list[float] = []
+
+    def upload() -> None:
+        answers.append(transcribe(bridge.url, long_audio, timeout=600))
+        ran_by_the_answer.append(metric(bridge, "stt_bridge_live_passes_total", outcome="run"))
+
+    uploading = threading.Thread(target=upload)
+    uploading.start()
     time.sleep(1.0)
+    ran_before = metric(bridge, "stt_bridge_live_passes_total", outcome="run")
     events = spoken(live_proxy, pcm24_of(librispeech_samples(LONG_TURN)[: 16000 * 8]), pace=1.0)
-    upload.join()
+    uploading.join()
     assert answers[0].status_code == 200
     assert wer(" ".join([librispeech_text(LONG_TURN)] * copies), answers[0].json()["text"]) <= 0.2
+    ran = ran_by_the_answer[0] - ran_before
+    assert ran <= 2, f"{ran:.0f} passes ran beside the upload's pieces"
     assert metric(bridge, "stt_bridge_live_passes_total", outcome="skipped_busy") > skipped_before
     assert events[-1][1].transcript
 
