@@ -6,6 +6,10 @@ workers) over the bridge's idle RSS, in several response formats, side by side i
 request gets a freshly started bridge, so that one request's freed memory is not the next one's.
 
     .venv/bin/python -m bench.bench_hours [--minutes 10 60 180] [--formats json verbose_json srt]
+    .venv/bin/python -m bench.bench_hours --minutes 10 --compare /tmp/before [--rounds 8]
+
+``--compare DIR`` times this checkout's bridge against another's (a worktree of another commit),
+side by side in front of the same engine, requests interleaved, and prints the medians.
 
 ``python -m bench`` runs it too (its "Hours of audio" lines). The mp3 files are made once with
 ffmpeg (libmp3lame) and kept in ``bench/.cache/``.
@@ -14,7 +18,9 @@ ffmpeg (libmp3lame) and kept in ``bench/.cache/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -80,8 +86,8 @@ def one_request(services: Services, env: dict[str, str], name: str, path: Path, 
         proc.wait(60)
 
 
-def run(services: Services, work: Path, minutes: list[float], formats: list[str]) -> list[str]:
-    """The "Hours of audio" lines: one row per recording length, a time and a peak per format."""
+def start_engine(services: Services, work: Path, minutes: list[float], formats: list[str]) -> dict[str, str]:
+    """The instant engine; the bridges' environment, pointed at it."""
     engine_port = free_port()
     env = {**os.environ, "LOG_LEVEL": "warning", "BRIDGE_METRICS_PORT": "0", "SPEED_CHECK": "false",
            "ENGINE_ADAPTER": "websocket", "ENGINE_URL": f"ws://127.0.0.1:{engine_port}",
@@ -92,6 +98,12 @@ def run(services: Services, work: Path, minutes: list[float], formats: list[str]
     time.sleep(1.0)
     if engine.poll() is not None:
         raise RuntimeError("the instant engine did not start")
+    return env
+
+
+def run(services: Services, work: Path, minutes: list[float], formats: list[str]) -> list[str]:
+    """The "Hours of audio" lines: one row per recording length, a time and a peak per format."""
+    env = start_engine(services, work, minutes, formats)
     files = {m: recording(m) for m in minutes}
     header = " | ".join(f"{f}: s, audio s/s, peak MB" for f in formats)
     lines = ["Hours of audio (one request at a time, bridge with the instant engine, 48 kHz stereo mp3 at "
@@ -107,17 +119,69 @@ def run(services: Services, work: Path, minutes: list[float], formats: list[str]
     return lines
 
 
+def compare(services: Services, work: Path, other: Path, minutes: list[float], formats: list[str],
+            rounds: int) -> list[str]:
+    """Time only, side by side: this checkout's bridge and ``other``'s (a worktree of another
+    commit) in front of the same engine, both warmed, the requests interleaved (each round in the
+    other order than the last); medians and their ratio."""
+    env = start_engine(services, work, minutes, formats)
+    urls, procs = {}, {}
+    for name, tree in (("this", ROOT), ("other", other)):
+        port = free_port()
+        proc = services.start(f"compare-{name}", [sys.executable, "-m", "bridge"],
+                              {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)}, cwd=tree)
+        urls[name], procs[name] = f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
+        wait_http(urls[name] + "/health", proc, timeout=120)
+        post(urls[name], recording(1), formats[0])
+    times: dict[tuple[str, float, str], list[float]] = {}
+    cpu: dict[tuple[str, float, str], list[float]] = {}
+    for k in range(rounds):
+        for m in minutes:
+            for fmt in formats:
+                for name in (("this", "other") if k % 2 == 0 else ("other", "this")):
+                    used, started = cpu_seconds(procs[name]), time.perf_counter()
+                    post(urls[name], recording(m), fmt)
+                    times.setdefault((name, m, fmt), []).append(time.perf_counter() - started)
+                    cpu.setdefault((name, m, fmt), []).append(cpu_seconds(procs[name]) - used)
+    lines = [f"Side by side with {other} ({rounds} interleaved rounds, medians; CPU: the bridge and its decoder "
+             "workers):", "", "| recording | format | audio s/s, this | other | ratio | CPU s, this | other | ratio |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in minutes:
+        for fmt in formats:
+            this, theirs = (statistics.median(times[(n, m, fmt)]) for n in ("this", "other"))
+            cpu_this, cpu_theirs = (statistics.median(cpu[(n, m, fmt)]) for n in ("this", "other"))
+            lines.append(f"| {m:g} min | {fmt} | {m * 60 / this:.0f} | {m * 60 / theirs:.0f} | {theirs / this:.2f}x "
+                         f"| {cpu_this:.2f} | {cpu_theirs:.2f} | {cpu_theirs / cpu_this:.2f}x |")
+    return lines
+
+
+def cpu_seconds(proc: psutil.Process) -> float:
+    """CPU time of a process and its children (the decoder workers) so far."""
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, nargs="+", default=[10, 60, 180])
     ap.add_argument("--formats", nargs="+", default=["json", "verbose_json", "srt"],
                     help="response formats; diarized_json asks for speakers (the test stand-ins of the diarization "
                          "models, ../shared/models/diarization/)")
+    ap.add_argument("--compare", type=Path, help="another checkout (a git worktree): time only, its bridge and this "
+                                                  "one side by side, interleaved")
+    ap.add_argument("--rounds", type=int, default=8, help="rounds of --compare")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-hours-"))
     services = Services(work)
     try:
-        lines = run(services, work, args.minutes, args.formats)
+        if args.compare:
+            lines = compare(services, work, args.compare.resolve(), args.minutes, args.formats, args.rounds)
+        else:
+            lines = run(services, work, args.minutes, args.formats)
     finally:
         services.stop()
     print(f"CPU: {cpu_model()}, {psutil.cpu_count()} cores\n")
