@@ -166,7 +166,7 @@ def test_a_busy_engine_skips_passes_instead_of_queueing_them(live_proxy, bridge,
     behind at most the one pass per session already running when it came (at most
     ``MAX_PASS_SECONDS`` of audio; milliseconds on a GPU), and passes start beside it only once its
     last pieces leave a connection free. Here the session starts after the upload: at most 2 passes
-    may run before the upload's answer, against one per tick (16 in its 8 s) without the rule."""
+    may run before the upload's answer, against up to one a second (the CPU's `medium` pace) without the rule."""
     copies = 10
     long_audio = write_wav16(tmp_path / "long.wav", np.tile(librispeech_samples(LONG_TURN), copies))
     skipped_before = metric(bridge, "stt_bridge_live_passes_total", outcome="skipped_busy")
