@@ -21,6 +21,7 @@ from bridge.ports import SAMPLE_RATE
 FRAME = SAMPLE_RATE // 10  # 100 ms
 PAD = SAMPLE_RATE // 5  # 200 ms kept around each speech segment
 SILENCE_RMS = 1e-4
+RMS_BLOCK = 300 * FRAME  # 30 s: the most ``frame_rms`` reads and widens to float64 at once
 
 
 Spans = list[tuple[float, float]]  # speech (start, end) in seconds
@@ -60,7 +61,7 @@ def plan_pieces(samples: Samples, max_piece_seconds: float, start: int = 0, end:
         # Look for the pause in the last 40 % of the window.
         lo = start + int(limit * 0.6)
         hi = start + limit
-        rms = frame_rms(samples[lo:hi])
+        rms = frame_rms(samples, lo, hi)
         if len(rms) == 0:
             cut = hi
         else:
@@ -72,11 +73,17 @@ def plan_pieces(samples: Samples, max_piece_seconds: float, start: int = 0, end:
     return pieces
 
 
-def frame_rms(samples: np.ndarray) -> np.ndarray:
-    """The RMS of each whole 100 ms frame of ``samples``."""
-    n = len(samples) // FRAME
-    frames = samples[: n * FRAME].reshape(n, FRAME).astype(np.float64)
-    return np.sqrt(np.mean(frames ** 2, axis=1)) if n else np.zeros(0)
+def frame_rms(samples: Samples, start: int = 0, end: int | None = None) -> np.ndarray:
+    """The RMS of each whole 100 ms frame of ``samples[start:end]``, read and squared 30 s at a
+    time: a cut sought in a speaker window of 600 s looks at 240 s, 61 MB of float64 at once."""
+    end = len(samples) if end is None else min(end, len(samples))
+    n = max(0, end - start) // FRAME
+    rms = np.empty(n)
+    for at in range(0, n * FRAME, RMS_BLOCK):
+        size = min(RMS_BLOCK, n * FRAME - at)
+        frames = np.asarray(samples[start + at:start + at + size], dtype=np.float64).reshape(-1, FRAME)
+        rms[at // FRAME:(at + size) // FRAME] = np.sqrt(np.mean(frames ** 2, axis=1))
+    return rms
 
 
 def loud_seconds(samples: np.ndarray, rms_floor: float) -> float:
@@ -88,7 +95,7 @@ def quietest_point(samples: np.ndarray, floor: int) -> int:
     """The middle of a quietest 100 ms frame at least ``floor`` from either end: of the frames
     about as quiet as the quietest, the one nearest the middle (halves of similar length)."""
     lo, hi = floor, len(samples) - floor
-    rms = frame_rms(samples[lo:hi]) if hi > lo else np.zeros(0)
+    rms = frame_rms(samples, lo, hi)
     n = len(rms)
     if n == 0:
         return len(samples) // 2

@@ -170,6 +170,38 @@ def test_piece_planning_rules():
     assert sum(b - a for a, b in planned) < len(noise) * 0.6  # silence is not sent
 
 
+class GeneratedAudio:
+    """Noise read by slice like a request's ``AudioStream`` (its samples live in a file): nothing held
+    but what a reader asks for, so a reader's own memory shows alone."""
+
+    def __init__(self, seconds: float) -> None:
+        self.n = int(seconds * 16000)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, piece: slice) -> np.ndarray:
+        start, end, _ = piece.indices(self.n)
+        return np.random.default_rng(start).normal(0, 0.1, max(0, end - start)).astype(np.float32)
+
+
+def test_cutting_a_long_window_reads_it_a_little_at_a_time():
+    """The speakers of a long recording are found in windows of 600 s, cut at the quietest point of
+    each window's last 240 s: that search reads and squares 30 s at a time. (It read the 240 s at
+    once and widened them to float64: 77 MB at its peak, every window of every hour.)"""
+    import tracemalloc
+
+    audio = GeneratedAudio(1500)
+    tracemalloc.start()
+    try:
+        windows = plan_pieces(audio, 600)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert windows[-1][1] == len(audio) and all(b - a <= 600 * 16000 for a, b in windows)
+    assert peak < 12 * 2**20, f"cutting held {peak / 2**20:.0f} MB at once"
+
+
 @pytest.fixture
 def default_tuning_bridge(models_dir, catalog_file, tmp_path):
     """The engine tuning a CPU user gets by default: one thread per model run, a connection per
