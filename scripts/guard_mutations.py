@@ -47,9 +47,9 @@ DIARIZATION_WINDOWS = ("tests/test_diarization.py::"
 MUTATIONS = [
     # Hours of audio (bridge/decoding/stream.py): decoded samples on disk, freed with the request; a full disk a 507.
     Mutation("a request's decoded audio kept on disk, not in memory", "bridge/decoding/stream.py",
-             'data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
+             'data = memoryview(chunk.astype("<i2", copy=False).tobytes())',
              'self.__dict__.setdefault("kept", []).append(chunk.copy())\n'
-             '        data = memoryview(np.clip(np.rint(chunk * 32768.0), -32768, 32767).astype("<i2").tobytes())',
+             '        data = memoryview(chunk.astype("<i2", copy=False).tobytes())',
              (HOURS + "test_an_hour_through_the_stack_holds_the_memory_of_minutes",)),
     Mutation("pieces read from the audio only a few ahead of the engine", "bridge/transcription.py",
              "ahead = asyncio.Semaphore(scheduler.connections + 1)", "ahead = asyncio.Semaphore(100000)",
