@@ -70,10 +70,12 @@ def one_request(services: Services, env: dict[str, str], name: str, path: Path, 
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(url + "/health", proc, timeout=120)
-        # Warm-up: a minute, or with speakers two windows' worth (20 min): the diarization models load
-        # at the first request for speakers, and their runtimes' memory grows once, to a window's size
-        # and (at the first recording of several windows) to a speaker's 30 s matched across windows.
-        post(url, recording(20 if fmt == "diarized_json" else 1), fmt)
+        # Warm-up: a minute, or with speakers one window (10 min) and then two (20 min): the diarization
+        # models load at the first request for speakers, and their runtimes' memory grows once, to
+        # the largest window met and (at the first recording of several windows) to a speaker's 30 s
+        # matched across windows.
+        for minutes in ((10, 20) if fmt == "diarized_json" else (1,)):
+            post(url, recording(minutes), fmt)
         watch = Watch([psutil.Process(proc.pid)], interval=0.02)
         time.sleep(1.0)
         idle = watch.rss()
