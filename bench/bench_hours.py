@@ -61,15 +61,22 @@ def post(url: str, path: Path, fmt: str) -> httpx.Response:
     return r
 
 
+def start_bridge(services: Services, env: dict[str, str], name: str, tree: Path = ROOT
+                 ) -> tuple[str, subprocess.Popen[bytes]]:
+    """A bridge of the checkout ``tree`` on a free port: its URL and process, once it answers."""
+    port = free_port()
+    proc = services.start(name, [sys.executable, "-m", "bridge"],
+                          {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)}, cwd=tree)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/health", proc, timeout=120)
+    return url, proc
+
+
 def one_request(services: Services, env: dict[str, str], name: str, path: Path, fmt: str) -> tuple[float, float]:
     """A fresh bridge, warmed with a request in the same format (models loaded, buffers made), then
     one upload: (seconds, peak MB over the bridge's RSS before it)."""
-    port = free_port()
-    proc = services.start(name, [sys.executable, "-m", "bridge"],
-                          {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)})
-    url = f"http://127.0.0.1:{port}"
+    url, proc = start_bridge(services, env, name)
     try:
-        wait_http(url + "/health", proc, timeout=120)
         # Warm-up: a minute, or with speakers one window (10 min) and then two (20 min): the diarization
         # models load at the first request for speakers, and their runtimes' memory grows once, to
         # the largest window met and (at the first recording of several windows) to a speaker's 30 s
@@ -130,11 +137,8 @@ def compare(services: Services, work: Path, other: Path, minutes: list[float], f
     env = start_engine(services, work, minutes, formats)
     urls, procs = {}, {}
     for name, tree in (("this", ROOT), ("other", other)):
-        port = free_port()
-        proc = services.start(f"compare-{name}", [sys.executable, "-m", "bridge"],
-                              {**env, "BRIDGE_HOST": "127.0.0.1", "BRIDGE_PORT": str(port)}, cwd=tree)
-        urls[name], procs[name] = f"http://127.0.0.1:{port}", psutil.Process(proc.pid)
-        wait_http(urls[name] + "/health", proc, timeout=120)
+        urls[name], proc = start_bridge(services, env, f"compare-{name}", tree)
+        procs[name] = psutil.Process(proc.pid)
         post(urls[name], recording(1), formats[0])
     times: dict[tuple[str, float, str], list[float]] = {}
     cpu: dict[tuple[str, float, str], list[float]] = {}

@@ -188,7 +188,7 @@ class GeneratedAudio:
 def test_cutting_a_long_window_reads_it_a_little_at_a_time():
     """The speakers of a long recording are found in windows of 600 s, cut at the quietest point of
     each window's last 240 s: that search reads and squares 30 s at a time. (It read the 240 s at
-    once and widened them to float64: 77 MB at its peak, every window of every hour.)"""
+    once and widened them to float64: 73 MB at its peak, every window of every hour.)"""
     import tracemalloc
 
     audio = GeneratedAudio(1500)
