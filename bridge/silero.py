@@ -21,9 +21,13 @@ stay those of the 16 kHz scan, each one's samples halved by averaging pairs (``h
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+log = logging.getLogger("bridge.vad")
 
 SAMPLE_RATE = 16000
 SHIFT = 512  # new samples per window
@@ -38,7 +42,9 @@ def f32(x: float) -> float:
 
 
 class SileroModel:
-    """The ONNX model, shared by every scan (onnxruntime runs may be concurrent)."""
+    """The ONNX model, shared by every scan (onnxruntime runs may be concurrent). A round of
+    windows is one run of the graph rebuilt for it (``bridge.silero_graph``), checked against the
+    exported model when loaded; where that check fails, one run per window of the exported model."""
 
     def __init__(self, path: Path, rate: int = SAMPLE_RATE) -> None:
         import onnxruntime as ort
@@ -55,19 +61,54 @@ class SileroModel:
             raise ValueError(f"{path} is not a Silero VAD v5 model (inputs {names}; want input, state, sr)")
         self.rate = rate
         self._rate = np.array(rate, np.int64)
+        self.rounds = self._rounds_session(path, opts)
 
     def run(self, windows: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Speech probabilities of ``windows`` (streams x windows x ``WINDOW`` samples at 16 kHz, or
-        ``WINDOW // 2`` at 8 kHz: each stream's next windows in order), one model run per window
-        position with a batch row per stream, and each stream's state after its last window."""
+        ``WINDOW // 2`` at 8 kHz: each stream's next windows in order), and each stream's state
+        after its last window."""
         state = states[0] if len(states) == 1 else np.concatenate(states, axis=1)
+        if self.rounds is not None:
+            by_window = np.ascontiguousarray(windows.transpose(1, 0, 2), np.float32)
+            probs, state = self.rounds.run(None, {"windows": by_window, "state": state})
+            probs = probs.T
+        else:
+            probs, state = self._run_exported(windows, state)
+        # Each stream's own copy: a view would keep the whole batch's state alive with every region
+        # that ever ran in it (16 KB each; 11 MB over the 720 regions of three hours).
+        return probs, [state[:, i:i + 1].copy() for i in range(len(states))]
+
+    def _run_exported(self, windows: np.ndarray, state: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The exported model, one run per window position with a batch row per stream."""
         probs = np.empty(windows.shape[:2], np.float32)
         for j in range(windows.shape[1]):
             out, state = self.session.run(None, {"input": windows[:, j], "state": state, "sr": self._rate})
             probs[:, j] = out[:, 0]
-        # Each stream's own copy: a view would keep the whole batch's state alive with every region
-        # that ever ran in it (16 KB each; 11 MB over the 720 regions of three hours).
-        return probs, [state[:, i:i + 1].copy() for i in range(len(states))]
+        return probs, state
+
+    def _rounds_session(self, path: Path, opts: Any) -> Any:
+        """The rebuilt graph's session, if it gives the exported model's probabilities (to 1e-4)
+        and states on noise; otherwise None, logged once."""
+        import onnxruntime as ort
+
+        from bridge import silero_graph
+
+        try:
+            session = ort.InferenceSession(silero_graph.build(path, self.rate), opts,
+                                           providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - any model the rebuild cannot read runs as exported
+            log.warning("Silero VAD runs window by window (%s: %s)", type(exc).__name__, exc)
+            return None
+        noise = np.random.default_rng(0).standard_normal((3, 12, WINDOW * self.rate // SAMPLE_RATE))
+        windows = (noise * 0.1).astype(np.float32)
+        state = np.zeros((2, 3, STATE[2]), np.float32)
+        want, want_state = self._run_exported(windows, state)
+        got, got_state = session.run(None, {"windows": np.ascontiguousarray(windows.transpose(1, 0, 2)),
+                                            "state": state})
+        if np.abs(got.T - want).max() > 1e-4 or np.abs(got_state - want_state).max() > 1e-3:
+            log.warning("Silero VAD runs window by window: the rebuilt graph does not match %s", path)
+            return None
+        return session
 
 
 def windows_of(samples: np.ndarray, count: int, rate: int = SAMPLE_RATE) -> np.ndarray:
