@@ -53,9 +53,11 @@ def sherpa_scan(x: np.ndarray) -> float:
     return time.process_time() - started
 
 
-def bridge_scan(x: np.ndarray, regions: int, rate: int = 16000) -> tuple[float, list[tuple[int, int]]]:
+def bridge_scan(x: np.ndarray, regions: int, rate: int = 16000, *, rounds: bool = True
+                ) -> tuple[float, list[tuple[int, int]]]:
     """The bridge's own detector: CPU seconds and the segments, one pass or ``regions`` side by side,
-    Silero at ``rate``."""
+    Silero at ``rate``; each round of windows in one run of the rebuilt graph (``bridge.silero_graph``),
+    or with ``rounds=False`` the exported model, one run per window."""
     import threading
 
     from bridge.decoding.stream import AudioStream
@@ -64,6 +66,8 @@ def bridge_scan(x: np.ndarray, regions: int, rate: int = 16000) -> tuple[float, 
     model = find_vad_model(None)
     assert model is not None, "no Silero VAD model (pip install --no-deps silero-vad)"
     detector = SpeechDetector(model, rate=rate)
+    if not rounds:
+        detector.silero.rounds = None
     started = time.process_time()
     found = list(detector.iter_segments_parallel(AudioStream.from_samples(x), workers=regions,
                                                  stop=threading.Event()))
@@ -134,9 +138,12 @@ def main() -> int:
         one, one_found = bridge_scan(x, 1, rate)
         many, many_found = bridge_scan(x, 16, rate)
         kind = "16 kHz, sherpa-onnx's segments" if rate == 16000 else "8 kHz (the default)"
+        exported, exported_found = bridge_scan(x, 16, rate, rounds=False)
         rows += [(f"the bridge (bridge.vad), {kind}: one pass", one, f"{len(one_found)} segments"),
-                 (f"the bridge (bridge.vad), {kind}: 16 regions in one model run", many,
-                  f"{len(many_found)} segments")]
+                 (f"the bridge (bridge.vad), {kind}: 16 regions, the exported model run per window", exported,
+                  f"{len(exported_found)} segments"),
+                 (f"the bridge (bridge.vad), {kind}: 16 regions, a round of windows per run", many,
+                  f"{len(many_found)} segments, {'the same' if many_found == exported_found else 'not the same'}")]
     t16, p16 = onnx_scan(x, 16000, 1)
     t8, p8 = onnx_scan(x8, 8000, 1)
     n = min(len(p16), len(p8))

@@ -169,3 +169,58 @@ def test_a_long_scan_holds_no_more_than_a_short_one(model, talk):
     # (160 regions: +340 KB), and with each holding a batch's state, 16 KB a region.
     short, long = peak(4), peak(44)
     assert long - short < 200 * 1024, f"the scan held {(long - short) / 1024:.0f} KB more for 44 minutes than for 4"
+
+
+class CountedRuns:
+    """An onnxruntime session that counts its runs."""
+
+    def __init__(self, session) -> None:
+        self.session, self.runs = session, 0
+
+    def run(self, *args, **kwargs):
+        self.runs += 1
+        return self.session.run(*args, **kwargs)
+
+
+def test_a_round_of_windows_is_one_model_run(model, talk):
+    """The scan's speed: each round (up to 32 windows of each of up to 16 regions) is one run of the
+    rebuilt graph, where the exported model takes one run per window. Counted, not timed: the
+    rounds a region needs, and not one run of the exported model."""
+    detector = SpeechDetector(model)
+    assert detector.silero.rounds is not None, "the rebuilt graph was not taken"
+    rounds, exported = CountedRuns(detector.silero.rounds), CountedRuns(detector.silero.session)
+    detector.silero.rounds, detector.silero.session = rounds, exported
+    region = len(talk) // 16 + 1
+    found = list(detector.iter_segments_parallel(AudioStream.from_samples(talk), workers=16, stop=threading.Event(),
+                                                 region_seconds=region / RATE))
+    windows = (region + RATE // 2) // 512  # a region's windows, its lead included
+    assert found
+    assert exported.runs == 0
+    print(f"{rounds.runs} runs for 16 regions of {windows} windows")
+    assert rounds.runs <= 3 * (windows // 32 + 1), f"{rounds.runs} runs for 16 regions of {windows} windows"
+
+
+def test_a_rebuilt_graph_that_differs_from_the_model_is_not_used(model, talk, monkeypatch, caplog):
+    """The rebuilt graph is checked against the exported model when it loads: one that gives other
+    probabilities (here its output's bias moved) is refused, with a warning, and the scan runs the
+    exported model window by window, finding what the rebuilt graph finds."""
+    import onnx
+    from onnx import numpy_helper
+
+    from bridge import silero_graph
+
+    good = SpeechDetector(model).speech_segments(talk)
+    build = silero_graph.build
+
+    def moved_bias(path, rate):
+        graph = onnx.load_from_string(build(path, rate))
+        bias = next(t for t in graph.graph.initializer if t.name == "head_b")
+        bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), "head_b"))
+        return graph.SerializeToString()
+
+    monkeypatch.setattr(silero_graph, "build", moved_bias)
+    with caplog.at_level("WARNING", logger="bridge.vad"):
+        detector = SpeechDetector(model)
+    assert detector.silero.rounds is None
+    assert "does not match" in caplog.text
+    assert detector.speech_segments(talk) == good
