@@ -2,9 +2,12 @@
 
 sherpa-onnx's ``VoiceActivityDetector`` runs the model on one 32 ms window per call; the call's
 own cost is most of a scan's CPU time. Here the windows of several streams (the regions of a long
-file, ``bridge.vad``) go through the model together, one batch row each: measured with
-``bench/bench_vad.py``, the bridge's 16 regions in one batch scan 1.9x (16 kHz) and 3.0x (8 kHz)
-as much audio per CPU second as sherpa-onnx's detector.
+file, ``bridge.vad``) go through the model together, one batch row each, and a round of up to 32
+windows of each is one run of the graph rebuilt for it (``bridge.silero_graph``: the convolutions
+over every window at once, then the LSTM over the round). Measured with ``bench/bench_vad.py`` on
+597 s of speech, the bridge's 16 regions at 8 kHz scan 16x as much audio per CPU second as
+sherpa-onnx's detector, and 4.3x as much as the same regions with the exported model run per
+window, with the same segments.
 
 ``SegmentTracker`` turns one stream's probabilities into speech segments exactly as sherpa-onnx
 1.13.3 does (``silero-vad-model.cc`` ``IsSpeech`` and ``voice-activity-detector.cc``

@@ -4,11 +4,11 @@ The Silero ONNX file comes from ``VAD_MODEL`` or from the ``silero-vad`` package
 (installed with ``--no-deps``: only the 2 MB model file is needed, not the package's torch).
 Without either, the bridge logs it once and cuts by energy alone (``bridge.cutting``).
 
-A long file is scanned in regions, side by side in one model run (``iter_segments_parallel``):
-the model's per-call cost, not its arithmetic, is most of a one-stream scan's CPU time. Once the
-file is decoded, a region that finishes gives its batch row to half of what another has left, so
-the batch stays full to the end. Silero runs at 8 kHz by default (``VAD_SAMPLE_RATE``,
-``bridge.silero``): half the CPU of 16 kHz, and its cuts lose no words (bench/README.md).
+A long file is scanned in regions of 15 s laid out by the file alone, up to 16 side by side in one
+model run (``iter_segments_parallel``), and a round of up to 32 windows of each is one run
+(``bridge.silero``): the exported model's per-call cost, not its arithmetic, was most of a scan's
+CPU time. Silero runs at 8 kHz by default (``VAD_SAMPLE_RATE``, ``bridge.silero``): half the CPU
+of 16 kHz, and its cuts lose no words (bench/README.md).
 """
 
 from __future__ import annotations
