@@ -34,6 +34,7 @@ from bridge.vad import SpeechDetector, find_vad_model
 from common.access import AccessMiddleware, serve_metrics
 from common.errors import APIError, error_response, validation_error_response
 from common.openapi import document_bridge
+from common.serving import WatchedSend
 
 log = logging.getLogger("bridge")
 
@@ -68,29 +69,29 @@ class BodyLimitMiddleware:
                 if declared < 0 or declared > self.max_bytes:
                     await too_large(scope, receive, send)
                     return
-        received = 0
-        started = False
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise BodyTooLarge()
-            return message
-
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        body, answer = CountedReceive(receive, self.max_bytes), WatchedSend(send)
         try:
-            await self.app(scope, counted_receive, tracking_send)
+            await self.app(scope, body.receive, answer.send)
         except BodyTooLarge:
-            if not started:
+            if not answer.started:  # once the answer has started, no 413 can be sent
                 await too_large(scope, receive, send)
+
+
+class CountedReceive:
+    """An ASGI ``receive`` that counts one request's body as the app reads it: ``BodyTooLarge``
+    past ``max_bytes``."""
+
+    def __init__(self, receive: Receive, max_bytes: int) -> None:
+        self._receive, self.max_bytes = receive, max_bytes
+        self.received = 0
+
+    async def receive(self) -> Message:
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self.received += len(message.get("body", b""))
+            if self.received > self.max_bytes:
+                raise BodyTooLarge()
+        return message
 
 
 def create_app(settings: BridgeSettings, *, factory: EngineFactory = create_engine) -> FastAPI:

@@ -108,30 +108,9 @@ class SpeechDetector:
         if workers <= 1:
             yield from self.iter_segments(stream, stop=stop, threshold=threshold, min_silence=min_silence)
             return
-        size, lead = int(region_seconds * SAMPLE_RATE), int(LEAD * SAMPLE_RATE)
-        placed = 0  # regions placed at their border so far; region k covers k * size .. (k + 1) * size
-
-        def more(regions: list[_Region]) -> bool:
-            """Adds the regions the scan may start now; False once no region will come any more."""
-            nonlocal placed
-            while True:
-                if stream.done and stream.available <= placed * size:
-                    return any(not r.finished for r in regions)  # every region is placed
-                # On the windows' grid of a scan from the file's start, so that a region's segment
-                # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
-                # bound past the first region moves by up to 32 ms).
-                start = max(0, placed * size - lead) // SHIFT * SHIFT
-                first = regions[0] if regions else None  # the file's first region has offset 0
-                if first is not None and first.offset == 0 and not first.finished \
-                        and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:
-                    return True
-                if sum(not r.finished for r in regions) >= workers or stream.available <= start:
-                    return True
-                placed += 1
-                regions.append(_Region(stream.window(start, placed * size), start,
-                                       self._tracker(3600.0, threshold, min_silence)))
-
-        yield from self._scan([], more, stop, stream)
+        layout = _Layout(stream, workers, int(region_seconds * SAMPLE_RATE),
+                         lambda: self._tracker(3600.0, threshold, min_silence))
+        yield from self._scan([], layout.more, stop, stream)
 
     def _scan(self, regions: list[_Region], more: Callable[[list[_Region]], bool], stop: threading.Event | None,
               stream: AudioStream | StreamWindow | None = None) -> Iterator[tuple[int, int]]:
@@ -180,6 +159,34 @@ class SpeechDetector:
             r.tracker.state = state
             for p in region_probs:
                 r.push(p)
+
+
+class _Layout:
+    """Where the regions of one file lie: region k covers k * ``size`` .. (k + 1) * ``size`` of the
+    file and is scanned from ``LEAD`` before its start; ``placed`` of them are placed so far."""
+
+    def __init__(self, stream: AudioStream, workers: int, size: int, tracker: Callable[[], SegmentTracker]) -> None:
+        self.stream, self.workers, self.size, self.tracker = stream, workers, size, tracker
+        self.placed = 0
+
+    def more(self, regions: list[_Region]) -> bool:
+        """Adds the regions the scan may start now; False once no region will come any more."""
+        stream, size, lead = self.stream, self.size, int(LEAD * SAMPLE_RATE)
+        while True:
+            if stream.done and stream.available <= self.placed * size:
+                return any(not r.finished for r in regions)  # every region is placed
+            # On the windows' grid of a scan from the file's start, so that a region's segment
+            # bounds fall on one pass's grid, in the pauses where it cuts (off the grid, every
+            # bound past the first region moves by up to 32 ms).
+            start = max(0, self.placed * size - lead) // SHIFT * SHIFT
+            first = regions[0] if regions else None  # the file's first region has offset 0
+            if first is not None and first.offset == 0 and not first.finished \
+                    and first.tracker.windows * SHIFT < ALONE_SECONDS * SAMPLE_RATE:
+                return True
+            if sum(not r.finished for r in regions) >= self.workers or stream.available <= start:
+                return True
+            self.placed += 1
+            regions.append(_Region(stream.window(start, self.placed * size), start, self.tracker()))
 
 
 @dataclass(eq=False)

@@ -70,21 +70,27 @@ class AnswerCutOffRequests:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watch(message: Any) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        answer = WatchedSend(send)
         try:
-            await self.app(scope, receive, watch)
+            await self.app(scope, receive, answer.send)
         except asyncio.CancelledError:
-            if started:
+            if answer.started:
                 raise  # part of an answer went out: nothing cleaner can be said now
             response = error_response(503, "the server is shutting down; retry shortly", code="shutting_down",
                                       type="server_error", retry_after=self.retry_after)
             await response(scope, receive, send)
+
+
+class WatchedSend:
+    """An ASGI ``send`` that notes whether the answer has started."""
+
+    def __init__(self, send: Any) -> None:
+        self._send = send
+        self.started = False
+
+    async def send(self, message: Any) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self._send(message)
 
 
 def run_server(app: Any, host: str, port: int, *, graceful_seconds: int = 30, header_timeout: float = 10.0) -> int:

@@ -18,6 +18,7 @@ import json
 import logging
 import struct
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,15 @@ class DecoderWorker:
         await self.proc.wait()
 
 
+@dataclass
+class Lease:
+    """One file's hold on a worker: which worker (once one is free), and whether it is left ready
+    for the next file (it finished this one cleanly)."""
+
+    worker: DecoderWorker | None = None
+    reusable: bool = False
+
+
 class DecoderPool:
     def __init__(self, workers: int, memory_mb: int) -> None:
         self.size = workers
@@ -111,36 +121,40 @@ class DecoderPool:
     async def decode(self, path: Path, stream: AudioStream, *, timeout: float) -> None:
         """Decode ``path`` into ``stream`` (finishing it with the result) within ``timeout`` seconds,
         waiting for a free worker included."""
-        worker: DecoderWorker | None = None
-        reusable = False
-
-        async def attempt() -> None:
-            nonlocal worker, reusable
-            worker = await self._idle.get()
-            while not worker.alive:  # died while idle (killed from outside): not this file's fault
-                await self._replace(worker, reason="exited while idle")
-                worker = await self._idle.get()
-            reusable = await self._run(worker, path, stream)
-
+        lease = Lease()
         try:
-            await asyncio.wait_for(attempt(), timeout)
+            await asyncio.wait_for(self._decode_on(lease, path, stream), timeout)
         except asyncio.TimeoutError:
             stream.finish(AudioTimeout(timeout))
-            if worker is not None:
-                log.warning("decoder worker %d passed the %.0f s limit on one file: killed", worker.pid, timeout)
+            if lease.worker is not None:
+                log.warning("decoder worker %d passed the %.0f s limit on one file: killed", lease.worker.pid, timeout)
         except WorkerGone:
-            assert worker is not None
-            log.warning("decoder worker %d died on a file (exit %s): replaced", worker.pid, worker.proc.returncode)
+            assert lease.worker is not None
+            log.warning("decoder worker %d died on a file (exit %s): replaced", lease.worker.pid,
+                        lease.worker.proc.returncode)
             stream.finish(AudioDecodeError("could not decode the audio: the decoder failed on this file"))
         except BaseException as exc:  # cancelled (the request went away) or a bug: never reuse
             stream.finish(exc if isinstance(exc, Exception) else asyncio.CancelledError())
             raise
         finally:
-            if worker is not None:
-                if reusable and worker.alive:
-                    self._idle.put_nowait(worker)
-                else:
-                    await self._replace(worker)
+            await self._give_back(lease)
+
+    async def _decode_on(self, lease: Lease, path: Path, stream: AudioStream) -> None:
+        """Take a live worker into ``lease`` and decode the file on it."""
+        lease.worker = await self._idle.get()
+        while not lease.worker.alive:  # died while idle (killed from outside): not this file's fault
+            await self._replace(lease.worker, reason="exited while idle")
+            lease.worker = await self._idle.get()
+        lease.reusable = await self._run(lease.worker, path, stream)
+
+    async def _give_back(self, lease: Lease) -> None:
+        """The leased worker back to the idle ones if it is ready for another file, else replaced."""
+        if lease.worker is None:
+            return
+        if lease.reusable and lease.worker.alive:
+            self._idle.put_nowait(lease.worker)
+        else:
+            await self._replace(lease.worker)
 
     async def _run(self, worker: DecoderWorker, path: Path, stream: AudioStream) -> bool:
         """One file through one worker; True when the worker is left ready for the next file."""
