@@ -97,7 +97,7 @@ class SileroModel:
         from bridge import silero_graph
 
         try:
-            session = ort.InferenceSession(silero_graph.build(path, self.rate), opts,
+            session = ort.InferenceSession(silero_graph.build(path, self.rate, WINDOW * self.rate // SAMPLE_RATE), opts,
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any model the rebuild cannot read runs as exported
             log.warning("Silero VAD runs window by window (%s: %s)", type(exc).__name__, exc)

@@ -17,6 +17,7 @@ graph is not Silero v5's as read here is run as exported.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,22 @@ class UnknownGraph(ValueError):
     """The model's graph is not laid out as this module reads it."""
 
 
-def build(path: Path, rate: int) -> bytes:
-    """The round's model for ``rate`` (8000 or 16000), serialized: inputs ``windows`` (windows x
-    streams x samples, the model's context included) and ``state`` (2 x streams x 128); outputs
+@dataclass(frozen=True)
+class Dims:
+    """The sizes the rebuilt graph is laid out by: a window's samples (context included), the STFT's
+    right padding (reflected), hop and frames, its frequency bins, and the LSTM's width."""
+
+    window: int
+    pad: int
+    hop: int
+    frames: int
+    bins: int
+    hidden: int
+
+
+def build(path: Path, rate: int, window: int) -> bytes:
+    """The round's model for ``rate`` (8000 or 16000) and windows of ``window`` samples, serialized:
+    inputs ``windows`` (windows x streams x samples) and ``state`` (2 x streams x 128); outputs
     ``probs`` (windows x streams) and ``state_out``."""
     import onnx
     from onnx import helper, numpy_helper
@@ -41,38 +55,67 @@ def build(path: Path, rate: int) -> bytes:
     convs = [n for n in branch.node if n.op_type == "Conv"]
     if len(convs) != 6:
         raise UnknownGraph(f"{len(convs)} convolutions in the {rate} Hz branch, not Silero v5's 6")
-    basis = _weight(consts, "stft.forward_basis_buffer")  # (2 x bins, 1, filter)
-    hop = _ints(convs[0], "strides")[0]
-    filt = basis.shape[2]
-    window = _samples(rate)
-    pad = int(_weight(consts, "/stft/padding/Constant_1_output_0")[-1])  # reflected on the right
-    frames = (window + pad - filt) // hop + 1
-    bins = basis.shape[0] // 2
+    dims = _dims(consts, convs, window)
+    tensors = [numpy_helper.from_array(np.ascontiguousarray(v, np.float32), k)
+               for k, v in _weights(consts, convs, dims).items()]
+    tensors += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in _shapes(dims).items()]
+    floats = onnx.TensorProto.FLOAT
+    graph = helper.make_graph(
+        _nodes(helper.make_node, dims.hidden, _opset(model)), "silero_rounds",
+        [helper.make_tensor_value_info("windows", floats, ["windows", "streams", window]),
+         helper.make_tensor_value_info("state", floats, [2, "streams", dims.hidden])],
+        [helper.make_tensor_value_info("probs", floats, ["windows", "streams"]),
+         helper.make_tensor_value_info("state_out", floats, [2, "streams", dims.hidden])],
+        initializer=tensors)
+    rebuilt = helper.make_model(graph, opset_imports=list(model.opset_import))
+    rebuilt.ir_version = model.ir_version
+    onnx.checker.check_model(rebuilt)
+    return bytes(rebuilt.SerializeToString())
 
+
+def _dims(consts: dict[str, np.ndarray], convs: list[Any], window: int) -> Dims:
+    basis = _weight(consts, "stft.forward_basis_buffer")  # (2 x bins, 1, filter)
+    hop, filt = _ints(convs[0], "strides")[0], basis.shape[2]
+    pad = int(_weight(consts, "/stft/padding/Constant_1_output_0")[-1])  # reflected on the right
     if filt != 2 * hop or (window + pad) % hop:
         raise UnknownGraph("the STFT's frames are not two hops long")
-    inits: dict[str, np.ndarray] = {"basis": basis[:, 0, :].T.copy()}
-    length, layout = frames, "time_major"
+    return Dims(window=window, pad=pad, hop=hop, frames=(window + pad - filt) // hop + 1, bins=basis.shape[0] // 2,
+                hidden=_weight(consts, "decoder.rnn.weight_hh").shape[1])
+
+
+def _weights(consts: dict[str, np.ndarray], convs: list[Any], dims: Dims) -> dict[str, np.ndarray]:
+    """The model's weights as the rebuilt graph uses them: the STFT basis, each convolution as a
+    matrix and a bias, the LSTM's in ONNX's gate order, the head."""
+    weights = {"basis": _weight(consts, "stft.forward_basis_buffer")[:, 0, :].T.copy()}
+    length, layout = dims.frames, "time_major"
     for i, conv in enumerate(convs[1:5]):
         w = _weight(consts, f"encoder.{i}.reparam_conv.weight")
         b = _weight(consts, f"encoder.{i}.reparam_conv.bias")
         matrix, length = _conv_matrix(w, length, _ints(conv, "strides")[0], _ints(conv, "pads")[0], layout)
-        inits[f"m{i}"], inits[f"b{i}"] = matrix, np.repeat(b, length)
+        weights[f"m{i}"], weights[f"b{i}"] = matrix, np.repeat(b, length)
         layout = "channel_major"
-    hidden = _weight(consts, "decoder.rnn.weight_hh").shape[1]
-    if length != 1 or inits["m3"].shape[1] != hidden:
+    if length != 1 or weights["m3"].shape[1] != dims.hidden:
         raise UnknownGraph("the encoder does not end in one frame of the LSTM's width")
-    inits["W"] = _gates(_weight(consts, "decoder.rnn.weight_ih"))[None]
-    inits["R"] = _gates(_weight(consts, "decoder.rnn.weight_hh"))[None]
-    inits["B"] = np.concatenate([_gates(_weight(consts, "decoder.rnn.bias_ih")),
-                                 _gates(_weight(consts, "decoder.rnn.bias_hh"))])[None]
-    inits["head_w"] = _weight(consts, "decoder.decoder.2.weight").reshape(1, hidden).T.copy()
-    inits["head_b"] = _weight(consts, "decoder.decoder.2.bias")
-    shapes = {"flat": [-1, window], "pads": [0, 0, 0, pad], "hops": [-1, frames + 1, hop],
-              "first": [frames], "later": [frames + 1], "frame_axis": [1], "spectrum": [-1, frames * bins],
-              "re": [0], "im": [bins], "end": [2 * bins], "last": [-1], "zero": [0], "one": [1]}
+    weights["W"] = _gates(_weight(consts, "decoder.rnn.weight_ih"))[None]
+    weights["R"] = _gates(_weight(consts, "decoder.rnn.weight_hh"))[None]
+    weights["B"] = np.concatenate([_gates(_weight(consts, "decoder.rnn.bias_ih")),
+                                   _gates(_weight(consts, "decoder.rnn.bias_hh"))])[None]
+    weights["head_w"] = _weight(consts, "decoder.decoder.2.weight").reshape(1, dims.hidden).T.copy()
+    weights["head_b"] = _weight(consts, "decoder.decoder.2.bias")
+    return weights
 
-    node = helper.make_node
+
+def _shapes(dims: Dims) -> dict[str, list[int]]:
+    """The graph's integer constants: shapes, pads, slice bounds and axes."""
+    return {"flat": [-1, dims.window], "pads": [0, 0, 0, dims.pad], "hops": [-1, dims.frames + 1, dims.hop],
+            "first": [dims.frames], "later": [dims.frames + 1], "frame_axis": [1],
+            "spectrum": [-1, dims.frames * dims.bins], "re": [0], "im": [dims.bins], "end": [2 * dims.bins],
+            "last": [-1], "zero": [0], "one": [1], "hidden": [dims.hidden], "halves": [1, 1]}
+
+
+def _nodes(node: Any, hidden: int, opset: int) -> list[Any]:
+    """Windows -> STFT magnitudes -> four convolutions as matrix products (each with its ReLU) ->
+    one LSTM over the round -> the head's probabilities, and the state after the round."""
     nodes = [
         node("Shape", ["windows"], ["rounds"], start=0, end=2),
         node("Reshape", ["windows", "flat"], ["rows"]),
@@ -93,10 +136,10 @@ def build(path: Path, rate: int) -> bytes:
     for i in range(4):
         nodes += [node("MatMul", [f"x{i}", f"m{i}"], [f"y{i}"]), node("Add", [f"y{i}", f"b{i}"], [f"z{i}"]),
                   node("Relu", [f"z{i}"], [f"x{i + 1}"])]
-    nodes += [
+    return nodes + [
         node("Concat", ["rounds", "hidden"], ["sequence_shape"], axis=0),
         node("Reshape", ["x4", "sequence_shape"], ["sequence"]),
-        node("Split", ["state"], ["h0", "c0"], axis=0, num_outputs=2) if _opset(model) >= 18
+        node("Split", ["state"], ["h0", "c0"], axis=0, num_outputs=2) if opset >= 18
         else node("Split", ["state", "halves"], ["h0", "c0"], axis=0),
         node("LSTM", ["sequence", "W", "R", "B", "", "h0", "c0"], ["Y", "h1", "c1"], hidden_size=hidden),
         node("Squeeze", ["Y", "one"], ["outputs"]),
@@ -107,27 +150,6 @@ def build(path: Path, rate: int) -> bytes:
         node("Squeeze", ["p", "last"], ["probs"]),
         node("Concat", ["h1", "c1"], ["state_out"], axis=0),
     ]
-    tensors = [numpy_helper.from_array(np.ascontiguousarray(v, np.float32) if v.dtype.kind == "f" else v, k)
-               for k, v in inits.items()]
-    tensors += [numpy_helper.from_array(np.array(v, np.int64), k) for k, v in shapes.items()]
-    tensors += [numpy_helper.from_array(np.array([hidden], np.int64), "hidden"),
-                numpy_helper.from_array(np.array([1, 1], np.int64), "halves")]
-    graph = helper.make_graph(
-        nodes, "silero_rounds",
-        [helper.make_tensor_value_info("windows", onnx.TensorProto.FLOAT, ["windows", "streams", window]),
-         helper.make_tensor_value_info("state", onnx.TensorProto.FLOAT, [2, "streams", hidden])],
-        [helper.make_tensor_value_info("probs", onnx.TensorProto.FLOAT, ["windows", "streams"]),
-         helper.make_tensor_value_info("state_out", onnx.TensorProto.FLOAT, [2, "streams", hidden])],
-        initializer=tensors)
-    rebuilt = helper.make_model(graph, opset_imports=list(model.opset_import))
-    rebuilt.ir_version = model.ir_version
-    onnx.checker.check_model(rebuilt)
-    return bytes(rebuilt.SerializeToString())
-
-
-def _samples(rate: int) -> int:
-    from bridge.silero import WINDOW  # at 16 kHz; 8 kHz reads the same windows halved
-    return WINDOW if rate == 16000 else WINDOW // 2
 
 
 def _branch(model: Any, rate: int) -> Any:

@@ -183,6 +183,16 @@ MUTATIONS = [
              "[state[:, i:i + 1].copy() for i in range(len(states))]",
              "[state[:, :1].copy() for i in range(len(states))]",
              ("tests/test_vad.py::test_regions_in_one_model_run_find_what_each_finds_alone",)),
+    Mutation("the scan hands on each segment once found, not when its region ends", "bridge/vad.py",
+             "                while region.found:\n                    yield region.found.popleft()\n"
+             "                if not region.finished:\n                    break\n",
+             "                if not region.finished:\n                    break\n"
+             "                while region.found:\n                    yield region.found.popleft()\n",
+             ("tests/test_long_audio.py::test_pieces_go_out_while_the_vad_is_still_scanning",)),
+    Mutation("a request that goes away stops its scan", "bridge/vad.py",
+             "if (not regions and not coming) or (stop is not None and stop.is_set()):",
+             "if not regions and not coming:",
+             ("tests/test_long_audio.py::test_pieces_go_out_while_the_vad_is_still_scanning",)),
     Mutation("a round of the scan's windows is one model run", "bridge/silero.py",
              "self.rounds = self._rounds_session(path, opts)", "self.rounds = None",
              ("tests/test_vad.py::test_a_round_of_windows_is_one_model_run",)),

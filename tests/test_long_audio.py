@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from bridge.cutting import plan_pieces, plan_speech_pieces, split_long
+from bridge.silero import SHIFT
 from bridge.transcription import cut_pieces
 from bridge.vad import SpeechDetector, find_vad_model
 from tests.conftest import BECKETT_TEXT, BridgeProcess, bridge_env
@@ -101,57 +102,70 @@ def test_speech_without_pauses_is_hard_split(bridge, work):
     assert wer(" ".join(sentences), body["text"]) <= 0.2
 
 
-class CountingDetector(SpeechDetector):
-    """The real Silero detector, noting how far into the audio its scan has got."""
+class HeldDetector(SpeechDetector):
+    """The real Silero detector, whose model waits (up to 30 s) once the scan has run it over
+    ``hold_at`` samples, until the test lets it go on; it notes how far the scan got and when it
+    ended."""
 
-    def __init__(self, model):
+    def __init__(self, model, hold_at: int):
         super().__init__(model)
-        self.last_end = 0
+        self.hold_at = hold_at
+        self.go = threading.Event()
+        self.let_go: bool | None = None  # True: the test let it go; False: the wait timed out
+        self.scanned = 0  # samples the model has been run over
         self.finished = threading.Event()
+        self.run_model = self.silero.run
+        self.silero.run = self.held_run
+
+    def held_run(self, windows, states):
+        if self.let_go is None and self.scanned > self.hold_at:
+            self.let_go = self.go.wait(30)
+        self.scanned += windows.shape[1] * SHIFT
+        return self.run_model(windows, states)
 
     def iter_segments(self, samples, **kw):
         try:
-            for seg in super().iter_segments(samples, **kw):
-                self.last_end = seg[1]
-                yield seg
+            yield from super().iter_segments(samples, **kw)
         finally:
             self.finished.set()
 
 
 def test_pieces_go_out_while_the_vad_is_still_scanning(five_minutes):
-    """The engine gets the first piece long before the VAD has scanned the whole file, the pieces
-    are those the whole-file plan gives, and a request that goes away stops the scan."""
+    """The engine gets the first piece while the VAD is still scanning, the pieces are those the
+    whole-file plan gives, and a request that goes away stops the scan. Made certain rather than
+    timed: the scan waits a minute into the file until the first piece has come."""
     model = find_vad_model(None)
     if model is None:
         pytest.skip("no Silero VAD model")
     samples = read_wav16(five_minutes[0])
     whole = split_long(samples, plan_speech_pieces(len(samples), SpeechDetector(model).speech_segments(samples),
                                                    30), 30)
+    minute = 60 * 16000
+    detector = HeldDetector(model, hold_at=minute)
 
-    async def run() -> tuple[list, float, float]:
-        t = time.perf_counter()
-        first_at = 0.0
+    async def run() -> list:
         got = []
-        async for piece in cut_pieces(samples, 30, SpeechDetector(model)):
-            first_at = first_at or time.perf_counter() - t
+        async for piece in cut_pieces(samples, 30, detector):
+            detector.go.set()  # the first piece came: the scan may go on
             got.append(piece)
-        return got, first_at, time.perf_counter() - t
+        return got
 
-    got, first_at, all_at = asyncio.run(run())
+    got = asyncio.run(run())
     assert got == whole
-    print(f"first piece after {first_at:.3f} s, all {len(got)} after {all_at:.3f} s")
-    assert first_at < all_at / 4
+    assert detector.let_go is True, "the first piece came only once the scan had ended"
+    assert got[0][1] <= minute
 
-    detector = CountingDetector(model)
+    detector = HeldDetector(model, hold_at=minute)
 
     async def leave_after_the_first_piece() -> None:
         pieces = cut_pieces(samples, 30, detector)
         await anext(pieces)
         await pieces.aclose()
+        detector.go.set()
 
     asyncio.run(leave_after_the_first_piece())
     assert detector.finished.wait(5)
-    assert detector.last_end < len(samples) / 2  # the scan stopped early
+    assert detector.scanned < len(samples) / 2  # the scan stopped early
 
 
 def test_piece_planning_rules():

@@ -212,8 +212,8 @@ def test_a_rebuilt_graph_that_differs_from_the_model_is_not_used(model, talk, mo
     good = SpeechDetector(model).speech_segments(talk)
     build = silero_graph.build
 
-    def moved_bias(path, rate):
-        graph = onnx.load_from_string(build(path, rate))
+    def moved_bias(path, rate, window):
+        graph = onnx.load_from_string(build(path, rate, window))
         bias = next(t for t in graph.graph.initializer if t.name == "head_b")
         bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + np.float32(0.5), "head_b"))
         return graph.SerializeToString()
