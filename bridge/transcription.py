@@ -9,6 +9,7 @@ Leaving early (error, client gone) cancels the pieces that have not run yet.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import threading
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -44,20 +45,27 @@ class SpeechMap:
         self.scanning = False  # the cut runs the VAD (the audio did not go whole)
         self.complete = False  # the cut scanned the whole file
         self.rescans = 0  # scans made after the cut (none when the cut scanned)
+        self._lock = threading.Lock()  # the scan thread records while the request reads
+        self._ordered: list[tuple[int, int]] = []  # what is found, in order of start, read by bisection
+        self._taken = 0  # how many of ``found`` are in ``_ordered``
+        self._longest = 0  # the longest range: a search for ranges that end past a point starts that far back
 
     def record(self, start: int, end: int) -> None:
-        self.found.append((start, end))
+        with self._lock:
+            self.found.append((start, end))
 
     def finish(self) -> None:
         """The cut's scan reached the end: merge what regions scanned side by side found twice."""
         merged: list[tuple[int, int]] = []
-        for a, b in sorted(self.found):
-            if merged and a <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
-            else:
-                merged.append((a, b))
-        self.found = merged
-        self.complete = True
+        with self._lock:
+            for a, b in sorted(self.found):
+                if merged and a <= merged[-1][1]:
+                    merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+                else:
+                    merged.append((a, b))
+            self.found, self._ordered, self._taken = merged, list(merged), len(merged)
+            self._longest = max((b - a for a, b in merged), default=0)
+            self.complete = True
 
     def speech_seconds(self, start: int, end: int) -> float | None:
         """Seconds of speech in [start, end) samples as the cut found it (the piece guard's check);
@@ -65,7 +73,7 @@ class SpeechMap:
         end, so what it found there is all there is."""
         if not (self.scanning or self.complete):
             return None
-        found: Spans = [(float(a), float(b)) for a, b in sorted(self.found)]  # sample counts
+        found: Spans = [(float(a), float(b)) for a, b in self._near(start, end)]  # sample counts
         return speech_share(found, start, end, pad=0) * max(0, end - start) / SAMPLE_RATE
 
     def spans(self, start: float, end: float) -> Spans:
@@ -76,7 +84,21 @@ class SpeechMap:
                                                        min_silence=self.chunking.min_silence_seconds)
             self.finish()
         a, b = int(start * SAMPLE_RATE), int(end * SAMPLE_RATE)
-        return [(x / SAMPLE_RATE, y / SAMPLE_RATE) for x, y in self.found if y > a and x < b]
+        return [(x / SAMPLE_RATE, y / SAMPLE_RATE) for x, y in self._near(a, b)]
+
+    def _near(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The ranges found that overlap (start, end), in order of start: found by bisection, so a
+        piece of an hours-long file reads the ranges near it, not every range found."""
+        with self._lock:
+            if self._taken < len(self.found):
+                fresh = self.found[self._taken:]
+                self._taken = len(self.found)
+                self._longest = max(self._longest, *(b - a for a, b in fresh))
+                self._ordered += fresh
+                self._ordered.sort()
+            lo = bisect.bisect_left(self._ordered, (start - self._longest,))
+            hi = bisect.bisect_left(self._ordered, (end,))
+            return [(a, b) for a, b in self._ordered[lo:hi] if b > start]
 
 
 async def cut_pieces(audio: Audio, max_piece_seconds: float, detector: SpeechDetector | None,

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 
 import numpy as np
+import pytest
 
+from bridge.cutting import speech_share
 from bridge.guard import GuardLimits, PieceGuard
 from bridge.ports import EngineHealth, EngineModel, EngineResult, ModelEngine
 from bridge.scheduler import FairScheduler
@@ -82,3 +84,34 @@ def test_the_guard_reuses_the_cuts_scan():
     scans, _, (transcript, guard) = run(empty=True)
     assert guard.failed["empty"] >= 2 and guard.retried >= 1  # the check ran, on pieces and halves
     assert scans == 1
+
+
+def test_each_piece_reads_the_speech_near_it_as_the_whole_list_gives_it():
+    """The speech kept for an hours-long file is read near each piece (by bisection): each piece's
+    seconds of speech and cue spans are what the whole list gives, while the scan still records
+    ranges out of order (regions side by side find the speech at their borders twice) and after
+    it has merged them."""
+    rng = np.random.default_rng(3)
+    speech = SpeechMap(None, None)  # no rescan: the cut scans
+    speech.scanning = True
+    ranges = []
+    for region in rng.permutation(40):  # regions of 15 s, their segments recorded region by region
+        at = int(region * 15 * 16000) - 8000
+        while at < (region + 1) * 15 * 16000:
+            length = int(rng.integers(1600, 16000 * (20 if rng.random() < 0.05 else 3)))
+            ranges.append((max(0, at), at + length))
+            at += length + int(rng.integers(800, 16000))
+    for i, (a, b) in enumerate(ranges):
+        speech.record(a, b)
+        if i % 25 == 0:
+            start = int(rng.integers(0, 600 * 16000))
+            whole = [(float(x), float(y)) for x, y in sorted(ranges[:i + 1])]
+            want = speech_share(whole, start, start + 30 * 16000, pad=0) * 30
+            assert speech.speech_seconds(start, start + 30 * 16000) == pytest.approx(want, abs=1e-9)
+    speech.finish()
+    merged = list(speech.found)
+    for start in rng.uniform(0, 600, 50):
+        a, b = int(start * 16000), int((start + 20) * 16000)
+        assert speech.spans(start, start + 20) == [(x / 16000, y / 16000) for x, y in merged if y > a and x < b]
+        want = speech_share([(float(x), float(y)) for x, y in merged], a, b, pad=0) * (b - a) / 16000
+        assert speech.speech_seconds(a, b) == pytest.approx(want, abs=1e-9)
