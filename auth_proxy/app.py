@@ -33,6 +33,7 @@ from auth_proxy.state import ProxyState
 from auth_proxy.usage_store import UsageStore
 from common.access import AccessMiddleware, serve_metrics
 from common.errors import APIError, error_response, validation_error_response
+from common.serving import KEEP_ALIVE_SECONDS
 
 log = logging.getLogger("auth_proxy")
 
@@ -122,11 +123,16 @@ async def open_state(settings: ProxySettings, metrics: ProxyMetrics) -> ProxySta
 
 
 def bridge_client(settings: ProxySettings, url: str) -> httpx.AsyncClient:
+    """The proxy's connections to one bridge. An idle one is let go well before the bridge closes
+    it (``KEEP_ALIVE_SECONDS``): with both at 5 s, a request sent on a connection the bridge is
+    closing fails with "server disconnected", and an upload streamed on cannot be sent again, so
+    the caller gets a 503 (the likely cause of one 503 in a load test)."""
     return httpx.AsyncClient(
         base_url=url,
         timeout=httpx.Timeout(connect=5.0, read=settings.bridge_timeout, write=60.0, pool=10.0),
         limits=httpx.Limits(max_connections=settings.max_in_flight + 8,
-                            max_keepalive_connections=settings.max_in_flight),
+                            max_keepalive_connections=settings.max_in_flight,
+                            keepalive_expiry=KEEP_ALIVE_SECONDS / 2),
     )
 
 

@@ -93,6 +93,9 @@ class WatchedSend:
         await self._send(message)
 
 
+KEEP_ALIVE_SECONDS = 5  # how long a service keeps a client's idle connection open (uvicorn's default)
+
+
 def run_server(app: Any, host: str, port: int, *, graceful_seconds: int = 30, header_timeout: float = 10.0) -> int:
     """Serve until SIGTERM/SIGINT, shut down gracefully, and return an exit code.
 
@@ -106,7 +109,8 @@ def run_server(app: Any, host: str, port: int, *, graceful_seconds: int = 30, he
         signal.signal(sig, lambda *_: None)
     protocol = type("HeadDeadlineH11", (HeadDeadlineH11,), {"head_timeout": header_timeout})
     config = uvicorn.Config(AnswerCutOffRequests(app), host=host, port=port, log_config=None, access_log=False,
-                            http=protocol, timeout_graceful_shutdown=graceful_seconds, lifespan="on")
+                            http=protocol, timeout_graceful_shutdown=graceful_seconds, lifespan="on",
+                            timeout_keep_alive=KEEP_ALIVE_SECONDS)
     server = uvicorn.Server(config)
     server.run()
     # uvicorn returns normally when the lifespan start failed; say so through the exit code.

@@ -140,3 +140,45 @@ def test_a_forwarded_request_cut_off_by_the_proxy_stop_gets_a_503_and_its_usage_
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_the_proxy_lets_an_idle_connection_to_a_bridge_go_before_the_bridge_closes_it():
+    """A request sent on a connection the server is closing fails ("server disconnected") and the
+    proxy cannot send a streamed upload again: the caller would get a 503. So the proxy's idle
+    connections to a bridge expire well before a service (``run_server``) closes them. Measured on
+    the server: how long it keeps an idle keep-alive connection open."""
+    import socket
+
+    from auth_proxy.app import bridge_client
+    from auth_proxy.config import ProxySettings
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                sock = socket.create_connection(("127.0.0.1", port), timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.1)
+        with sock:
+            sock.sendall(b"GET /ok HTTP/1.1\r\nHost: bridge\r\n\r\n")
+            sock.settimeout(30)
+            answer = b""
+            while not answer.endswith(b'{"ok":true}'):  # the head and the body may come apart
+                chunk = sock.recv(4096)
+                assert chunk, answer
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 200")
+            idle_from = time.monotonic()
+            assert sock.recv(4096) == b""  # the server closed the idle connection
+            kept = time.monotonic() - idle_from
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    client = bridge_client(ProxySettings(), f"http://127.0.0.1:{port}")
+    expiry = client._transport._pool._keepalive_expiry  # httpcore's pool: what httpx.Limits set
+    assert expiry is not None and expiry <= kept - 2, f"the proxy keeps {expiry} s, the server {kept:.1f} s"
