@@ -96,13 +96,14 @@ class SileroModel:
 
         from bridge import silero_graph
 
+        window = WINDOW * self.rate // SAMPLE_RATE  # the model's input at its rate (8 kHz: halved)
         try:
-            session = ort.InferenceSession(silero_graph.build(path, self.rate, WINDOW * self.rate // SAMPLE_RATE), opts,
+            session = ort.InferenceSession(silero_graph.build(path, self.rate, window), opts,
                                            providers=["CPUExecutionProvider"])
         except Exception as exc:  # noqa: BLE001 - any model the rebuild cannot read runs as exported
             log.warning("Silero VAD runs window by window (%s: %s)", type(exc).__name__, exc)
             return None
-        noise = np.random.default_rng(0).standard_normal((3, 12, WINDOW * self.rate // SAMPLE_RATE))
+        noise = np.random.default_rng(0).standard_normal((3, 12, window))
         windows = (noise * 0.1).astype(np.float32)
         state = np.zeros((2, 3, STATE[2]), np.float32)
         want, want_state = self._run_exported(windows, state)

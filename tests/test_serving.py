@@ -156,15 +156,8 @@ def test_the_proxy_lets_an_idle_connection_to_a_bridge_go_before_the_bridge_clos
     proc = subprocess.Popen([sys.executable, "-c", SERVER, str(port)], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                sock = socket.create_connection(("127.0.0.1", port), timeout=1)
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.1)
-        with sock:
+        wait_up(f"http://127.0.0.1:{port}/ok", proc)
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"GET /ok HTTP/1.1\r\nHost: bridge\r\n\r\n")
             sock.settimeout(30)
             answer = b""
