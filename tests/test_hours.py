@@ -51,6 +51,10 @@ def recordings(tmp_path_factory) -> dict[str, Path]:
             "ten": mp3(loop, work / "ten.mp3", 600)}
 
 
+# A file that only the garbage collector closes says so in the bridge's log.
+CLOSED_BY_HAND = "always::ResourceWarning"
+
+
 @pytest.fixture(scope="module")
 def hours(models_dir, catalog_file, tmp_path_factory):
     """The proxy and a bridge that takes 3700 s, both in front of the stand-in engine; one decoder
@@ -71,10 +75,6 @@ def hours(models_dir, catalog_file, tmp_path_factory):
     finally:
         engine.kill()
         engine.wait()
-
-
-# A file that only the garbage collector closes says so in the bridge's log.
-CLOSED_BY_HAND = "always::ResourceWarning"
 
 
 def post(proxy, path: Path, **data: str) -> httpx.Response:
